@@ -1,0 +1,187 @@
+"""Typed settings parsed from ``params.yaml``: the single source of configuration.
+
+``params.yaml`` has one section per pipeline stage. It is parsed into :class:`Settings`
+(pydantic, ``extra="forbid"``), so an unknown key or a wrong type is one :class:`ConfigError`
+that names the dotted key. CLI options and deployment parameters override the same fields
+through :func:`load_settings` ``overrides`` (dotted keys), which are validated the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddps_core.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base of every settings section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticSettings(Section):
+    """The embedded synthetic face-parts domain (``ddps data synthetic``)."""
+
+    image_size: Literal[32, 64, 128] = 32
+    n_unlabeled: int = Field(2000, ge=0)
+    n_labeled: int = Field(20, ge=1)
+    n_test: int = Field(100, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+DatasetSource = Literal["synthetic", "ddpm-seg", "ade20k", "cityscapes", "folder"]
+
+# Reader split names that make up our canonical train / test / unlabeled splits, per source.
+DEFAULT_SPLITS: dict[str, dict[str, str | None]] = {
+    "synthetic": {"train": "train", "test": "test", "unlabeled": "unlabeled"},
+    "ddpm-seg": {"train": "train", "test": "test", "unlabeled": None},
+    "ade20k": {"train": "training", "test": "validation", "unlabeled": None},
+    "cityscapes": {"train": "train", "test": "val", "unlabeled": None},
+    "folder": {"train": "train", "test": "test", "unlabeled": None},
+}
+
+
+class DataSettings(Section):
+    """Stage ``data``: make (synthetic) or import (user data) the canonical dataset.
+
+    The stage writes ``out`` in the DDPM-Seg folder layout (``real/{train,test}`` with
+    ``.npy`` labels, ``unlabeled/``, ``classes.yaml``); every later stage reads that.
+    """
+
+    source: DatasetSource = "synthetic"
+    root: str | None = Field(None, description="Input dataset folder (not for synthetic).")
+    out: str = "data/dataset"
+    num_classes: int | None = Field(None, ge=1, le=65535)
+    ignore_index: int = Field(255, ge=0, le=65535)
+    splits: dict[Literal["train", "test", "unlabeled"], str | None] | None = None
+    synthetic: SyntheticSettings = SyntheticSettings()
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataSettings:
+        if self.source != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required when data.source is {self.source!r}")
+        return self
+
+    def split_map(self) -> dict[str, str | None]:
+        """Reader split name for each canonical split (train, test, unlabeled)."""
+        merged = dict(DEFAULT_SPLITS[self.source])
+        merged.update(self.splits or {})
+        return merged
+
+
+class EvaluateSettings(Section):
+    """Metric conventions shared by every evaluation (METHODS.md §7)."""
+
+    ignore_index: int = Field(255, ge=0, le=65535)
+    boundary_ratio: float = Field(0.02, gt=0, le=0.5)
+
+
+class Settings(Section):
+    """Everything in ``params.yaml``."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0)
+    data: DataSettings = DataSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {key}: unknown key")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {msg}{shown}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_settings(raw: Mapping[str, Any] | None, source: str = "params.yaml") -> Settings:
+    """Validate a raw mapping into :class:`Settings`; raise :class:`ConfigError` naming keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Settings.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """Read a params YAML file into a dict (an empty file is an empty dict)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_settings(
+    path: str | Path | None = DEFAULT_PARAMS,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load ``params.yaml`` (or the defaults when ``path`` is None) and apply overrides.
+
+    ``overrides`` maps dotted keys (``"data.synthetic.seed"``) to values; ``None`` values are
+    ignored, so unset CLI options leave the file's value in place.
+    """
+    raw: dict[str, Any] = read_params(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        raw = copy.deepcopy(raw)
+        for key, value in overrides.items():
+            if value is not None:
+                _set_dotted(raw, key, value, "override")
+        source = f"{source} + overrides"
+    return parse_settings(raw, source)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` (value as YAML, so ``5``, ``true``, ``[1, 2]`` keep their types)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. data.synthetic.seed=3")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def dump_defaults() -> str:
+    """The default settings as YAML (what an empty ``params.yaml`` means)."""
+    return yaml.safe_dump(Settings().model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,272 @@
+"""The ``ddps`` command line.
+
+Each command parses ``params.yaml`` into typed settings, applies its own options as overrides
+of the same fields, and calls ``ddps_core``. A bad input ends with one message that names the
+file and the fault and a non-zero exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ddps_core.config import Settings, load_settings, parse_assignment
+from ddps_core.errors import DDPSError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="ddps",
+    help="Diffusion-prior semantic segmentation: DDPM-Seg features, label-efficient "
+    "dataset generation, distilled students and DDPS refinement.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+config_app = typer.Typer(help="Show and check the settings (params.yaml).", no_args_is_help=True)
+data_app = typer.Typer(help="Make, import and check datasets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", help="Settings file; missing = embedded defaults.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a setting: KEY=VALUE (dotted key; repeatable)."),
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """Diffusion-prior semantic segmentation pipeline."""
+
+
+def settings_from(params: Path, sets: list[str] | None, **options: Any) -> Settings:
+    """Settings from ``params`` (defaults if it is missing) + ``--set`` + typed options."""
+    overrides: dict[str, Any] = dict(parse_assignment(s) for s in sets or [])
+    overrides.update({k: v for k, v in options.items() if v is not None})
+    return load_settings(params if params.exists() else None, overrides)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar; yields ``update(n_done)`` taking the absolute count done."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err_console, transient=False) as prog:
+        task_id = prog.add_task(description, total=total, rate="")
+
+        def update(n_done: int) -> None:
+            elapsed = prog.tasks[0].elapsed or 0.0
+            rate = f"{n_done / elapsed:.1f} it/s" if elapsed > 0 else ""
+            prog.update(task_id, completed=n_done, rate=rate)
+
+        yield update
+
+
+# --------------------------------------------------------------------------- config
+@config_app.command("show")
+def config_show(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Print the effective settings (params.yaml + overrides, validated)."""
+    settings = settings_from(params, set_)
+    console.print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
+
+
+# --------------------------------------------------------------------------- data
+@data_app.command("synthetic")
+def data_synthetic(
+    out: Annotated[Path | None, typer.Option(help="Output folder [params: data.out].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="32, 64 or 128.")] = None,
+    n_unlabeled: Annotated[int | None, typer.Option(help="Unlabelled images.")] = None,
+    n_labeled: Annotated[int | None, typer.Option(help="Labelled training images.")] = None,
+    n_test: Annotated[int | None, typer.Option(help="Labelled test images.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Generate the embedded synthetic face-parts domain (DDPM-Seg folder layout)."""
+    s = settings_from(
+        params, set_,
+        **{"data.out": str(out) if out else None, "data.synthetic.image_size": image_size,
+           "data.synthetic.n_unlabeled": n_unlabeled, "data.synthetic.n_labeled": n_labeled,
+           "data.synthetic.n_test": n_test, "data.synthetic.seed": seed},
+    )
+    from ddps_core.datasets.synthetic import make_synthetic
+
+    syn = s.data.synthetic
+    total = syn.n_unlabeled + syn.n_labeled + syn.n_test
+    with progress_bar("synthetic images", total) as update:
+        summary = make_synthetic(s.data.out, progress=update, **syn.model_dump())
+    _print_dataset_summary(s.data.out, summary)
+
+
+@data_app.command("prepare")
+def data_prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Run the ``data`` stage: make or import the dataset that ``params.yaml`` describes."""
+    from ddps_core.datasets.prepare import prepare_dataset
+
+    s = settings_from(params, set_)
+    with progress_bar(f"data ({s.data.source})", None) as update:
+        summary = prepare_dataset(s.data, progress=update)
+    _print_dataset_summary(s.data.out, summary)
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    format_: Annotated[str, typer.Option("--format", help="ddpm-seg | ade20k | cityscapes | folder")] = "ddpm-seg",
+    split: Annotated[list[str] | None, typer.Option(help="Split(s) to read (repeatable).")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="K; from classes.yaml if omitted.")] = None,
+    ignore_index: Annotated[int, typer.Option(help="Ignore label value.")] = 255,
+) -> None:
+    """Read and validate every file of a dataset; print counts per split."""
+    from ddps_core.datasets import open_dataset
+
+    splits = split or {"ddpm-seg": ["train", "test"], "ade20k": ["training", "validation"],
+                       "cityscapes": ["train", "val"], "folder": ["train"]}.get(format_, ["train"])
+    table = Table(title=f"{root} ({format_})")
+    for col in ("split", "images", "labelled", "sizes", "classes seen"):
+        table.add_column(col)
+    for name in splits:
+        ds = open_dataset(format_, root, name, num_classes=num_classes, ignore_index=ignore_index)
+        sizes: set[tuple[int, int]] = set()
+        seen: set[int] = set()
+        labelled = 0
+        with progress_bar(f"check {name}", len(ds)) as update:
+            for i, sample in enumerate(ds, 1):
+                sizes.add(sample.image.shape[:2])
+                if sample.label is not None:
+                    labelled += 1
+                    seen.update(int(v) for v in set(sample.label.ravel().tolist()))
+                update(i)
+        seen.discard(ignore_index)
+        size_txt = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4]) + (" ..." if len(sizes) > 4 else "")
+        table.add_row(name, str(len(ds)), str(labelled), size_txt, str(len(seen)))
+    console.print(table)
+    console.print("[green]all files valid[/green]")
+
+
+def _print_dataset_summary(out: str | Path, summary: dict[str, Any]) -> None:
+    table = Table(title=f"dataset in {out}")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    for split, n in summary.get("counts", {}).items():
+        table.add_row(split, str(n))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- evaluate
+@app.command("evaluate")
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="Predictions: PNG or .npy label maps, matched by stem.")],
+    gt: Annotated[Path, typer.Option(help="Ground truth: PNG or .npy label maps.")],
+    num_classes: Annotated[int, typer.Option(help="Number of classes K.")],
+    out: Annotated[Path, typer.Option(help="Parquet report to write.")],
+    ignore_index: Annotated[int | None, typer.Option(help="Ignore label [params: evaluate.ignore_index].")] = None,
+    names: Annotated[Path | None, typer.Option(help="classes.yaml with class names.")] = None,
+    boundary_ratio: Annotated[float | None, typer.Option(help="Band width / diagonal [params: evaluate.boundary_ratio].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Score predictions against ground truth: mIoU, mBIoU, aAcc, mAcc, per class and image."""
+    from ddps_core.metrics import evaluate_dirs, load_class_names, report_frame, write_report
+
+    s = settings_from(params, set_, **{"evaluate.ignore_index": ignore_index,
+                                       "evaluate.boundary_ratio": boundary_ratio})
+    class_names = load_class_names(names) if names else None
+    if class_names is not None and len(class_names) != num_classes:
+        raise DDPSError(f"{names}: lists {len(class_names)} class names, --num-classes is {num_classes}")
+    n_files = sum(1 for p in Path(pred).glob("*") if p.suffix in (".png", ".npy")) if Path(pred).is_dir() else None
+    with progress_bar("evaluate", n_files) as update:
+        result = evaluate_dirs(pred, gt, num_classes, ignore_index=s.evaluate.ignore_index,
+                               boundary_ratio=s.evaluate.boundary_ratio, progress=update)
+    frame = report_frame(result, class_names)
+    write_report(frame, out)
+    print_report(frame)
+    console.print(f"report: {out}")
+
+
+def print_report(frame: Any, title: str = "segmentation report") -> None:
+    """Per-class and summary rich tables of a report frame."""
+    classes = frame[frame["scope"] == "class"]
+    table = Table(title=title)
+    for col in ("id", "class", "IoU", "bIoU", "Acc"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for row in classes.itertuples():
+        table.add_row(str(row.class_id), str(row.class_name), _pct(row.iou), _pct(row.biou), _pct(row.acc))
+    summary = frame[frame["scope"] == "summary"].iloc[0]
+    table.add_section()
+    table.add_row("", "[bold]mean[/bold]", _pct(summary["miou"]), _pct(summary["mbiou"]), _pct(summary["macc"]))
+    console.print(table)
+    console.print(f"mIoU {_pct(summary['miou'])}  mBIoU {_pct(summary['mbiou'])}  "
+                  f"aAcc {_pct(summary['aacc'])}  mAcc {_pct(summary['macc'])}")
+
+
+def _pct(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "nan" if v != v else f"{100 * v:.2f}"
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one clear message and a non-zero exit on bad input.
+
+    Usage errors are click's (exit 2, with the usage line); bad input raised by the library
+    (:class:`DDPSError`) and file-system faults print one line without a traceback unless
+    ``--debug`` is given.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="ddps")
+    except DDPSError as exc:
+        if debug:
+            raise
+        _fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False,
+                      soft_wrap=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

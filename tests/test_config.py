@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddps_core.config import Settings, load_settings, parse_assignment, parse_settings
+from ddps_core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_yaml_is_valid_and_equals_defaults():
+    # params.yaml spells out every default: parsing it must give exactly the embedded defaults
+    assert load_settings(REPO / "params.yaml") == Settings()
+
+
+def test_missing_file_means_defaults_only_when_asked(tmp_path):
+    assert load_settings(None) == Settings()
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "raw, key, phrase",
+    [
+        ({"data": {"synthetic": {"sizee": 32}}}, "data.synthetic.sizee", "unknown key"),
+        ({"dataa": {}}, "dataa", "unknown key"),
+        ({"data": {"synthetic": {"n_test": "many"}}}, "data.synthetic.n_test", "valid integer"),
+        ({"data": {"synthetic": {"image_size": 48}}}, "data.synthetic.image_size", "32, 64 or 128"),
+        ({"data": {"synthetic": {"n_labeled": 0}}}, "data.synthetic.n_labeled", "greater than or equal"),
+        ({"device": "tpu"}, "device", "'auto', 'cpu' or 'cuda'"),
+        ({"data": {"source": "ade20k"}}, "data", "data.root is required"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, raw, key, phrase):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    msg = str(info.value)
+    assert f"{path}: {key}:" in msg
+    assert phrase in msg
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"data": {"synthetic": {"a": 1, "seed": -1}}})
+    assert "data.synthetic.a: unknown key" in str(info.value)
+    assert "data.synthetic.seed:" in str(info.value)
+
+
+def test_overrides_replace_file_values_and_are_validated(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  synthetic:\n    seed: 5\n    n_test: 7\n")
+    s = load_settings(path, {"data.synthetic.seed": 9, "data.synthetic.n_test": None})
+    assert s.data.synthetic.seed == 9  # overridden
+    assert s.data.synthetic.n_test == 7  # None = option not given: file value kept
+    with pytest.raises(ConfigError, match="override: data.synthetic.seed.x: 'seed' is not a section"):
+        load_settings(path, {"data.synthetic.seed.x": 1})
+    with pytest.raises(ConfigError, match="data.synthetic.bogus: unknown key"):
+        load_settings(path, {"data.synthetic.bogus": 1})
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_settings(bad)
+
+
+def test_parse_assignment_keeps_yaml_types():
+    assert parse_assignment("a.b=3") == ("a.b", 3)
+    assert parse_assignment("a=true") == ("a", True)
+    assert parse_assignment("a=[1, 2]") == ("a", [1, 2])
+    assert parse_assignment("a=text") == ("a", "text")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_assignment("novalue")
+
+
+def test_split_map_defaults_and_overrides():
+    s = parse_settings({"data": {"source": "ade20k", "root": "x", "splits": {"test": "training"}}})
+    assert s.data.split_map() == {"train": "training", "test": "training", "unlabeled": None}
