@@ -7,6 +7,7 @@ whatever was there before untouched.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import os
 import tempfile
 from collections.abc import Iterator
@@ -46,3 +47,41 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def partial_folder(out: str | os.PathLike[str], settings_text: str) -> Path:
+    """The sibling build folder ``.<name>.partial`` of ``out``, for a resumable folder build.
+
+    Files are written into it atomically, one by one. A ``.settings.json`` marker records
+    ``settings_text``: an interrupted build with the same settings resumes in the same folder
+    (keeping what was written); a leftover build with other settings is discarded.
+    Finish with :func:`swap_folder`.
+    """
+    out = Path(out)
+    partial = out.parent / f".{out.name}.partial"
+    marker = partial / ".settings.json"
+    if partial.exists():
+        try:
+            same = marker.read_text(encoding="utf-8") == settings_text
+        except OSError:
+            same = False
+        if not same:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, settings_text)
+    return partial
+
+
+def swap_folder(partial: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Put the finished build ``partial`` in place of ``out`` (two renames; the old one goes)."""
+    partial, out = Path(partial), Path(out)
+    (partial / ".settings.json").unlink(missing_ok=True)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)

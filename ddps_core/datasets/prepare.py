@@ -1,0 +1,116 @@
+"""The ``data`` stage: make the canonical dataset every later stage reads.
+
+``data.source: synthetic`` generates the embedded face-parts domain. Any other source is
+IMPORTED: every file of the configured splits is read through its reader (so every fault is
+found here, once, with the file named), and written in the DDPM-Seg folder layout::
+
+    <out>/real/train/<id>.png + <id>.npy      labelled training images
+    <out>/real/test/<id>.png + <id>.npy       labelled test images
+    <out>/unlabeled/<id>.png                  unlabelled pool (optional)
+    <out>/classes.yaml                        classes, num_classes, ignore_index, provenance
+
+Images keep their size (non-square ones are squared later, where they meet a model). The
+build goes to a sibling ``.<name>.partial`` folder, file by file and atomically, so an
+interrupted import resumes; the finished folder replaces ``out`` in one swap. An existing
+``out`` that this stage did not make is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ddps_core.config import DataSettings
+from ddps_core.datasets.common import npy_bytes, png_bytes
+from ddps_core.datasets.readers import open_dataset
+from ddps_core.datasets.synthetic import make_synthetic
+from ddps_core.errors import DataError
+from ddps_core.io import atomic_write_bytes, atomic_write_text, partial_folder, swap_folder
+
+_MARK = "prepared"
+
+
+def prepare_dataset(data: DataSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the data stage for ``data``; returns a summary with ``counts`` per split."""
+    if data.source == "synthetic":
+        return make_synthetic(data.out, progress=progress, **data.synthetic.model_dump())
+    return import_dataset(data, progress)
+
+
+def reader_split_of(data: DataSettings, split: str) -> str | None:
+    return data.split_map().get(split)
+
+
+def _settings(data: DataSettings) -> dict[str, Any]:
+    return {"source": data.source, "root": str(Path(data.root or "").resolve()),
+            "num_classes": data.num_classes, "ignore_index": data.ignore_index,
+            "splits": data.split_map()}
+
+
+def _made_here(out: Path) -> bool:
+    try:
+        doc = yaml.safe_load((out / "classes.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(doc, dict) and (_MARK in doc or "synthetic" in doc)
+
+
+def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Validate a user dataset and write it to ``data.out`` in the canonical layout."""
+    out = Path(data.out)
+    settings = _settings(data)
+    if out.exists() and any(out.iterdir()) and not _made_here(out):
+        raise DataError(f"{out}: folder exists, is not empty and was not made by the data "
+                        "stage; refusing to overwrite it (choose another data.out)")
+    readers = {}
+    for split, reader_split in data.split_map().items():
+        if reader_split is None:
+            continue
+        readers[split] = open_dataset(data.source, data.root, reader_split,
+                                      num_classes=data.num_classes, ignore_index=data.ignore_index)
+    if "train" not in readers:
+        raise DataError(f"{data.root}: data.splits maps no reader split to 'train'")
+    first = readers["train"]
+    names = first.class_names or [f"class_{i}" for i in range(first.num_classes)]
+    partial = partial_folder(out, json.dumps(settings, sort_keys=True))
+    counts: dict[str, int] = {}
+    pixels = np.zeros(first.num_classes, dtype=np.int64)
+    n_done = 0
+    for split, reader in readers.items():
+        folder = partial / ("unlabeled" if split == "unlabeled" else f"real/{split}")
+        folder.mkdir(parents=True, exist_ok=True)
+        for sample in reader:  # reading validates: every fault raises DataError naming the file
+            png, npy = folder / f"{sample.id}.png", folder / f"{sample.id}.npy"
+            labelled = split != "unlabeled" and sample.label is not None
+            if split != "unlabeled" and sample.label is None:
+                raise DataError(f"{data.root}: image {sample.id!r} of split {split!r} "
+                                f"({reader_split_of(data, split)!r}) has no label")
+            if labelled:
+                valid = sample.label[sample.label != data.ignore_index]
+                pixels += np.bincount(valid.ravel(), minlength=len(pixels))[: len(pixels)]
+                if not npy.is_file():
+                    atomic_write_bytes(npy, npy_bytes(sample.label))
+            if not png.is_file():
+                atomic_write_bytes(png, png_bytes(sample.image))
+            n_done += 1
+            if progress is not None:
+                progress(n_done)
+        counts[split] = len(reader)
+    total = int(pixels.sum())
+    summary = {
+        "counts": counts,
+        "num_classes": first.num_classes,
+        "classes": names,
+        "class_pixel_fractions": {n: round(float(c) / total, 6) if total else 0.0
+                                  for n, c in zip(names, pixels, strict=True)},
+    }
+    doc = {"classes": names, "num_classes": first.num_classes,
+           "ignore_index": data.ignore_index, _MARK: settings, "summary": summary}
+    atomic_write_text(partial / "classes.yaml", yaml.safe_dump(doc, sort_keys=False))
+    swap_folder(partial, out)
+    return {**summary, "out_dir": str(out)}
