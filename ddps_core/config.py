@@ -77,6 +77,38 @@ class DataSettings(Section):
         return merged
 
 
+class DDPMSettings(Section):
+    """Stage ``train_ddpm``: the diffusion model every feature comes from.
+
+    With ``checkpoint`` set (an official guided-diffusion ``.pt`` or a ``.safetensors``),
+    training is skipped and that checkpoint is used with ``preset``'s architecture.
+    """
+
+    preset: str = "tiny32"
+    checkpoint: str | None = None
+    out: str = "data/models/ddpm"
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_timesteps: int = Field(1000, ge=2)
+    steps: int = Field(2000, ge=1, description="Optimiser steps (total, across resumes).")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop early (with a checkpoint) after this many seconds."
+    )
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_rate: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    hflip: bool = True
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(10, ge=1)
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)
+    sample_count: int = Field(16, ge=0)
+    sample_steps: int = Field(50, ge=1)
+    sample_method: Literal["ddim", "ancestral"] = "ddim"
+
+
 class EvaluateSettings(Section):
     """Metric conventions shared by every evaluation (METHODS.md §7)."""
 
@@ -90,6 +122,7 @@ class Settings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     data: DataSettings = DataSettings()
+    ddpm: DDPMSettings = DDPMSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
 
 

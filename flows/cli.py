@@ -44,7 +44,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show and check the settings (params.yaml).", no_args_is_help=True)
 data_app = typer.Typer(help="Make, import and check datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+ddpm_app = typer.Typer(help="Train, sample and inspect the diffusion model.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(ddpm_app, name="ddpm")
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", help="Settings file; missing = embedded defaults.")
@@ -179,6 +181,78 @@ def _print_dataset_summary(out: str | Path, summary: dict[str, Any]) -> None:
     table.add_column("images", justify="right")
     for split, n in summary.get("counts", {}).items():
         table.add_row(split, str(n))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- ddpm
+@ddpm_app.command("train")
+def ddpm_train(
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps [params: ddpm.steps].")] = None,
+    preset: Annotated[str | None, typer.Option(help="UNet preset [params: ddpm.preset].")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [params: ddpm.out].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train the DDPM on the dataset's unlabelled + training images (resumes when it can)."""
+    from ddps_core.diffusion.train import run_stage
+
+    s = settings_from(params, set_, **{"ddpm.steps": steps, "ddpm.preset": preset,
+                                       "ddpm.time_budget_s": time_budget,
+                                       "ddpm.out": str(out) if out else None})
+    summary = _train_with_progress(s, run_stage)
+    console.print(summary)
+
+
+def _train_with_progress(s: Settings, run_stage: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    with progress_bar("ddpm", s.ddpm.steps) as update_bar:
+        def on_step(info: Any) -> None:
+            update_bar(info.step)
+            if info.step % (s.ddpm.log_every * 10) == 0 or info.step == info.total:
+                err_console.print(f"step {info.step}: loss {info.loss:.4f} (mse {info.mse:.4f}, "
+                                  f"vb {info.vb:.4f}) lr {info.lr:.2e} {info.images_per_s:.1f} img/s")
+        return run_stage(s, on_step=on_step, log=err_console.print)
+
+
+@ddpm_app.command("sample")
+def ddpm_sample(
+    out: Annotated[Path, typer.Option(help="PNG grid to write.")] = Path("samples.png"),
+    n: Annotated[int, typer.Option(help="Number of samples.")] = 16,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps [params: ddpm.sample_steps].")] = None,
+    method: Annotated[str | None, typer.Option(help="ddim | ancestral [params: ddpm.sample_method].")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Draw samples from the trained (or configured) diffusion model as a PNG grid."""
+    from ddps_core.device import resolve_device
+    from ddps_core.diffusion.gaussian import GaussianDiffusion
+    from ddps_core.diffusion.train import load_trained, sample_grid
+    from ddps_core.viz import save_png
+
+    s = settings_from(params, set_, **{"ddpm.sample_steps": steps, "ddpm.sample_method": method})
+    device = resolve_device(s.device)
+    model, info = load_trained(s.ddpm.out, device)
+    diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
+    save_png(sample_grid(model, diffusion, n, s.ddpm.sample_steps, s.ddpm.sample_method, seed, device), out)
+    console.print(f"{n} samples ({s.ddpm.sample_method}, {s.ddpm.sample_steps} steps) -> {out}")
+
+
+@ddpm_app.command("presets")
+def ddpm_presets() -> None:
+    """List the UNet presets with their sizes."""
+    import torch
+
+    from ddps_core.diffusion.presets import PRESETS
+
+    table = Table(title="UNet presets")
+    for col in ("name", "image", "channels", "mult", "attention", "parameters"):
+        table.add_column(col)
+    for name, cfg in sorted(PRESETS.items()):
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in cfg.build().parameters())
+        table.add_row(name, str(cfg.image_size), str(cfg.num_channels),
+                      str(cfg.resolved_channel_mult()), str(cfg.attention_resolutions), f"{n_params:,}")
     console.print(table)
 
 

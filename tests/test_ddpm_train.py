@@ -1,0 +1,147 @@
+"""DDPM training: determinism, resume equals an uninterrupted run, NaN stop, checkpoint use."""
+
+import json
+
+import pytest
+import torch
+
+from ddps_core.config import DDPMSettings, parse_settings
+from ddps_core.diffusion import checkpoint as ckpt
+from ddps_core.diffusion import gaussian
+from ddps_core.diffusion.presets import get_preset
+from ddps_core.diffusion.train import (
+    TrainingError,
+    load_trained,
+    load_training_images,
+    train_ddpm,
+    use_checkpoint,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(preset="small32-spec", out=str(tmp_path / name), steps=4, batch_size=2,
+                warmup_steps=2, log_every=1, checkpoint_every=2, sample_count=0)
+    base.update(kw)
+    return DDPMSettings(**base)
+
+
+def _weights(out):
+    state = torch.load(f"{out}/state.pt", weights_only=True)
+    return state["model"], state["ema"], state["step"]
+
+
+def test_same_seed_same_weights_different_seed_differs(tmp_path, images):
+    train_ddpm(_cfg(tmp_path, "a"), images, CPU, seed=1)
+    train_ddpm(_cfg(tmp_path, "b"), images, CPU, seed=1)
+    train_ddpm(_cfg(tmp_path, "c"), images, CPU, seed=2)
+    (ma, ea, sa), (mb, eb, sb), (mc, _, _) = (_weights(tmp_path / n) for n in "abc")
+    assert sa == sb == 4
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert not all(torch.equal(ma[k], mc[k]) for k in ma)
+    # training moved the weights away from the initialisation
+    torch.manual_seed(1)
+    init = get_preset("small32-spec").build().state_dict()
+    assert not all(torch.equal(init[k], ma[k]) for k in init)
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, images):
+    train_ddpm(_cfg(tmp_path, "full"), images, CPU, seed=3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(info):
+        if info.step == 3:  # after the step-2 checkpoint, before the next one
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_ddpm(_cfg(tmp_path, "resumed"), images, CPU, seed=3, on_step=kill_at_3)
+    assert _weights(tmp_path / "resumed")[2] == 2
+    logs = []
+    train_ddpm(_cfg(tmp_path, "resumed"), images, CPU, seed=3, log=logs.append)
+    assert any("resuming from step 2" in m for m in logs)
+    (mf, ef, sf), (mr, er, sr) = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert sf == sr == 4
+    assert all(torch.equal(mf[k], mr[k]) for k in mf)
+    assert all(torch.equal(ef[k], er[k]) for k in ef)
+    # the loss history was resumed too: one row per step, no duplicates
+    rows = (tmp_path / "resumed" / "loss.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_other_settings_start_over(tmp_path, images):
+    train_ddpm(_cfg(tmp_path, "x", steps=2), images, CPU, seed=0)
+    logs = []
+    train_ddpm(_cfg(tmp_path, "x", steps=2, lr=5e-4), images, CPU, seed=0, log=logs.append)
+    assert any("other settings" in m for m in logs)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, images, monkeypatch):
+    real = gaussian.GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        calls["n"] += 1
+        out = real(self, *a, **kw)
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(gaussian.GaussianDiffusion, "training_losses", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* step 3.*step 2"):
+        train_ddpm(_cfg(tmp_path, "nan"), images, CPU, seed=0)
+    model, ema, step = _weights(tmp_path / "nan")
+    assert step == 2 and all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_ema_and_info_loadable(tmp_path, images):
+    cfg = _cfg(tmp_path, "m", steps=2)
+    summary = train_ddpm(cfg, images, CPU, seed=0)
+    model, info = load_trained(cfg.out)
+    assert info["model_id"] == summary["model_id"] and info["source"] == "trained"
+    state = torch.load(tmp_path / "m" / "state.pt", weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], state["ema"][k]) for k in state["ema"])
+
+
+def test_checkpoint_setting_skips_training(tmp_path):
+    torch.manual_seed(0)
+    model = get_preset("small32-spec").build()
+    path = tmp_path / "official.pt"
+    torch.save(model.state_dict(), path)
+    cfg = DDPMSettings(preset="small32-spec", checkpoint=str(path), out=str(tmp_path / "out"))
+    info = use_checkpoint(cfg)
+    assert info["source"] == "checkpoint"
+    assert info["model_id"] == ckpt.state_dict_hash(model.state_dict())
+    loaded, _ = load_trained(cfg.out)
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t), model.eval()(x, t))
+    assert not (tmp_path / "out" / "state.pt").exists()
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["checkpoint"] == str(path.resolve())
+
+
+def test_training_images_squared_from_dataset(tmp_path):
+    from ddps_core.datasets.prepare import prepare_dataset
+
+    data = parse_settings({"data": {"out": str(tmp_path / "d"), "synthetic": {
+        "n_unlabeled": 3, "n_labeled": 2, "n_test": 1}}}).data
+    prepare_dataset(data)
+    imgs = load_training_images(tmp_path / "d", 32)
+    assert imgs.shape == (5, 3, 32, 32) and imgs.dtype == torch.uint8
