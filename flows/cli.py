@@ -82,7 +82,8 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err_console, transient=False) as prog:
+    # Drawn only on a terminal: logs and pipes get the summary lines, not bar frames.
+    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as prog:
         task_id = prog.add_task(description, total=total, rate="")
 
         def update(n_done: int) -> None:
@@ -277,10 +278,10 @@ def evaluate(
     class_names = load_class_names(names) if names else None
     if class_names is not None and len(class_names) != num_classes:
         raise DDPSError(f"{names}: lists {len(class_names)} class names, --num-classes is {num_classes}")
-    n_files = sum(1 for p in Path(pred).glob("*") if p.suffix in (".png", ".npy")) if Path(pred).is_dir() else None
-    with progress_bar("evaluate", n_files) as update:
+    with progress_bar("evaluate", None) as update:
         result = evaluate_dirs(pred, gt, num_classes, ignore_index=s.evaluate.ignore_index,
-                               boundary_ratio=s.evaluate.boundary_ratio, progress=update)
+                               boundary_ratio=s.evaluate.boundary_ratio,
+                               progress=lambda done, _total: update(done))
     frame = report_frame(result, class_names)
     write_report(frame, out)
     print_report(frame)

@@ -1,0 +1,123 @@
+"""The `ddps` command line: evaluate end to end, and bad input -> one message, non-zero exit."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from flows.cli import main
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out = capsys.readouterr()
+    return info.value.code or 0, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn") / "ds"
+    with pytest.raises(SystemExit) as info:
+        main(["data", "synthetic", "--out", str(root), "--n-unlabeled", "0",
+              "--n-labeled", "1", "--n-test", "6", "--seed", "1"])
+    assert info.value.code == 0
+    return root
+
+
+def test_evaluate_ground_truth_vs_perturbed_copy(synthetic, tmp_path, capsys):
+    gt_dir = synthetic / "real" / "test"
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    rng = np.random.default_rng(0)
+    gts = {}
+    for i, npy in enumerate(sorted(gt_dir.glob("*.npy"))):
+        gt = np.load(npy)
+        gts[npy.stem] = gt
+        p = gt.copy()
+        if i % 2:  # half of the predictions perturbed: a block set to "hair" (2)
+            y, x = rng.integers(0, 24, 2)
+            p[y:y + 8, x:x + 8] = 2
+            Image.fromarray(p).save(pred / f"{npy.stem}.png")
+        else:
+            np.save(pred / f"{npy.stem}.npy", p)
+    report = tmp_path / "r" / "report.parquet"
+    code, out, err = run(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--num-classes", "7",
+                          "--names", str(synthetic / "classes.yaml"), "--out", str(report)], capsys)
+    assert code == 0, err
+    assert "mIoU" in out and "mouth" in out
+    df = pd.read_parquet(report)
+    assert list(df["scope"]) == ["class"] * 7 + ["image"] * 6 + ["summary"]
+    assert df[df.scope == "class"]["class_name"].tolist()[:3] == ["background", "skin", "hair"]
+    per_image = df[df.scope == "image"].set_index("image_id")["miou"]
+    stems = sorted(gts)
+    assert all(per_image[s] == 1.0 for s in stems[0::2])  # untouched copies are perfect
+    assert all(per_image[s] < 1.0 for s in stems[1::2])
+    # summary agrees with an independent computation of the dataset-level pixel accuracy
+    total = sum(g.size for g in gts.values())
+    wrong = 0
+    for i, s in enumerate(stems):
+        p = np.load(pred / f"{s}.npy") if i % 2 == 0 else np.asarray(Image.open(pred / f"{s}.png"))
+        wrong += int((p != gts[s]).sum())
+    summary = df[df.scope == "summary"].iloc[0]
+    assert summary["aacc"] == pytest.approx(1 - wrong / total)
+    assert 0 < summary["mbiou"] < 1 and 0 < summary["miou"] < 1
+
+
+@pytest.mark.parametrize("case", ["corrupt", "size", "missing_pred", "bad_names"])
+def test_evaluate_bad_input_one_message(synthetic, tmp_path, capsys, case):
+    gt_dir = synthetic / "real" / "test"
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    stems = sorted(p.stem for p in gt_dir.glob("*.npy"))
+    for s in stems:
+        np.save(pred / f"{s}.npy", np.load(gt_dir / f"{s}.npy"))
+    args = ["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--num-classes", "7",
+            "--out", str(tmp_path / "out.parquet")]
+    expect = stems[0]
+    if case == "corrupt":
+        (pred / f"{stems[0]}.npy").write_bytes(b"\x93NUMPY garbage")
+    elif case == "size":
+        np.save(pred / f"{stems[0]}.npy", np.zeros((5, 5), np.uint8))
+    elif case == "missing_pred":
+        (pred / f"{stems[0]}.npy").unlink()
+    else:
+        names = tmp_path / "classes.yaml"
+        names.write_text("classes: [a, b]\n")
+        args += ["--names", str(names)]
+        expect = "classes.yaml"
+    code, out, err = run(args, capsys)
+    assert code != 0
+    assert err.startswith("error:") and expect in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_bad_params_name_the_key_and_exit_2(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  synthetic:\n    n_test: many\n")
+    code, _, err = run(["config", "show", "--params", str(params)], capsys)
+    assert code == 2
+    assert "data.synthetic.n_test" in err and "Traceback" not in err
+
+
+def test_console_script_exit_code_and_debug(tmp_path):
+    """The installed entry point: exit status and --debug traceback, in a real process."""
+    params = tmp_path / "p.yaml"
+    params.write_text("bogus: 1\n")
+    cmd = [sys.executable, "-m", "flows.cli", "config", "show", "--params", str(params)]
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    assert plain.returncode == 2 and "bogus: unknown key" in plain.stderr
+    assert "Traceback" not in plain.stderr
+    debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_help_lists_every_command(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in ("config", "data", "ddpm", "evaluate"):
+        assert command in out
