@@ -1,0 +1,254 @@
+"""DDPM-Seg pixel features: hooked activations of a diffusion UNet's decoder (METHODS §3).
+
+:class:`FeatureExtractor` noises an image batch to each configured timestep with ONE fixed
+noise tensor (``share_noise`` of the reference), runs the UNet and returns the outputs of the
+chosen ``output_blocks`` at their native resolution, in float32 on the CPU. Upsampling to the
+image size happens later, on demand (:mod:`ddps_core.features.store`).
+
+Early stop: a forward hook on the last (highest-index) hooked output block raises a private
+exception once it has recorded its output; :meth:`FeatureExtractor.__call__` catches it. The
+remaining output blocks and the ``out`` head are therefore never computed (their results
+would be thrown away). The hooks only read activations, so the model is otherwise untouched
+and keeps working normally outside the extractor (hooks are registered only during a call).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddps_core.datasets import to_square
+from ddps_core.device import autocast, memory_format
+from ddps_core.errors import ConfigError
+
+__all__ = ["FeatureExtractor", "array_name", "preprocess", "shared_noise"]
+
+
+def array_name(t: int, block: int) -> str:
+    """The store array / feature name of timestep ``t`` and output block ``block``."""
+    return f"t{int(t)}_b{int(block)}"
+
+
+def shared_noise(image_size: int, seed: int = 0) -> torch.Tensor:
+    """The reference's shared noise: ``randn(1, 3, S, S)`` from a CPU generator seeded ``seed``."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, 3, int(image_size), int(image_size)), generator=gen)
+
+
+def preprocess(image: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 ``HxWx3`` -> float32 ``[3, size, size]`` in [-1, 1] (resize short side, centre
+    crop: :func:`~ddps_core.datasets.to_square`)."""
+    img, _ = to_square(np.asarray(image), None, int(size))
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float32)
+    return x / 127.5 - 1.0
+
+
+class _StopForward(Exception):
+    """Raised by the last feature hook to skip the rest of the UNet."""
+
+
+def _check_int_list(values: Sequence[int], what: str, lo: int, hi: int) -> list[int]:
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ConfigError(f"features.{what}: {v!r} is not an integer (valid range {lo}..{hi})")
+        if not lo <= int(v) <= hi:
+            raise ConfigError(f"features.{what}: {int(v)} is out of range (valid range {lo}..{hi})")
+        out.append(int(v))
+    if not out:
+        raise ConfigError(f"features.{what}: must not be empty (valid range {lo}..{hi})")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"features.{what}: duplicate entries in {out}")
+    return out
+
+
+class FeatureExtractor:
+    """Hook the UNet's decoder blocks and return DDPM-Seg features.
+
+    :param model: a guided-diffusion :class:`~ddps_core.diffusion.UNetModel` (eval mode is set).
+    :param diffusion: the Gaussian schedule whose ``q_sample`` noises the input.
+    :param steps: timesteps, in the order the features are concatenated.
+    :param blocks: indices into ``model.output_blocks`` (None: all of them); stored ascending.
+    :param noise_seed: seed of the shared noise (ignored when ``noise`` is given).
+    :param noise: an explicit ``(1, 3, S, S)`` (or ``(3, S, S)``) noise tensor.
+    :param device: where the UNet runs; on CUDA the model is moved there in channels-last
+        layout and run under bf16 autocast.
+    :param model_id: the checkpoint's id recorded in feature stores (default: the
+        :func:`~ddps_core.diffusion.state_dict_hash` of the model's weights as float32; pass
+        the hash of the checkpoint file's state dict for fp16 models).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion,
+        steps: Sequence[int],
+        blocks: Sequence[int] | None = None,
+        noise_seed: int = 0,
+        noise: torch.Tensor | None = None,
+        device: str | torch.device = "cpu",
+        model_id: str | None = None,
+    ):
+        self.device = torch.device(device)
+        n_blocks = len(model.output_blocks)
+        if blocks is None:
+            blocks = list(range(n_blocks))
+        self.blocks = sorted(_check_int_list(list(blocks), "blocks", 0, n_blocks - 1))
+        self.steps = _check_int_list(list(steps), "steps", 0, int(diffusion.num_timesteps) - 1)
+        self.image_size = int(model.image_size)
+        S = self.image_size
+        if noise is None:
+            self.noise_seed: int | None = int(noise_seed)
+            eps = shared_noise(S, self.noise_seed)
+        else:
+            eps = torch.as_tensor(noise).detach().to("cpu", torch.float32)
+            if eps.dim() == 3:
+                eps = eps.unsqueeze(0)
+            if tuple(eps.shape) != (1, 3, S, S):
+                raise ConfigError(f"features.noise: expected shape (1, 3, {S}, {S}), got {tuple(eps.shape)}")
+            self.noise_seed = None
+        self.noise = eps.contiguous()
+        self.diffusion = diffusion
+        self.model = model.eval()
+        if self.device.type == "cuda":
+            self.model.to(self.device, memory_format=memory_format(self.device))
+        else:
+            self.model.to(self.device)
+        self._model_id: str | None = model_id
+        self._shapes: dict[str, tuple[int, int, int]] | None = None
+
+    # -- names, shapes, identity --------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Feature names in canonical order: timestep-major, then block ascending."""
+        return [array_name(t, b) for t in self.steps for b in self.blocks]
+
+    @property
+    def model_id(self) -> str:
+        """:func:`~ddps_core.diffusion.state_dict_hash` of the model (computed once)."""
+        if self._model_id is None:
+            from ddps_core.diffusion import state_dict_hash
+
+            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in self.model.state_dict().items()}
+            self._model_id = state_dict_hash(sd)
+        return self._model_id
+
+    @property
+    def noise_id(self) -> str:
+        """sha256 (16 hex digits) of the shared noise's float32 bytes."""
+        return hashlib.sha256(self.noise.numpy().tobytes()).hexdigest()[:16]
+
+    @property
+    def schedule_id(self) -> str:
+        """sha256 (16 hex digits) of the schedule's float64 betas."""
+        betas = np.ascontiguousarray(np.asarray(self.diffusion.betas, dtype=np.float64))
+        return hashlib.sha256(betas.tobytes()).hexdigest()[:16]
+
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``{name: (C, h, w)}`` of every feature, from one forward on the meta device (no
+        compute, no copy of the weights); falls back to a real one-image forward."""
+        if self._shapes is None:
+            per_block = self._block_shapes()
+            self._shapes = {array_name(t, b): per_block[b] for t in self.steps for b in self.blocks}
+        return dict(self._shapes)
+
+    def _block_shapes(self) -> dict[int, tuple[int, int, int]]:
+        S = self.image_size
+        try:
+            from torch.func import functional_call
+
+            params = {k: torch.empty_like(v, device="meta") for k, v in self.model.named_parameters()}
+            params.update({k: torch.empty_like(v, device="meta") for k, v in self.model.named_buffers()})
+            x = torch.empty((1, 3, S, S), device="meta")
+            t = torch.zeros((1,), dtype=torch.long, device="meta")
+            got = self._hooked(lambda: functional_call(self.model, params, (x, t)))
+        except Exception:  # meta not supported by some op: run the real thing on one image
+            x = torch.zeros((1, 3, S, S), device=self.device)
+            t = torch.zeros((1,), dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                got = self._hooked(lambda: self.model(x, t))
+        return {b: tuple(int(s) for s in got[b].shape[1:]) for b in self.blocks}
+
+    @property
+    def feature_dim(self) -> int:
+        """Total channel count D of the concatenated features."""
+        return sum(c for c, _, _ in self.shapes().values())
+
+    def store_settings(self) -> dict:
+        """The settings a :class:`~ddps_core.features.store.FeatureStore` records for these
+        features (pass as keyword arguments to ``FeatureStore.create`` / ``open_or_create``)."""
+        return {
+            "model_id": self.model_id,
+            "steps": list(self.steps),
+            "blocks": list(self.blocks),
+            "noise_seed": self.noise_seed,
+            "noise_id": self.noise_id,
+            "schedule_id": self.schedule_id,
+            "image_size": self.image_size,
+            "shapes": self.shapes(),
+        }
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _hooked(self, run) -> dict[int, torch.Tensor]:
+        """Run ``run()`` with forward hooks on the chosen blocks; return ``{block: output}``."""
+        got: dict[int, torch.Tensor] = {}
+        last = self.blocks[-1]
+
+        def make_hook(idx: int):
+            def hook(_module, _inputs, output):
+                got[idx] = output
+                if idx == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.model.output_blocks[b].register_forward_hook(make_hook(b)) for b in self.blocks]
+        try:
+            run()
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [b for b in self.blocks if b not in got]
+        if missing:  # pragma: no cover - every output block runs before the head
+            raise RuntimeError(f"output blocks {missing} did not run")
+        return got
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of a batch ``x`` (float ``[B, 3, S, S]`` in [-1, 1]): ``{name: [B, C, h, w]}``
+        float32 on the CPU, in canonical order."""
+        S = self.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, S, S):
+            raise ValueError(f"expected a [B, 3, {S}, {S}] batch, got {tuple(x.shape)}")
+        out: dict[str, torch.Tensor] = {}
+        dev = self.device
+        with torch.inference_mode():
+            x = x.to(dev, torch.float32)
+            eps = self.noise.to(dev).expand_as(x)
+            for t in self.steps:
+                tt = torch.full((x.shape[0],), t, dtype=torch.long, device=dev)
+                xt = self.diffusion.q_sample(x, tt, noise=eps)
+                if dev.type == "cuda":
+                    xt = xt.contiguous(memory_format=memory_format(dev))
+                with autocast(dev):
+                    got = self._hooked(lambda: self.model(xt, tt))
+                for b in self.blocks:
+                    out[array_name(t, b)] = got[b].to("cpu", torch.float32).contiguous()
+        return out
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference layout: every feature upsampled to S x S (bilinear, align_corners
+        False) and concatenated, ``[B, D, S, S]`` float32. Memory-hungry; for checks."""
+        S = self.image_size
+        feats = self(x)
+        return torch.cat(
+            [F.interpolate(f, size=(S, S), mode="bilinear", align_corners=False) for f in feats.values()], dim=1
+        )

@@ -1,0 +1,127 @@
+"""Fill a :class:`~ddps_core.features.store.FeatureStore` with an extractor's features.
+
+Work is done shard by shard: the images of one shard are read, squared to the model size
+(:func:`~ddps_core.datasets.to_square`), run through the extractor in batches of at most
+``batch_size`` images that never cross a shard boundary, and the shard is written once
+(:meth:`FeatureStore.write_shard`). Because batches are formed within a shard, a shard's
+values do not depend on which other shards were already done: a resumed run gives the same
+bytes as an uninterrupted one (on the same device and thread settings).
+
+To parallelise, give each worker a disjoint list of shards (see :func:`shard_ranges`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddps_core.datasets import to_square
+from ddps_core.errors import ConfigError, DataError
+
+from .extract import FeatureExtractor, preprocess
+from .store import FeatureStore, shard_ranges
+
+__all__ = ["check_compatible", "extract_to_store", "shard_ranges"]
+
+
+def check_compatible(store: FeatureStore, extractor: FeatureExtractor) -> None:
+    """Raise :class:`ConfigError` unless ``store`` records exactly ``extractor``'s settings."""
+    want = extractor.store_settings()
+    have = store.attrs
+    diffs = []
+    for key, value in want.items():
+        stored = have.get(key)
+        if key == "shapes":
+            value = {k: list(v) for k, v in value.items()}
+        if stored != value:
+            diffs.append(f"{key}: stored {stored!r}, extractor {value!r}")
+    if diffs:
+        raise ConfigError(f"{store.path}: feature store does not match the extractor ({'; '.join(diffs)})")
+
+
+def _unpack(item: Any) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """(image, label, id) from a Sample, an (image, label[, id]) tuple or a bare image."""
+    if hasattr(item, "image"):
+        return item.image, getattr(item, "label", None), getattr(item, "id", None)
+    if isinstance(item, tuple):
+        if len(item) == 2:
+            return item[0], item[1], None
+        if len(item) == 3:
+            return item[0], item[1], item[2]
+    return item, None, None
+
+
+def extract_to_store(
+    source: Sequence[Any],
+    extractor: FeatureExtractor,
+    store: FeatureStore,
+    shards: Iterable[int] | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Compute and write the features of ``shards`` (all by default) of ``store``.
+
+    :param source: indexable, ``len(source) == len(store)``; item ``i`` is a
+        :class:`~ddps_core.datasets.Sample` (its id must equal the store's ``image_ids[i]``),
+        an ``(image, label)`` tuple or a uint8 ``HxWx3`` image.
+    :param shards: the shards this worker owns; shards already done are skipped.
+    :param progress: called after each written shard with the store's total of done images.
+    :returns: ``{"shards_written", "shards_skipped", "images_written", "images_skipped"}``.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"features.batch_size must be >= 1, got {batch_size}")
+    check_compatible(store, extractor)
+    if len(source) != len(store):
+        raise DataError(f"{store.path}: store has {len(store)} images but the source yields {len(source)}")
+    ranges = {k: (a, b) for k, a, b in shard_ranges(store)}
+    todo = sorted(ranges) if shards is None else [int(k) for k in shards]
+    bad = [k for k in todo if k not in ranges]
+    if bad:
+        raise ConfigError(f"{store.path}: shards {bad} out of range 0..{len(ranges) - 1}")
+    S = store.image_size
+    counts = {"shards_written": 0, "shards_skipped": 0, "images_written": 0, "images_skipped": 0}
+    for k in todo:
+        a, b = ranges[k]
+        if store.shard_done(k):
+            counts["shards_skipped"] += 1
+            counts["images_skipped"] += b - a
+            continue
+        feats = {n: np.empty((b - a, *store.shapes[n]), dtype=np.float16) for n in store.names}
+        labels = np.empty((b - a, S, S), dtype=np.uint16) if store.has_labels else None
+        for b0 in range(a, b, batch_size):
+            b1 = min(b, b0 + batch_size)
+            xs = []
+            for i in range(b0, b1):
+                image, label, sid = _unpack(source[i])
+                if sid is not None and str(sid) != store.image_ids[i]:
+                    raise DataError(
+                        f"{store.path}: image {i} of the source has id {sid!r}, the store expects "
+                        f"{store.image_ids[i]!r} (same split, same order?)"
+                    )
+                name = store.image_ids[i]
+                image = np.asarray(image)
+                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                    raise DataError(f"{store.path}: image {name!r} must be uint8 HxWx3, got {image.dtype} {image.shape}")
+                if store.has_labels:
+                    if label is None:
+                        raise DataError(f"{store.path}: image {name!r} has no label, but the store holds labels")
+                    label = np.asarray(label)
+                    if label.shape != image.shape[:2]:
+                        raise DataError(f"{store.path}: label of {name!r} has shape {label.shape}, image {image.shape[:2]}")
+                    image, label = to_square(image, label, S)
+                    labels[i - a] = label
+                else:
+                    image, _ = to_square(image, None, S)
+                xs.append(preprocess(image, S))
+            out = extractor(torch.stack(xs))
+            for n in store.names:
+                feats[n][b0 - a : b1 - a] = out[n].numpy()
+        store.write_shard(k, feats, labels)
+        counts["shards_written"] += 1
+        counts["images_written"] += b - a
+        if progress is not None:
+            progress(store.n_done())
+    return counts

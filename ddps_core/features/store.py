@@ -1,0 +1,603 @@
+"""The feature store: DDPM-Seg features of one dataset split at NATIVE resolution, in Zarr v3.
+
+Layout (one Zarr v3 group per split, on local disk)::
+
+    <store>/zarr.json              group attributes (settings, image ids, array names, labels)
+    <store>/t{t}_b{block}/         one float16 array per (timestep, block): (N, C, h, w),
+                                   chunk = one image (1, C, h, w), shard = shard_images images
+    <store>/labels/                optional uint8 / uint16 (N, S, S) squared labels, same sharding
+    <store>/done/                  uint8 (N,) completion flags, ONE CHUNK PER SHARD
+
+Features are upsampled on demand: bilinear upsampling (align_corners=False) of one output
+pixel is a fixed 4-tap blend of the native map, so :meth:`FeatureStore.pixels` computes the
+features of any set of pixels without materialising the ``D x S x S`` float32 map the
+reference keeps in RAM (2.2 GB per 256x256 image; the native float16 maps are ~44x smaller).
+
+Durability and resumption
+-------------------------
+zarr 3.1.6's ``LocalStore`` writes every key (a whole shard file here) to a temporary file
+``<key>.<uuid>.partial`` and renames it over the key (``zarr/storage/_local.py``:
+``_atomic_write``), so after a SIGKILL a reader never sees a truncated shard under its final
+name; a killed write leaves only a stray ``*.partial`` file. It does not fsync. Every write
+into a sharded array is a read-modify-write of the whole shard file: the codec pipeline takes
+the sharding codec's partial-encode path (``ShardingCodec._encode_partial_single``), which
+loads the existing shard file even when the write covers the whole shard. Image-by-image
+writes would thus rewrite the shard once per image, and a damaged old shard file (power loss,
+or a store without atomic puts) would make the next write fail.
+
+We rely on neither. A writer owns whole shards and writes each shard ONCE: the images of a
+shard are computed (in batches) into an in-memory buffer (``shard_images`` x one image's
+native features: 16 x 50 MB float16 for the 256 config). Then, in
+:meth:`FeatureStore.write_shard`: the shard's ``done`` chunk file is removed, its old data
+files and stray temp files are deleted, every array's shard file is written in one
+whole-shard write and fsynced, and only then is the shard's chunk of the ``done`` array set
+to 1 (its own file, also fsynced). Hence:
+
+* an image is marked done only after its data is durable;
+* a crash at any moment leaves each shard either done (data complete) or not done (its
+  files, possibly stale or absent, are rewritten as a whole on resume, and stray
+  ``*.partial`` temp files of that shard are removed first);
+* two workers filling different shards never touch the same file (not even for completion
+  flags), so they may run concurrently; never give one shard to two writers;
+* the resume granularity is one shard (at most ``shard_images`` images are recomputed).
+
+The store's metadata is written once, at creation, into a temporary sibling folder that is
+renamed into place, so a store folder that exists is always a complete, openable group.
+Reopening an existing store (:func:`open_or_create`) requires every recorded setting to match
+exactly; a mismatch raises :class:`~ddps_core.errors.ConfigError` naming each differing
+attribute with both values (features of different settings are never mixed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from zarr.codecs import ZstdCodec
+
+from ddps_core.errors import ConfigError, DataError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "FeatureStore",
+    "bilinear_taps",
+    "footprint",
+    "open_or_create",
+    "shard_ranges",
+    "upsample_pixels",
+]
+
+FORMAT = "ddps-feature-store"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_IMAGES = 16
+
+# Attributes that define the content; reopening requires all of them to be equal.
+SETTINGS_KEYS = (
+    "format_version",
+    "model_id",
+    "schedule_id",
+    "steps",
+    "blocks",
+    "noise_seed",
+    "noise_id",
+    "image_size",
+    "image_ids",
+    "shard_images",
+    "arrays",
+    "shapes",
+    "labels",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers: on-demand bilinear upsampling, footprint
+# --------------------------------------------------------------------------------------------
+
+
+def bilinear_taps(n_in: int, n_out: int, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``i0, i1`` and weight ``w`` (of ``i1``) of output positions ``dst`` for
+    bilinear resizing ``n_in -> n_out`` with align_corners=False (PyTorch's rule):
+    ``src = max((dst + 0.5) * (n_in / n_out) - 0.5, 0)``, ``i0 = floor(src)``,
+    ``i1 = min(i0 + 1, n_in - 1)``, ``w = src - i0``.
+
+    Computed in float32 like PyTorch's CPU kernel, whose ``scale * (dst + 0.5) - 0.5`` is a
+    fused multiply-add (one rounding): the product of two float32 numbers is exact in float64,
+    so evaluating it in float64 and rounding once to float32 reproduces its weights bit for bit.
+    """
+    dst = np.asarray(dst, dtype=np.int64)
+    scale = np.float32(np.float32(n_in) / np.float32(n_out))
+    src = (np.float64(scale) * (dst.astype(np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    return i0, i1, w
+
+
+def upsample_pixels(native: np.ndarray, size: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Values at output pixels ``(ys, xs)`` of ``native`` (C, h, w) bilinearly upsampled to
+    ``size`` x ``size`` (align_corners=False), as float32 ``(n, C)``; a 4-tap blend, equal to
+    ``F.interpolate(native, (size, size), mode="bilinear")[:, ys, xs].T`` to float32 rounding."""
+    native = np.asarray(native)
+    _, h, w = native.shape
+    y0, y1, wy = bilinear_taps(h, size, ys)
+    x0, x1, wx = bilinear_taps(w, size, xs)
+    m = native if native.dtype == np.float32 else native.astype(np.float32)
+    wy, wx = wy[:, None], wx[:, None]
+    top = m[:, y0, x0].T * (1 - wx) + m[:, y0, x1].T * wx
+    bottom = m[:, y1, x0].T * (1 - wx) + m[:, y1, x1].T * wx
+    return np.ascontiguousarray(top * (1 - wy) + bottom * wy, dtype=np.float32)
+
+
+def footprint(shapes: Mapping[str, Sequence[int]], image_size: int, n_images: int = 1) -> dict[str, Any]:
+    """Storage of the native float16 features vs. the reference's upsampled float32 ones,
+    computed from the shapes ``{name: (C, h, w)}`` alone."""
+    values = sum(int(c) * int(h) * int(w) for c, h, w in shapes.values())
+    dim = sum(int(c) for c, _, _ in shapes.values())
+    native = 2 * values
+    upsampled = 4 * dim * int(image_size) ** 2
+    return {
+        "feature_dim": dim,
+        "native_values_per_image": values,
+        "native_float16_bytes_per_image": native,
+        "upsampled_float32_bytes_per_image": upsampled,
+        "ratio": upsampled / native,
+        "n_images": int(n_images),
+        "native_float16_bytes": native * int(n_images),
+        "upsampled_float32_bytes": upsampled * int(n_images),
+    }
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, f)).st_size
+    return total
+
+
+def _fsync_file(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(settings)
+    out["steps"] = [int(s) for s in out["steps"]]
+    out["blocks"] = [int(b) for b in out["blocks"]]
+    out["shapes"] = {k: [int(x) for x in v] for k, v in out["shapes"].items()}
+    out["image_ids"] = [str(i) for i in out["image_ids"]]
+    return out
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _diff_text(stored: Any, requested: Any) -> str:
+    """How two attribute values differ (long lists: their lengths or first difference)."""
+    if isinstance(stored, list) and isinstance(requested, list) and max(len(stored), len(requested)) > 8:
+        if len(stored) != len(requested):
+            return f"stored {len(stored)} entries, requested {len(requested)} entries"
+        k = next(i for i, (x, y) in enumerate(zip(stored, requested)) if x != y)
+        return f"entry {k} differs: stored {stored[k]!r}, requested {requested[k]!r}"
+    return f"stored {_short(stored)}, requested {_short(requested)}"
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """One split's native-resolution features (see the module docstring for the layout).
+
+    Make one with :meth:`create`, :meth:`open` or :func:`open_or_create`.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = Path(path)
+        self._group = group
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise DataError(f"{self.path}: not a feature store (group attribute format={attrs.get('format')!r})")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{self.path}: feature store format_version {attrs.get('format_version')!r} is not "
+                f"supported (expected {FORMAT_VERSION}); delete it and extract again"
+            )
+        self.attrs = attrs
+        self.names: list[str] = list(attrs["arrays"])
+        self.shapes: dict[str, tuple[int, int, int]] = {k: tuple(v) for k, v in attrs["shapes"].items()}
+        self.image_ids: list[str] = list(attrs["image_ids"])
+        self.image_size = int(attrs["image_size"])
+        self.shard_images = int(attrs["shard_images"])
+        self.steps: list[int] = list(attrs["steps"])
+        self.blocks: list[int] = list(attrs["blocks"])
+        lab = attrs.get("labels")
+        self.has_labels = lab is not None
+        self.num_classes: int | None = None if lab is None else int(lab["num_classes"])
+        self.ignore_index: int | None = None if lab is None or lab["ignore_index"] is None else int(lab["ignore_index"])
+        try:
+            self._arrays = {name: group[name] for name in self.names}
+            self._labels = group["labels"] if self.has_labels else None
+            self._done = group["done"]
+        except KeyError as exc:
+            raise DataError(f"{self.path}: feature store is missing array {exc}") from None
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model_id: str,
+        steps: Sequence[int],
+        blocks: Sequence[int],
+        image_size: int,
+        image_ids: Sequence[str],
+        shapes: Mapping[str, Sequence[int]],
+        noise_seed: int | None = 0,
+        noise_id: str | None = None,
+        schedule_id: str | None = None,
+        shard_images: int = DEFAULT_SHARD_IMAGES,
+        num_classes: int | None = None,
+        ignore_index: int | None = None,
+        compress: bool = False,
+    ) -> FeatureStore:
+        """Create an empty store at ``path`` (which must not exist).
+
+        ``shapes`` maps every name ``t{t}_b{block}`` (timestep-major, blocks ascending) to its
+        native ``(C, h, w)``. ``num_classes`` (None: no labels) adds a ``labels`` array with
+        ``ignore_index`` (or None) as its fill value. ``compress`` stores chunks with zstd
+        level 1 (float16 activations compress little; off by default for fast reads).
+        """
+        path = Path(path)
+        settings = cls._settings(
+            path, model_id, steps, blocks, image_size, image_ids, shapes, noise_seed, noise_id,
+            schedule_id, shard_images, num_classes, ignore_index,
+        )
+        if path.exists():
+            raise ConfigError(f"{path}: feature store already exists (open it, or delete it to start over)")
+        tmp = cls._build(path, settings, compress)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(f"{path}: feature store already exists (created concurrently)") from None
+        return cls.open(path)
+
+    @staticmethod
+    def _settings(
+        path, model_id, steps, blocks, image_size, image_ids, shapes, noise_seed, noise_id,
+        schedule_id, shard_images, num_classes, ignore_index,
+    ) -> dict[str, Any]:
+        steps, blocks = [int(s) for s in steps], [int(b) for b in blocks]
+        if blocks != sorted(set(blocks)):
+            raise ConfigError(f"{path}: blocks must be strictly ascending, got {blocks}")
+        names = [f"t{t}_b{b}" for t in steps for b in blocks]
+        if len(set(names)) != len(names) or not names:
+            raise ConfigError(f"{path}: steps {steps} must be non-empty and distinct")
+        if sorted(shapes) != sorted(names):
+            raise ConfigError(f"{path}: shapes have names {sorted(shapes)}, expected {names}")
+        ids = [str(i) for i in image_ids]
+        if not ids:
+            raise ConfigError(f"{path}: a feature store needs at least one image id")
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise ConfigError(f"{path}: duplicate image ids {dup}")
+        if int(shard_images) < 1:
+            raise ConfigError(f"{path}: shard_images must be >= 1, got {shard_images}")
+        labels = None
+        if num_classes is not None:
+            if int(num_classes) < 1:
+                raise ConfigError(f"{path}: num_classes must be >= 1, got {num_classes}")
+            top = max(int(num_classes) - 1, -1 if ignore_index is None else int(ignore_index))
+            if top > 65535 or (ignore_index is not None and int(ignore_index) < 0):
+                raise ConfigError(f"{path}: class ids up to {top} do not fit in uint16")
+            labels = {
+                "num_classes": int(num_classes),
+                "ignore_index": None if ignore_index is None else int(ignore_index),
+                "dtype": "uint8" if top <= 255 else "uint16",
+            }
+        return _jsonable(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "model_id": str(model_id),
+                "schedule_id": schedule_id,
+                "steps": steps,
+                "blocks": blocks,
+                "noise_seed": None if noise_seed is None else int(noise_seed),
+                "noise_id": noise_id,
+                "image_size": int(image_size),
+                "image_ids": ids,
+                "shard_images": int(shard_images),
+                "arrays": names,
+                "shapes": {n: tuple(int(v) for v in shapes[n]) for n in names},
+                "labels": labels,
+            }
+        )
+
+    @staticmethod
+    def _build(path: Path, settings: dict[str, Any], compress: bool) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            group = zarr.create_group(str(tmp), attributes=settings, zarr_format=3)
+            n, k, S = len(settings["image_ids"]), settings["shard_images"], settings["image_size"]
+            compressors = [ZstdCodec(level=1)] if compress else None
+            for name in settings["arrays"]:
+                c, h, w = settings["shapes"][name]
+                group.create_array(
+                    name, shape=(n, c, h, w), chunks=(1, c, h, w), shards=(k, c, h, w),
+                    dtype="float16", fill_value=float("nan"), compressors=compressors,
+                    dimension_names=("image", "channel", "y", "x"),
+                )
+            lab = settings["labels"]
+            if lab is not None:
+                group.create_array(
+                    "labels", shape=(n, S, S), chunks=(1, S, S), shards=(k, S, S), dtype=lab["dtype"],
+                    fill_value=lab["ignore_index"] if lab["ignore_index"] is not None else 0,
+                    compressors=[ZstdCodec(level=1)], dimension_names=("image", "y", "x"),
+                )
+            group.create_array(
+                "done", shape=(n,), chunks=(k,), dtype="uint8", fill_value=0, compressors=None,
+                dimension_names=("image",),
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], read_only: bool = False) -> FeatureStore:
+        """Open an existing store (``DataError`` if it is missing or not a feature store)."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise DataError(f"{path}: feature store does not exist (no zarr.json)")
+        try:
+            group = zarr.open_group(str(path), mode="r" if read_only else "r+", zarr_format=3)
+        except Exception as exc:  # corrupt metadata
+            raise DataError(f"{path}: cannot open feature store: {exc}") from None
+        return cls(path, group)
+
+    def settings(self) -> dict[str, Any]:
+        """The recorded settings that must match for a store to be reused."""
+        return {k: self.attrs.get(k) for k in SETTINGS_KEYS}
+
+    # -- geometry -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(c for c, _, _ in self.shapes.values())
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(len(self) / self.shard_images)
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        """Images ``[start, stop)`` of shard ``k``."""
+        if not 0 <= k < self.num_shards:
+            raise IndexError(f"{self.path}: shard {k} out of range 0..{self.num_shards - 1}")
+        return k * self.shard_images, min(len(self), (k + 1) * self.shard_images)
+
+    # -- completion -----------------------------------------------------------------------------
+
+    def done_mask(self) -> np.ndarray:
+        """Boolean ``(N,)``: images whose features are durably written. An unreadable flag
+        chunk (e.g. left empty by a power loss) counts as not done."""
+        try:
+            return np.asarray(self._done[:]) == 1
+        except Exception:
+            mask = np.zeros(len(self), dtype=bool)
+            for k in range(self.num_shards):
+                a, b = self.shard_range(k)
+                with contextlib.suppress(Exception):
+                    mask[a:b] = np.asarray(self._done[a:b]) == 1
+            return mask
+
+    def shard_done(self, k: int) -> bool:
+        a, b = self.shard_range(k)
+        try:
+            return bool((np.asarray(self._done[a:b]) == 1).all())
+        except Exception:
+            return False
+
+    def is_complete(self) -> bool:
+        return bool(self.done_mask().all())
+
+    def n_done(self) -> int:
+        return int(self.done_mask().sum())
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _chunk_file(self, name: str, coords: tuple[int, ...]) -> Path:
+        arr = self._done if name == "done" else self._labels if name == "labels" else self._arrays[name]
+        return self.path / name / arr.metadata.encode_chunk_key(coords)
+
+    def write_shard(
+        self, k: int, features: Mapping[str, np.ndarray], labels: np.ndarray | None = None
+    ) -> None:
+        """Write ALL images of shard ``k`` at once, make them durable, then mark them done.
+
+        ``features[name]`` is ``(n_k, C, h, w)`` (cast to float16), ``labels`` ``(n_k, S, S)``
+        when the store has labels. The caller must own shard ``k`` (no other writer on it).
+        """
+        a, b = self.shard_range(k)
+        n = b - a
+        if set(features) != set(self.names):
+            raise ValueError(f"{self.path}: shard {k}: got features {sorted(features)}, expected {self.names}")
+        for name in self.names:
+            want = (n, *self.shapes[name])
+            if tuple(features[name].shape) != want:
+                raise ValueError(f"{self.path}: shard {k}: {name} has shape {tuple(features[name].shape)}, expected {want}")
+        if self.has_labels:
+            S = self.image_size
+            if labels is None or tuple(labels.shape) != (n, S, S):
+                got = None if labels is None else tuple(labels.shape)
+                raise ValueError(f"{self.path}: shard {k}: labels of shape {(n, S, S)} required, got {got}")
+        files = [self._chunk_file(name, (k, 0, 0, 0)) for name in self.names]
+        if self.has_labels:
+            files.append(self._chunk_file("labels", (k, 0, 0)))
+        # Start the shard from nothing. zarr reads an existing shard file even when a write
+        # covers the whole shard (read-modify-write), so whatever an earlier, killed writer of
+        # this shard left (stale data, zarr's ``*.partial`` temp files) is removed first; a
+        # shard that was done is first unmarked, so it is never "done" with mixed contents.
+        self._chunk_file("done", (k,)).unlink(missing_ok=True)
+        for f in files:
+            f.unlink(missing_ok=True)
+            if f.parent.is_dir():
+                for stray in f.parent.glob(f"{f.name}.*.partial"):
+                    stray.unlink(missing_ok=True)
+        for name in self.names:
+            self._arrays[name][a:b] = np.asarray(features[name], dtype=np.float16)
+        if self.has_labels:
+            self._labels[a:b] = np.asarray(labels).astype(self._labels.dtype, copy=False)
+        for f in files:
+            _fsync_file(f)
+        self._done[a:b] = np.ones(n, dtype=np.uint8)
+        _fsync_file(self._chunk_file("done", (k,)))
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _check_index(self, i: int) -> int:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"image index must be an integer, got {type(i).__name__}")
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.path}: image index {i} out of range for {len(self)} images")
+        return int(i)
+
+    def native(self, i: int) -> dict[str, np.ndarray]:
+        """``{name: float32 (C, h, w)}`` of image ``i`` at native resolution."""
+        i = self._check_index(i)
+        return {name: np.asarray(self._arrays[name][i], dtype=np.float32) for name in self.names}
+
+    def image_features(self, i: int) -> np.ndarray:
+        """The reference layout of image ``i``: float32 ``[D, S, S]``, every map upsampled
+        bilinearly (align_corners=False) and concatenated in canonical order."""
+        S = self.image_size
+        maps = [
+            F.interpolate(torch.from_numpy(m)[None], size=(S, S), mode="bilinear", align_corners=False)[0]
+            for m in self.native(i).values()
+        ]
+        return torch.cat(maps, dim=0).numpy()
+
+    def pixels(self, i: int, ys: np.ndarray, xs: np.ndarray, native: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """float32 ``[n, D]``: the upsampled features of image ``i`` at pixels ``(ys, xs)``,
+        computed as 4-tap blends of the native maps (pass ``native`` to reuse maps read before)."""
+        ys, xs = np.asarray(ys, dtype=np.int64).ravel(), np.asarray(xs, dtype=np.int64).ravel()
+        S = self.image_size
+        if ys.shape != xs.shape:
+            raise ValueError("ys and xs must have the same length")
+        if ys.size and (ys.min() < 0 or xs.min() < 0 or ys.max() >= S or xs.max() >= S):
+            raise IndexError(f"pixel coordinates outside the {S}x{S} image")
+        maps = self.native(i) if native is None else native
+        out = np.empty((ys.size, self.feature_dim), dtype=np.float32)
+        c0 = 0
+        for name in self.names:
+            c = self.shapes[name][0]
+            out[:, c0 : c0 + c] = upsample_pixels(maps[name], S, ys, xs)
+            c0 += c
+        return out
+
+    def label(self, i: int) -> np.ndarray:
+        """The squared label map ``(S, S)`` of image ``i`` (uint8 / uint16)."""
+        if not self.has_labels:
+            raise DataError(f"{self.path}: this feature store has no labels")
+        return np.asarray(self._labels[self._check_index(i)])
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Sizes: bytes on disk (all files), per done image, and the ratio to the upsampled
+        float32 features the reference would hold (``D * S * S * 4`` bytes per image)."""
+        disk = _dir_bytes(self.path)
+        done = self.n_done()
+        fp = footprint(self.shapes, self.image_size, len(self))
+        per_image = disk / max(done, 1)
+        return {
+            "path": str(self.path),
+            "n_images": len(self),
+            "n_done": done,
+            "feature_dim": self.feature_dim,
+            "bytes_on_disk": disk,
+            "bytes_per_image": per_image,
+            "native_float16_bytes_per_image": fp["native_float16_bytes_per_image"],
+            "upsampled_float32_bytes_per_image": fp["upsampled_float32_bytes_per_image"],
+            "ratio": fp["upsampled_float32_bytes_per_image"] / per_image if done else None,
+            "ratio_native": fp["ratio"],
+        }
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, {len(self)} images, D={self.feature_dim}, {self.n_done()} done)"
+
+
+def shard_ranges(store: FeatureStore) -> list[tuple[int, int, int]]:
+    """``[(shard, start, stop), ...]`` for every shard of ``store``."""
+    return [(k, *store.shard_range(k)) for k in range(store.num_shards)]
+
+
+def open_or_create(path: str | os.PathLike[str], **settings: Any) -> FeatureStore:
+    """Reopen the store at ``path`` if its recorded settings equal ``settings`` exactly,
+    otherwise raise :class:`ConfigError` naming each differing attribute with both values;
+    create it when it does not exist. ``settings`` are :meth:`FeatureStore.create`'s keywords
+    (e.g. ``extractor.store_settings()`` plus ``image_ids``, ``shard_images``, labels)."""
+    path = Path(path)
+    if not path.exists():
+        try:
+            return FeatureStore.create(path, **settings)
+        except ConfigError:
+            if not path.exists():
+                raise
+            # created by a concurrent worker: fall through and compare
+    store = FeatureStore.open(path)
+    settings = dict(settings)
+    settings.pop("compress", None)
+    want = FeatureStore._settings(
+        path,
+        settings.pop("model_id"),
+        settings.pop("steps"),
+        settings.pop("blocks"),
+        settings.pop("image_size"),
+        settings.pop("image_ids"),
+        settings.pop("shapes"),
+        settings.pop("noise_seed", 0),
+        settings.pop("noise_id", None),
+        settings.pop("schedule_id", None),
+        settings.pop("shard_images", DEFAULT_SHARD_IMAGES),
+        settings.pop("num_classes", None),
+        settings.pop("ignore_index", None),
+    )
+    if settings:
+        raise TypeError(f"unknown feature store settings {sorted(settings)}")
+    have = store.settings()
+    diffs = [k for k in SETTINGS_KEYS if have.get(k) != want.get(k)]
+    if diffs:
+        lines = "; ".join(f"{k}: {_diff_text(have.get(k), want.get(k))}" for k in diffs)
+        raise ConfigError(
+            f"{path}: existing feature store was made with different settings ({lines}); "
+            "delete it or choose another output path"
+        )
+    return store
