@@ -150,6 +150,7 @@ def run(
     size: int = 512,
     num_classes: int = 150,
     references: tuple[str, ...] = ("maxpool", "bool"),
+    slow_s: float = 60.0,
 ) -> dict:
     """Time our mBIoU and the reference erosion method(s); check the arrays are identical.
 
@@ -180,6 +181,7 @@ def run(
             lambda m=method: reference(pairs, num_classes, method=m),
             repeats,
             warmup=lambda m=method: reference(pairs[:1], num_classes, method=m),
+            slow_s=slow_s,
         )
         np.testing.assert_array_equal(obi, rbi, err_msg=f"{method}: boundary intersection differs")
         np.testing.assert_array_equal(obu, rbu, err_msg=f"{method}: boundary union differs")

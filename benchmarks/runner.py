@@ -1,0 +1,110 @@
+"""``python -m benchmarks run [--only NAME] [--device cuda]``: every figure beside its baseline.
+
+Each benchmark measures its figure and its baseline in the same process (so the ratio holds on
+a noisy machine), as the median of several repeats after a warm-up. Results go to
+``reports/benchmarks.parquet`` (one row per figure) and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ddps_core.io import atomic_path
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ["name", "figure", "value", "unit", "baseline", "baseline_value", "ratio", "target",
+           "device", "settings", "git_commit", "date", "machine"]
+
+
+def _mbiou(device: str) -> list[dict]:
+    from benchmarks import bench_mbiou
+
+    res = bench_mbiou.run(references=("bool", "maxpool"), slow_s=20.0)
+    rows = []
+    for method, label in (("bool", "K x d boolean erosions"), ("maxpool", "K x d max_pool2d erosions (reference)")):
+        rows.append({
+            "name": f"mbiou/{method}", "figure": "seconds (20 images 512x512, K=150)",
+            "value": res["ours_s"], "unit": "s", "baseline": label,
+            "baseline_value": res[f"{method}_s"], "ratio": res[f"{method}_ratio"],
+            "target": ">= 200x", "settings": {k: res[k] for k in ("n_images", "size", "num_classes", "d", "repeats")}
+            | {"baseline_repeats": res[f"{method}_repeats"]},
+        })
+    return rows
+
+
+def _unet(device: str) -> list[dict]:
+    from benchmarks import bench_unet
+
+    return bench_unet.run(device=device)
+
+
+BENCHMARKS: dict[str, Callable[[str], list[dict]]] = {"mbiou": _mbiou, "unet": _unet}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(only: list[str] | None, device: str, out: Path) -> pd.DataFrame:
+    names = only or list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+    machine = (torch.cuda.get_device_name() if device == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    rows = []
+    for name in names:
+        for row in BENCHMARKS[name](device):
+            row.setdefault("target", None)
+            row["settings"] = json.dumps(row.get("settings", {}), sort_keys=True, default=str)
+            row.update(device=device, git_commit=_commit(), machine=machine,
+                       date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if out.exists():  # keep the other benchmarks' latest rows
+        old = pd.read_parquet(out)
+        df = pd.concat([old[~old["name"].isin(df["name"])], df], ignore_index=True)
+    with atomic_path(out) as tmp:
+        df.to_parquet(tmp, index=False)
+    return df
+
+
+def print_table(df: pd.DataFrame) -> None:
+    table = Table(title="benchmarks")
+    for col in ("name", "value", "unit", "baseline", "baseline_value", "ratio", "target", "device"):
+        table.add_column(col)
+    for r in df.itertuples():
+        table.add_row(r.name, f"{r.value:.4g}", r.unit, r.baseline, f"{r.baseline_value:.4g}",
+                      f"{r.ratio:.3g}", str(r.target or ""), r.device)
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="run benchmarks")
+    p.add_argument("--only", action="append", help=f"one of {sorted(BENCHMARKS)} (repeatable)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks.parquet")
+    args = parser.parse_args(argv)
+    print_table(run(args.only, args.device, args.out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
