@@ -89,7 +89,7 @@ class DDPMSettings(Section):
     out: str = "data/models/ddpm"
     schedule: Literal["linear", "cosine"] = "linear"
     num_timesteps: int = Field(1000, ge=2)
-    steps: int = Field(2000, ge=1, description="Optimiser steps (total, across resumes).")
+    steps: int = Field(700, ge=1, description="Optimiser steps (total, across resumes).")
     time_budget_s: float | None = Field(
         None, gt=0, description="Stop early (with a checkpoint) after this many seconds."
     )
@@ -105,8 +105,32 @@ class DDPMSettings(Section):
     compile: bool = False
     threads: int | None = Field(None, ge=1)
     sample_count: int = Field(16, ge=0)
-    sample_steps: int = Field(50, ge=1)
-    sample_method: Literal["ddim", "ancestral"] = "ddim"
+    sample_steps: int = Field(250, ge=1)
+    # Ancestral, not DDIM, by default: a short CPU run's eps is rough at small t, and
+    # deterministic DDIM turns that into speckle where ancestral sampling averages it out.
+    sample_method: Literal["ddim", "ancestral"] = "ancestral"
+
+
+class FeaturesSettings(Section):
+    """Stage ``extract``: DDPM-Seg features of each split into a Zarr store at native size.
+
+    ``steps`` / ``blocks`` are the reference's knobs (METHODS.md §3: [50, 150, 250] and
+    output blocks [5, 6, 7, 8, 12] of the 256 model). Our defaults for the small synthetic
+    domain are a documented choice: early steps [10, 50, 100] and all decoder blocks
+    (``blocks: null``), which measured better on a small domain (METHODS.md §8).
+    """
+
+    steps: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1)
+    blocks: list[int] | None = None
+    noise_seed: int = Field(0, ge=0)
+    splits: list[Literal["train", "test", "unlabeled"]] = Field(
+        default_factory=lambda: ["train", "test"], min_length=1)
+    out: str = "data/features"
+    shard_images: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
+    workers: int = Field(1, ge=1, description="Concurrent shard writers (each owns shards).")
+    on_change: Literal["rebuild", "error"] = Field(
+        "rebuild", description="An existing store made with other settings: rebuild or fail.")
 
 
 class EvaluateSettings(Section):
@@ -123,6 +147,7 @@ class Settings(Section):
     seed: int = Field(0, ge=0)
     data: DataSettings = DataSettings()
     ddpm: DDPMSettings = DDPMSettings()
+    features: FeaturesSettings = FeaturesSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
 
 

@@ -46,7 +46,9 @@ data_app = typer.Typer(help="Make, import and check datasets.", no_args_is_help=
 app.add_typer(config_app, name="config")
 ddpm_app = typer.Typer(help="Train, sample and inspect the diffusion model.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+features_app = typer.Typer(help="Extract and inspect DDPM-Seg feature stores.", no_args_is_help=True)
 app.add_typer(ddpm_app, name="ddpm")
+app.add_typer(features_app, name="features")
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", help="Settings file; missing = embedded defaults.")
@@ -254,6 +256,71 @@ def ddpm_presets() -> None:
             n_params = sum(p.numel() for p in cfg.build().parameters())
         table.add_row(name, str(cfg.image_size), str(cfg.num_channels),
                       str(cfg.resolved_channel_mult()), str(cfg.attention_resolutions), f"{n_params:,}")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- features
+@features_app.command("extract")
+def features_extract(
+    split: Annotated[list[str] | None, typer.Option(help="Split(s) [params: features.splits].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Store folder [params: features.out].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Extract DDPM-Seg features of each split into a Zarr store (resumes where it stopped)."""
+    from ddps_core.features.stage import run_stage
+
+    s = settings_from(params, set_, **{"features.splits": split, "features.out": str(out) if out else None})
+    bars: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in bars:
+                bars[name] = stack.enter_context(progress_bar(f"features {name}", total))
+            bars[name](done)
+
+        summary = run_stage(s, progress=progress, log=err_console.print)
+    for name, info in summary.items():
+        _print_store_info(info, title=f"{name}: {info['images_written']} images extracted")
+
+
+@features_app.command("info")
+def features_info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr folder).")]) -> None:
+    """Layout, size on disk and the ratio to upsampled float32 of a feature store."""
+    from ddps_core.features.stage import reference_footprint
+    from ddps_core.features.store import FeatureStore
+
+    if not (store / "zarr.json").is_file():
+        raise DDPSError(f"{store}: not a feature store (no zarr.json)")
+    fs = FeatureStore.open(store, read_only=True)
+    table = Table(title=f"{store}: arrays (native resolution, float16)")
+    for col in ("array", "C", "h x w"):
+        table.add_column(col)
+    for name in fs.names:
+        c, h, w = fs.shapes[name]
+        table.add_row(name, str(c), f"{h} x {w}")
+    console.print(table)
+    attrs = fs.settings()
+    console.print(f"steps {attrs['steps']}  blocks {attrs['blocks']}  noise seed {attrs['noise_seed']}  "
+                  f"model {attrs['model_id']}  image size {fs.image_size}  shard {attrs['shard_images']} images")
+    _print_store_info(fs.info(), title="footprint")
+    ref = reference_footprint()
+    console.print(f"reference 256 config (blocks {ref['blocks']}, steps {ref['steps']}, D={ref['feature_dim']}): "
+                  f"{ref['native_float16_bytes_per_image'] / 1e6:.1f} MB/image native float16 vs "
+                  f"{ref['upsampled_float32_bytes_per_image'] / 1e9:.2f} GB upsampled float32 = "
+                  f"{ref['ratio']:.1f}x")
+
+
+def _print_store_info(info: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("images done", f"{info['n_done']} / {info['n_images']}")
+    table.add_row("feature dim D", str(info["feature_dim"]))
+    table.add_row("on disk", f"{info['bytes_on_disk'] / 1e6:.2f} MB")
+    table.add_row("per image", f"{info['bytes_per_image'] / 1e6:.3f} MB")
+    table.add_row("upsampled float32 per image", f"{info['upsampled_float32_bytes_per_image'] / 1e6:.3f} MB")
+    ratio = info.get("ratio")
+    table.add_row("ratio", f"{ratio:.2f}x" if ratio else "-")
     console.print(table)
 
 

@@ -1,0 +1,40 @@
+"""Flow of the ``extract`` stage: DDPM-Seg features of every split into Zarr stores.
+
+Per split, one task prepares the store and groups the undone shards; one task per group then
+fills its shards (``features.workers`` groups, run concurrently by the flow's task runner;
+each task owns whole shards).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ddps_core.features.store import FeatureStore
+from ddps_core.features.stage import store_path
+from flows.common import settings_for
+from tasks.features import extract_shards_task, prepare_store_task
+
+
+@flow(name="extract_features", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+def extract_features_flow(features: dict[str, Any] | None = None,
+                          params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage ``extract``. ``features`` holds partial overrides of the ``features`` section."""
+    settings = settings_for(params_path, {"features": features})
+    summary: dict[str, Any] = {}
+    for split in settings.features.splits:
+        groups = prepare_store_task(settings, split)
+        futures = [extract_shards_task.submit(settings, split, shards) for shards in groups]
+        written = sum(f.result()["images_written"] for f in futures)
+        info = FeatureStore.open(store_path(settings, split)).info()
+        summary[split] = {"images_written": written, **info}
+        print(f"{split}: {info['n_done']}/{info['n_images']} images, "
+              f"{info['bytes_per_image'] / 1e6:.2f} MB/image on disk, "
+              f"{info['ratio']:.1f}x smaller than upsampled float32")
+    return summary
+
+
+if __name__ == "__main__":
+    extract_features_flow()

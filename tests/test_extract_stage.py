@@ -1,0 +1,108 @@
+"""The extract stage: library path, 2-writer Prefect flow (identical bytes), on_change policy."""
+
+import numpy as np
+import pytest
+import torch
+
+from ddps_core.config import parse_settings
+from ddps_core.datasets.prepare import prepare_dataset
+from ddps_core.diffusion.presets import get_preset
+from ddps_core.diffusion.train import use_checkpoint
+from ddps_core.diffusion.unet import randomize_zero_init_
+from ddps_core.errors import ConfigError
+from ddps_core.features.stage import prepare_store, run_stage, store_path
+from ddps_core.features.store import FeatureStore
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny dataset and a random small32 checkpoint adopted as the stage's DDPM."""
+    root = tmp_path_factory.mktemp("proj")
+    torch.manual_seed(0)
+    model = get_preset("small32-spec").build()
+    randomize_zero_init_(model, torch.Generator().manual_seed(1))
+    torch.save(model.state_dict(), root / "ckpt.pt")
+    raw = {
+        "device": "cpu",
+        "data": {"out": str(root / "dataset"), "synthetic": {"n_unlabeled": 2, "n_labeled": 5, "n_test": 3}},
+        "ddpm": {"preset": "small32-spec", "checkpoint": str(root / "ckpt.pt"), "out": str(root / "ddpm")},
+        "features": {"steps": [10, 100], "blocks": [1, 2, 3], "shard_images": 2, "batch_size": 2},
+    }
+    s = parse_settings(raw)
+    prepare_dataset(s.data)
+    use_checkpoint(s.ddpm)
+    return root, raw
+
+
+def _settings(raw, **features):
+    raw = {**raw, "features": {**raw["features"], **features}}
+    return parse_settings(raw)
+
+
+def _arrays(path):
+    store = FeatureStore.open(path)
+    return {n: np.stack([store.native(i)[n] for i in range(len(store))]) for n in store.names}, store
+
+
+def test_library_path_fills_every_split(project, tmp_path):
+    root, raw = project
+    s = _settings(raw, out=str(tmp_path / "lib"))
+    calls = []
+    summary = run_stage(s, progress=lambda *a: calls.append(a))
+    assert set(summary) == {"train", "test"}
+    assert summary["train"]["n_done"] == 5 and summary["test"]["n_done"] == 3
+    arrays, store = _arrays(store_path(s, "train"))
+    assert store.names == ["t10_b1", "t10_b2", "t10_b3", "t100_b1", "t100_b2", "t100_b3"]
+    assert store.label(0).max() < 7 and all(np.isfinite(a).all() for a in arrays.values())
+    assert calls[-1][1:] == (3, 3)
+    # a finished store rerun writes nothing
+    again = run_stage(s)
+    assert again["train"]["images_written"] == 0
+
+
+def test_two_writer_flow_equals_library_path(project, tmp_path, prefect_harness):
+    from flows.extract_features import extract_features_flow
+
+    root, raw = project
+    lib = _settings(raw, out=str(tmp_path / "lib"))
+    run_stage(lib)
+    params = tmp_path / "params.yaml"
+    import yaml
+
+    params.write_text(yaml.safe_dump(raw))
+    summary = extract_features_flow(features={"out": str(tmp_path / "flow"), "workers": 2},
+                                    params_path=str(params))
+    assert summary["train"]["images_written"] == 5
+    for split in ("train", "test"):
+        a, _ = _arrays(store_path(lib, split))
+        b, store = _arrays(tmp_path / "flow" / f"{split}.zarr")
+        assert store.is_complete()
+        assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_other_settings_rebuild_or_error(project, tmp_path):
+    root, raw = project
+    s = _settings(raw, out=str(tmp_path / "x"))
+    run_stage(s)
+    with pytest.raises(ConfigError, match="steps"):
+        prepare_store(_settings(raw, out=str(tmp_path / "x"), steps=[20], on_change="error"), "train")
+    logs = []
+    groups = prepare_store(_settings(raw, out=str(tmp_path / "x"), steps=[20]), "train", log=logs.append)
+    assert any("rebuilding" in m for m in logs)
+    assert sorted(k for g in groups for k in g) == [0, 1, 2]  # every shard to do again
+    assert FeatureStore.open(store_path(s, "train")).settings()["steps"] == [20]
+
+
+def test_workers_get_disjoint_shards(project, tmp_path):
+    root, raw = project
+    groups = prepare_store(_settings(raw, out=str(tmp_path / "w"), workers=2), "train")
+    flat = [k for g in groups for k in g]
+    assert sorted(flat) == [0, 1, 2] and len(flat) == len(set(flat)) and len(groups) == 2
