@@ -50,7 +50,14 @@ def _unet(device: str) -> list[dict]:
     return bench_unet.run(device=device)
 
 
-BENCHMARKS: dict[str, Callable[[str], list[dict]]] = {"mbiou": _mbiou, "unet": _unet}
+def _extract(device: str) -> list[dict]:
+    from benchmarks import bench_extract
+
+    return bench_extract.run()
+
+
+BENCHMARKS: dict[str, Callable[[str], list[dict]]] = {"mbiou": _mbiou, "unet": _unet,
+                                                      "extract": _extract}
 
 
 def _commit() -> str:

@@ -1,0 +1,86 @@
+"""Benchmark: feature extraction into the store against bare UNet forwards, same images.
+
+(a) the store path: read + square + preprocess the images, hooked forwards at every step,
+    float16 conversion, whole-shard Zarr writes with fsync, completion flags;
+(b) the baseline: the bare UNet forward (full network, ``out`` head included) on the same
+    preprocessed batches at the same steps, nothing else.
+Target: (a) / (b) <= 1.15.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddps_core.datasets import DDPMSegFolder, make_synthetic  # noqa: E402
+from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
+from ddps_core.diffusion.presets import get_preset  # noqa: E402
+from ddps_core.features import FeatureExtractor, extract_to_store, open_or_create, preprocess  # noqa: E402
+
+
+def run(n_images: int = 64, preset: str = "tiny32", steps=(10, 50, 100), batch_size: int = 16,
+        repeats: int = 5) -> list[dict]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    try:
+        make_synthetic(tmp / "ds", n_unlabeled=0, n_labeled=n_images, n_test=1)
+        reader = DDPMSegFolder(tmp / "ds", "train")
+        cfg = get_preset(preset)
+        torch.manual_seed(0)
+        model = cfg.build().eval()
+        diffusion = GaussianDiffusion.from_name("linear", 1000)
+        ext = FeatureExtractor(model, diffusion, list(steps), None, model_id="bench")
+        S = cfg.image_size
+
+        def store_path() -> None:
+            path = tmp / f"store-{time.perf_counter_ns()}.zarr"
+            store = open_or_create(path, **ext.store_settings(), image_ids=list(reader.ids),
+                                   shard_images=batch_size, num_classes=reader.num_classes,
+                                   ignore_index=255)
+            extract_to_store(reader, ext, store, batch_size=batch_size)
+            shutil.rmtree(path)
+
+        batches = [torch.stack([preprocess(reader[i].image, S)
+                                for i in range(b, min(b + batch_size, n_images))])
+                   for b in range(0, n_images, batch_size)]
+        noise = ext.noise
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for x in batches:
+                    for t in steps:
+                        tt = torch.full((x.shape[0],), t, dtype=torch.long)
+                        model(diffusion.q_sample(x, tt, noise.expand_as(x)), tt)
+
+        def median(fn) -> float:
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        ours, base = median(store_path), median(bare)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [{
+        "name": f"extract/{preset}", "figure": "seconds to extract", "value": ours, "unit": "s",
+        "baseline": "bare UNet forwards, same images and steps", "baseline_value": base,
+        "ratio": ours / base, "target": "<= 1.15x",
+        "settings": {"n_images": n_images, "steps": list(steps), "batch_size": batch_size,
+                     "blocks": "all", "images_per_s": n_images / ours, "repeats": repeats},
+    }]
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
