@@ -26,13 +26,3 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.fixture(scope="session")
-def spec_dir() -> Path:
-    """``shared/spec``: beside the checkout (``../shared``) or ``$DDPS_SPEC_DIR``."""
-    env = os.environ.get("DDPS_SPEC_DIR")
-    path = Path(env) if env else REPO.parent / "shared" / "spec"
-    if not path.is_dir():
-        pytest.fail(f"spec folder not found at {path}: set DDPS_SPEC_DIR")
-    return path
