@@ -334,6 +334,9 @@ def evaluate(
     ignore_index: Annotated[int | None, typer.Option(help="Ignore label [params: evaluate.ignore_index].")] = None,
     names: Annotated[Path | None, typer.Option(help="classes.yaml with class names.")] = None,
     boundary_ratio: Annotated[float | None, typer.Option(help="Band width / diagonal [params: evaluate.boundary_ratio].")] = None,
+    figures: Annotated[Path | None, typer.Option(help="Write image | truth | prediction PNGs here.")] = None,
+    images: Annotated[Path | None, typer.Option(help="Images for --figures (default: the --gt folder).")] = None,
+    max_figures: Annotated[int, typer.Option(help="At most this many figures.")] = 16,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -353,6 +356,11 @@ def evaluate(
     write_report(frame, out)
     print_report(frame)
     console.print(f"report: {out}")
+    if figures is not None:
+        from ddps_core.viz.pictures import write_overlays
+
+        paths = write_overlays(pred, gt, images or gt, figures, max_figures, s.evaluate.ignore_index)
+        console.print(f"{len(paths)} overlay figures in {figures}")
 
 
 def print_report(frame: Any, title: str = "segmentation report") -> None:

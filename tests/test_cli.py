@@ -46,8 +46,15 @@ def test_evaluate_ground_truth_vs_perturbed_copy(synthetic, tmp_path, capsys):
             np.save(pred / f"{npy.stem}.npy", p)
     report = tmp_path / "r" / "report.parquet"
     code, out, err = run(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--num-classes", "7",
-                          "--names", str(synthetic / "classes.yaml"), "--out", str(report)], capsys)
+                          "--names", str(synthetic / "classes.yaml"), "--out", str(report),
+                          "--figures", str(tmp_path / "fig"), "--max-figures", "4"], capsys)
     assert code == 0, err
+    figs = sorted((tmp_path / "fig").glob("*.png"))
+    assert [f.stem for f in figs] == sorted(gts)[:4]
+    first = np.asarray(Image.open(figs[0]))
+    image = np.asarray(Image.open(gt_dir / f"{figs[0].stem}.png"))
+    assert first.shape == (128, 3 * 128 + 2 * 2, 3)  # 32 px panels upscaled 4x, 2 px gaps
+    assert np.array_equal(first[:128:4, :128:4], image)  # panel 1 is the image itself
     assert "mIoU" in out and "mouth" in out
     df = pd.read_parquet(report)
     assert list(df["scope"]) == ["class"] * 7 + ["image"] * 6 + ["summary"]

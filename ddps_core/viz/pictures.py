@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -90,3 +91,32 @@ def save_png(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(array)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def write_overlays(
+    pred_dir: str | os.PathLike[str],
+    gt_dir: str | os.PathLike[str],
+    images_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    limit: int = 16,
+    ignore_index: int | None = 255,
+) -> list[Path]:
+    """``image | ground truth | prediction`` PNGs for the first ``limit`` stems (sorted) that
+    have an image (``.png``/``.jpg``) in ``images_dir``; returns the written paths."""
+    from ddps_core.datasets import load_image
+    from ddps_core.metrics.files import list_label_files, load_label_map
+
+    preds = list_label_files(pred_dir, "prediction")
+    gts = list_label_files(gt_dir, "ground-truth", npy_over_png=True)
+    images = {p.stem: p for p in Path(images_dir).iterdir()
+              if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.stem in preds}
+    written = []
+    for stem in sorted(set(images) & set(gts))[:limit]:
+        image = load_image(images[stem])
+        pred, gt = load_label_map(preds[stem]), load_label_map(gts[stem])
+        if image.shape[:2] != gt.shape:
+            continue  # an image folder of another resolution: nothing sensible to overlay
+        path = Path(out_dir) / f"{stem}.png"
+        save_png(triptych(image, gt, pred, ignore_index=ignore_index), path)
+        written.append(path)
+    return written
