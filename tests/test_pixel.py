@@ -245,7 +245,7 @@ def test_predict_image_matches_independent_computation():
 def test_member_adam_equals_torch_adam_when_all_active():
     ens = PixelEnsemble(6, 3, members=2, widths=(8, 4), seed=0)
     ref = PixelEnsemble(6, 3, members=2, widths=(8, 4), seed=0)
-    opt, topt = MemberAdam(ens, lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt, topt = MemberAdam(ens, lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2, fused=True)
     g = torch.Generator().manual_seed(0)
     for _ in range(4):
         x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -255,7 +255,8 @@ def test_member_adam_equals_torch_adam_when_all_active():
         opt.step(torch.tensor([True, True]))
         topt.step()
     for (k, a), b in zip(ens.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6, msg=k)
+    assert opt.steps.tolist() == [4, 4]
 
 
 def test_training_reduces_loss_and_reaches_high_accuracy():
@@ -516,3 +517,48 @@ def test_rgbxy_source_values_and_sampler():
     out = list(predict_store(ens, src))
     assert [o[0] for o in out] == ["a", "b"] and out[0][1].shape == (2, 2) and out[0][2].shape == (2, 2)
     assert src.source_id == "rgbxy-2"
+
+
+def test_rgbxy_source_on_a_dataset_reader(tmp_path):
+    from ddps_core.datasets import DDPMSegFolder, make_synthetic, to_square
+
+    make_synthetic(tmp_path / "syn", image_size=32, n_unlabeled=1, n_labeled=3, n_test=1, seed=0)
+    reader = DDPMSegFolder(tmp_path / "syn", "train")
+    src = RGBXYSource(reader, image_size=8)  # downscaled by to_square (32 -> 8)
+    assert src.image_ids == reader.ids and src.has_labels and src.num_classes == reader.num_classes
+    sample = reader[1]
+    img, lab = to_square(sample.image, sample.label, 8)
+    f = src.image_features(1)
+    np.testing.assert_allclose(f[:3], img.transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(f[3, 0], np.linspace(-1, 1, 8), atol=1e-6)
+    np.testing.assert_array_equal(src.label(1), lab)
+    sampler = PixelSampler(src, batch_size=32, ignore_index=reader.ignore_index, min_class_pixels=1)
+    ens = PixelEnsemble(5, reader.num_classes, members=2, widths=(8, 4))
+    s = train_ensemble(sampler, ens, max_epochs=1)
+    assert s.updates == len(sampler) and np.isfinite(s.epoch_losses[0])
+
+
+def test_predict_store_on_a_feature_store(tmp_path):
+    from ddps_core.features.store import FeatureStore
+    from ddps_core.pixel import source_id_of
+
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create(
+        tmp_path / "fs", model_id="m", steps=[5], blocks=[2, 3], image_size=8, image_ids=["a", "b"],
+        shapes={"t5_b2": (3, 4, 4), "t5_b3": (2, 2, 2)}, shard_images=2, num_classes=3, ignore_index=255,
+    )
+    store.write_shard(
+        0, {"t5_b2": rng.standard_normal((2, 3, 4, 4)), "t5_b3": rng.standard_normal((2, 2, 2, 2))},
+        rng.integers(0, 3, (2, 8, 8)),
+    )
+    ens = PixelEnsemble(store.feature_dim, 3, members=3, widths=(8, 4), source_id=source_id_of(store))
+    _randomise(ens, 3)
+    seen = []
+    out = list(predict_store(ens, store, progress=lambda d, t, i: seen.append((d, t, i)), chunk=13))
+    assert seen == [(1, 2, "a"), (2, 2, "b")]
+    for i, (iid, lab, unc, score) in enumerate(out):
+        lab2, unc2, score2 = predict_image(ens, store.image_features(i))
+        assert iid == store.image_ids[i] and np.array_equal(lab, lab2)
+        np.testing.assert_allclose(unc, unc2, atol=1e-5)
+        assert score == pytest.approx(score2, abs=1e-5)
+    assert ens.source_id.startswith("features-") and ens.source_id == source_id_of(FeatureStore.open(tmp_path / "fs"))
