@@ -131,6 +131,33 @@ class FeaturesSettings(Section):
     workers: int = Field(1, ge=1, description="Concurrent shard writers (each owns shards).")
     on_change: Literal["rebuild", "error"] = Field(
         "rebuild", description="An existing store made with other settings: rebuild or fail.")
+    random_unet: bool = Field(
+        True, description="Also extract a randomly initialised UNet's features (a baseline).")
+
+
+class EnsembleSettings(Section):
+    """Stage ``train_ensemble``: the DDPM-Seg pixel-MLP ensemble (METHODS.md §4).
+
+    ``methods`` are trained the same way on different pixel features: ``ddpm`` (the trained
+    diffusion model), ``random_unet`` (the same UNet, randomly initialised) and ``rgbxy``
+    (raw RGB + normalised x, y). The comparison shows what the diffusion model buys.
+    """
+
+    methods: list[Literal["ddpm", "random_unet", "rgbxy"]] = Field(
+        default_factory=lambda: ["ddpm", "random_unet", "rgbxy"], min_length=1)
+    members: int = Field(10, ge=1)
+    n_train: int | None = Field(None, ge=1, description="Use the first N labelled images.")
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(50, ge=1)
+    min_epoch: int = Field(4, ge=0)
+    bootstrap: bool = True
+    buffer_images: int = Field(8, ge=1)
+    min_class_pixels: int = Field(20, ge=0)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    out: str = "data/models/ensemble"
 
 
 class EvaluateSettings(Section):
@@ -148,6 +175,7 @@ class Settings(Section):
     data: DataSettings = DataSettings()
     ddpm: DDPMSettings = DDPMSettings()
     features: FeaturesSettings = FeaturesSettings()
+    ensemble: EnsembleSettings = EnsembleSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
 
 

@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ddps_core.features.store import FeatureStore
-from ddps_core.features.stage import store_path
+from ddps_core.features.stage import store_path, variants
 from flows.common import settings_for
 from tasks.features import extract_shards_task, prepare_store_task
 
@@ -24,13 +24,14 @@ def extract_features_flow(features: dict[str, Any] | None = None,
     """Stage ``extract``. ``features`` holds partial overrides of the ``features`` section."""
     settings = settings_for(params_path, {"features": features})
     summary: dict[str, Any] = {}
-    for split in settings.features.splits:
-        groups = prepare_store_task(settings, split)
-        futures = [extract_shards_task.submit(settings, split, shards) for shards in groups]
+    for variant, split in ((v, s) for v in variants(settings) for s in settings.features.splits):
+        name = split if variant == "ddpm" else f"{variant}/{split}"
+        groups = prepare_store_task(settings, split, variant)
+        futures = [extract_shards_task.submit(settings, split, shards, variant) for shards in groups]
         written = sum(f.result()["images_written"] for f in futures)
-        info = FeatureStore.open(store_path(settings, split)).info()
-        summary[split] = {"images_written": written, **info}
-        print(f"{split}: {info['n_done']}/{info['n_images']} images, "
+        info = FeatureStore.open(store_path(settings, split, variant)).info()
+        summary[name] = {"images_written": written, **info}
+        print(f"{name}: {info['n_done']}/{info['n_images']} images, "
               f"{info['bytes_per_image'] / 1e6:.2f} MB/image on disk, "
               f"{info['ratio']:.1f}x smaller than upsampled float32")
     return summary

@@ -25,17 +25,45 @@ from ddps_core.features.fill import extract_to_store
 from ddps_core.features.store import FeatureStore, footprint, open_or_create
 
 
-def store_path(settings: Settings, split: str) -> Path:
-    return Path(settings.features.out) / f"{split}.zarr"
+VARIANTS = ("ddpm", "random_unet")
+
+
+def store_path(settings: Settings, split: str, variant: str = "ddpm") -> Path:
+    """``<features.out>/<split>.zarr``; the random-UNet baseline under ``random_unet/``."""
+    base = Path(settings.features.out)
+    return (base if variant == "ddpm" else base / variant) / f"{split}.zarr"
+
+
+def variants(settings: Settings) -> list[str]:
+    return ["ddpm", "random_unet"] if settings.features.random_unet else ["ddpm"]
 
 
 def _reader(settings: Settings, split: str) -> DDPMSegFolder:
     return DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
 
 
-def _extractor(settings: Settings, device: Any = None) -> FeatureExtractor:
+def _random_unet(settings: Settings, device: Any) -> tuple[Any, dict[str, Any]]:
+    """The diffusion preset with random weights, the zero-initialised layers randomised too
+    (else features mostly pass through the skips; METHODS.md §8). Seeded by ``seed``."""
+    import torch
+
+    from ddps_core.diffusion.checkpoint import state_dict_hash
+    from ddps_core.diffusion.unet import randomize_zero_init_
+
+    torch.manual_seed(settings.seed)
+    model = get_preset(settings.ddpm.preset, use_fp16=False).build()
+    randomize_zero_init_(model, torch.Generator().manual_seed(settings.seed))
+    info = {"schedule": settings.ddpm.schedule, "num_timesteps": settings.ddpm.num_timesteps,
+            "model_id": "random-" + state_dict_hash(model.state_dict())}
+    return model.to(device).eval(), info
+
+
+def _extractor(settings: Settings, device: Any = None, variant: str = "ddpm") -> FeatureExtractor:
     device = resolve_device(settings.device) if device is None else device
-    model, info = load_trained(settings.ddpm.out, device)
+    if variant == "ddpm":
+        model, info = load_trained(settings.ddpm.out, device)
+    else:
+        model, info = _random_unet(settings, device)
     diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
     f = settings.features
     return FeatureExtractor(model, diffusion, f.steps, f.blocks, noise_seed=f.noise_seed,
@@ -52,15 +80,15 @@ def _store_settings(settings: Settings, split: str, extractor: FeatureExtractor,
 
 
 def prepare_store(settings: Settings, split: str, log: Callable[[str], None] | None = None,
-                  ) -> list[list[int]]:
+                  variant: str = "ddpm") -> list[list[int]]:
     """Create or reopen ``split``'s store; return the undone shards in ``workers`` groups.
 
     A store made with other settings is rebuilt (``features.on_change: rebuild``, logged) or
     is an error (``error``); features of different settings are never mixed.
     """
-    path = store_path(settings, split)
+    path = store_path(settings, split, variant)
     reader = _reader(settings, split)
-    extractor = _extractor(settings, device="cpu")
+    extractor = _extractor(settings, device="cpu", variant=variant)
     wanted = _store_settings(settings, split, extractor, reader)
     try:
         store = open_or_create(path, **wanted)
@@ -77,30 +105,35 @@ def prepare_store(settings: Settings, split: str, log: Callable[[str], None] | N
 
 
 def extract_shards(settings: Settings, split: str, shards: list[int],
-                   progress: Callable[[int], None] | None = None) -> dict[str, int]:
+                   progress: Callable[[int], None] | None = None,
+                   variant: str = "ddpm") -> dict[str, int]:
     """Fill ``shards`` of ``split``'s (existing) store; this writer owns those shards."""
-    store = FeatureStore.open(store_path(settings, split))
-    return extract_to_store(_reader(settings, split), _extractor(settings), store, shards,
+    store = FeatureStore.open(store_path(settings, split, variant))
+    return extract_to_store(_reader(settings, split), _extractor(settings, variant=variant),
+                            store, shards,
                             batch_size=settings.features.batch_size, progress=progress)
 
 
 def run_stage(settings: Settings, progress: Callable[[str, int, int], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """All splits, in-process. ``progress(split, n_done, n_total)`` after every shard."""
+    """All splits (and baseline variants), in-process. ``progress(name, n_done, n_total)``
+    after every shard, ``name`` being the split, prefixed by the variant for baselines."""
     summary: dict[str, Any] = {}
-    for split in settings.features.splits:
-        groups = prepare_store(settings, split, log)
-        store = FeatureStore.open(store_path(settings, split))
-        n = len(store)
-        counts = {"images_written": 0, "images_skipped": n}
-        if progress:
-            progress(split, store.n_done(), n)
-        for shards in groups:
-            c = extract_shards(settings, split, shards,
-                               progress=(lambda done, s=split: progress(s, done, n)) if progress else None)
-            counts["images_written"] += c["images_written"]
-            counts["images_skipped"] -= c["images_written"]
-        summary[split] = {**counts, **FeatureStore.open(store_path(settings, split)).info()}
+    for variant in variants(settings):
+        for split in settings.features.splits:
+            name = split if variant == "ddpm" else f"{variant}/{split}"
+            groups = prepare_store(settings, split, log, variant)
+            store = FeatureStore.open(store_path(settings, split, variant))
+            n = len(store)
+            counts = {"images_written": 0, "images_skipped": n}
+            if progress:
+                progress(name, store.n_done(), n)
+            for shards in groups:
+                c = extract_shards(settings, split, shards, variant=variant,
+                                   progress=(lambda done, s=name: progress(s, done, n)) if progress else None)
+                counts["images_written"] += c["images_written"]
+                counts["images_skipped"] -= c["images_written"]
+            summary[name] = {**counts, **FeatureStore.open(store_path(settings, split, variant)).info()}
     return summary
 
 

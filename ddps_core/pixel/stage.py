@@ -1,0 +1,152 @@
+"""The ensemble stages: train the teacher per feature method, label the test split, report.
+
+Methods (``ensemble.methods``), all through the same sampler / ensemble / predictor:
+
+* ``ddpm``: features of the trained diffusion model (``<features.out>/<split>.zarr``);
+* ``random_unet``: the same extraction with a randomly initialised UNet of the same preset
+  (``<features.out>/random_unet/<split>.zarr``);
+* ``rgbxy``: raw RGB + normalised (x, y), computed on the fly from the dataset.
+
+Outputs: ``<ensemble.out>/<method>/ensemble.safetensors`` (+ ``train.json``, the resume
+checkpoint ``checkpoint.pt``), and ``<labels_out>/<method>/<split>/``: ``<id>.png``
+(majority-vote labels), ``<id>_uncertainty.png`` (Jensen-Shannon heat map) and
+``scores.parquet`` (image_id, score, split, per-class pixel counts).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ddps_core.config import Settings
+from ddps_core.datasets import DDPMSegFolder, load_image
+from ddps_core.datasets.common import png_bytes
+from ddps_core.errors import DataError
+from ddps_core.features.sampler import PixelSampler
+from ddps_core.features.stage import store_path
+from ddps_core.features.store import FeatureStore
+from ddps_core.io import atomic_path, atomic_write_bytes, atomic_write_text
+from ddps_core.metrics import ConfusionAccumulator, SegmentationResult
+from ddps_core.pixel.ensemble import PixelEnsemble, source_id_of
+from ddps_core.pixel.predict import predict_store
+from ddps_core.pixel.sources import RGBXYSource
+from ddps_core.pixel.train import TrainSummary, train_ensemble
+
+WEIGHTS = "ensemble.safetensors"
+
+
+def feature_source(settings: Settings, method: str, split: str) -> Any:
+    """The pixel-feature source of ``method`` for ``split`` (labels included)."""
+    if method == "rgbxy":
+        reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
+        size = FeatureStore.open(store_path(settings, split)).image_size \
+            if store_path(settings, split).exists() else _model_size(settings)
+        return RGBXYSource(reader, size, num_classes=reader.num_classes,
+                           ignore_index=settings.data.ignore_index)
+    variant = "ddpm" if method == "ddpm" else "random_unet"
+    path = store_path(settings, split, variant)
+    if not (path / "zarr.json").is_file():
+        raise DataError(f"{path}: no feature store for method {method!r}; run the extract stage"
+                        + (" with features.random_unet: true" if variant != "ddpm" else ""))
+    store = FeatureStore.open(path, read_only=True)
+    if not store.is_complete():
+        raise DataError(f"{path}: feature store incomplete ({store.n_done()}/{len(store)} images); "
+                        "rerun the extract stage")
+    return store
+
+
+def _model_size(settings: Settings) -> int:
+    from ddps_core.diffusion.presets import get_preset
+
+    return get_preset(settings.ddpm.preset).image_size
+
+
+def _num_classes(settings: Settings) -> int:
+    return DDPMSegFolder(settings.data.out, "train").num_classes
+
+
+def train_method(settings: Settings, method: str,
+                 progress: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Train (or resume) the ensemble of ``method`` on the labelled training split."""
+    cfg = settings.ensemble
+    source = feature_source(settings, method, "train")
+    n = len(source) if cfg.n_train is None else min(cfg.n_train, len(source))
+    sampler = PixelSampler(source, batch_size=cfg.batch_size, buffer_images=cfg.buffer_images,
+                           seed=cfg.seed, ignore_index=settings.data.ignore_index,
+                           min_class_pixels=cfg.min_class_pixels, image_indices=list(range(n)))
+    ensemble = PixelEnsemble(source.feature_dim, _num_classes(settings), members=cfg.members,
+                             seed=cfg.seed, source_id=source_id_of(source))
+    out = Path(cfg.out) / method
+    out.mkdir(parents=True, exist_ok=True)
+    summary: TrainSummary = train_ensemble(
+        sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
+        min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, progress=progress,
+        checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
+    ensemble.save(out / WEIGHTS)
+    record = {"method": method, "n_train_images": n, "feature_dim": source.feature_dim,
+              "source_id": source_id_of(source), **summary.to_dict()}
+    atomic_write_text(out / "train.json", json.dumps(record, indent=2, default=str))
+    return record
+
+
+def load_method(settings: Settings, method: str) -> PixelEnsemble:
+    path = Path(settings.ensemble.out) / method / WEIGHTS
+    if not path.is_file():
+        raise DataError(f"{path}: no trained ensemble for method {method!r}; run train_ensemble")
+    return PixelEnsemble.load(path)
+
+
+def label_split(settings: Settings, method: str, split: str, labels_out: str | Path,
+                progress: Callable[[int, int], Any] | None = None) -> SegmentationResult | None:
+    """Predict every image of ``split`` with ``method``'s ensemble; write label PNGs,
+    uncertainty heat maps and ``scores.parquet``. Returns the metrics when labels exist."""
+    ensemble = load_method(settings, method)
+    source = feature_source(settings, method, split)
+    folder = Path(labels_out) / method / split
+    folder.mkdir(parents=True, exist_ok=True)
+    k = ensemble.num_classes
+    acc = ConfusionAccumulator(k, ignore_index=settings.data.ignore_index,
+                               boundary_ratio=settings.evaluate.boundary_ratio) \
+        if getattr(source, "has_labels", False) else None
+    rows = []
+    n = len(source)
+    for done, (image_id, labels, unc, score) in enumerate(predict_store(ensemble, source), 1):
+        atomic_write_bytes(folder / f"{image_id}.png", png_bytes(labels.astype(np.uint8)))
+        heat = np.clip(unc / np.log(ensemble.members) * 255.0, 0, 255).astype(np.uint8)
+        atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
+        counts = np.bincount(labels.ravel(), minlength=k)[:k]
+        rows.append({"image_id": image_id, "score": float(score), "split": split,
+                     **{f"pixels_{c}": int(v) for c, v in enumerate(counts)}})
+        if acc is not None:
+            acc.update(labels, source.label(done - 1), image_id)
+        if progress is not None:
+            progress(done, n)
+    with atomic_path(folder / "scores.parquet") as tmp:
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+    return acc.result() if acc is not None else None
+
+
+def overlay_figures(settings: Settings, method: str, split: str, labels_out: str | Path,
+                    out_dir: str | Path, limit: int = 8) -> list[Path]:
+    """``image | truth | prediction | uncertainty`` PNGs of the first ``limit`` images."""
+    from ddps_core.datasets import to_square
+    from ddps_core.viz import grid, overlay, save_png
+
+    reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
+    folder = Path(labels_out) / method / split
+    written = []
+    for sample in list(reader)[:limit]:
+        pred = np.asarray(load_image(folder / f"{sample.id}.png"))[..., 0]
+        heat = np.asarray(load_image(folder / f"{sample.id}_uncertainty.png"))
+        image, gt = to_square(sample.image, sample.label, pred.shape[0])
+        ign = settings.data.ignore_index
+        row = [image, overlay(image, gt, ignore_index=ign), overlay(image, pred, ignore_index=ign), heat]
+        path = Path(out_dir) / f"{method}_{sample.id}.png"
+        save_png(grid([row], scale=max(1, 128 // pred.shape[0])), path)
+        written.append(path)
+    return written
