@@ -52,7 +52,7 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> i
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
     """Attainable dense matmul FLOP/s on ``device`` (the baseline)."""
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if device.type == "cuda" else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     dt = _median_time(lambda: a @ b, device, repeats)

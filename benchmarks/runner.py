@@ -99,7 +99,7 @@ def print_table(df: pd.DataFrame) -> None:
     for r in df.itertuples():
         table.add_row(r.name, f"{r.value:.4g}", r.unit, r.baseline, f"{r.baseline_value:.4g}",
                       f"{r.ratio:.3g}", str(r.target or ""), r.device)
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
