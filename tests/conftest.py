@@ -26,3 +26,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: numeric results do not depend on it, and tests that
+    train or extract then share the 2-core machine with the rest of the run."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

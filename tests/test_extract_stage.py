@@ -13,13 +13,7 @@ from ddps_core.errors import ConfigError
 from ddps_core.features.stage import prepare_store, run_stage, store_path
 from ddps_core.features.store import FeatureStore
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

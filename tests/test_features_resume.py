@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 24
 SHARD_IMAGES = 4
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class _SlowImages:
     """24 deterministic images with labels; each read sleeps a little so that a run lasts
@@ -51,14 +53,6 @@ def run_extraction(store_path: str, ckpt: str, delay: float = 0.0) -> None:
         num_classes=3, ignore_index=255, **fe.store_settings(),
     )
     extract_to_store(_SlowImages(delay), fe, store, batch_size=2, progress=lambda n: print("done", n, flush=True))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _checkpoint(path: Path) -> Path:

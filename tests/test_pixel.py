@@ -31,13 +31,7 @@ from ddps_core.pixel import (
 )
 from ddps_core.pixel import train as train_mod
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(ens: PixelEnsemble, seed: int = 0) -> None:
