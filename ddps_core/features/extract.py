@@ -15,7 +15,7 @@ and keeps working normally outside the extractor (hooks are registered only duri
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -160,6 +160,11 @@ class FeatureExtractor:
 
     def _block_shapes(self) -> dict[int, tuple[int, int, int]]:
         S = self.image_size
+        shapes: dict[int, tuple[int, int, int]] = {}
+
+        def sink(b: int, out: torch.Tensor) -> None:
+            shapes[b] = tuple(int(s) for s in out.shape[1:])
+
         try:
             from torch.func import functional_call
 
@@ -167,13 +172,13 @@ class FeatureExtractor:
             params.update({k: torch.empty_like(v, device="meta") for k, v in self.model.named_buffers()})
             x = torch.empty((1, 3, S, S), device="meta")
             t = torch.zeros((1,), dtype=torch.long, device="meta")
-            got = self._hooked(lambda: functional_call(self.model, params, (x, t)))
+            self._hooked(lambda: functional_call(self.model, params, (x, t)), sink)
         except Exception:  # meta not supported by some op: run the real thing on one image
             x = torch.zeros((1, 3, S, S), device=self.device)
             t = torch.zeros((1,), dtype=torch.long, device=self.device)
             with torch.inference_mode():
-                got = self._hooked(lambda: self.model(x, t))
-        return {b: tuple(int(s) for s in got[b].shape[1:]) for b in self.blocks}
+                self._hooked(lambda: self.model(x, t), sink)
+        return shapes
 
     @property
     def feature_dim(self) -> int:
@@ -196,14 +201,17 @@ class FeatureExtractor:
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _hooked(self, run) -> dict[int, torch.Tensor]:
-        """Run ``run()`` with forward hooks on the chosen blocks; return ``{block: output}``."""
-        got: dict[int, torch.Tensor] = {}
+    def _hooked(self, run, sink: Callable[[int, torch.Tensor], None]) -> None:
+        """Run ``run()`` with forward hooks on the chosen blocks, handing each block's output
+        to ``sink(block, output)`` as soon as it exists (nothing is held for the whole
+        forward); the forward stops after the last chosen block."""
+        seen: set[int] = set()
         last = self.blocks[-1]
 
         def make_hook(idx: int):
             def hook(_module, _inputs, output):
-                got[idx] = output
+                sink(idx, output)
+                seen.add(idx)
                 if idx == last:
                     raise _StopForward
 
@@ -217,18 +225,16 @@ class FeatureExtractor:
         finally:
             for h in handles:
                 h.remove()
-        missing = [b for b in self.blocks if b not in got]
+        missing = [b for b in self.blocks if b not in seen]
         if missing:  # pragma: no cover - every output block runs before the head
             raise RuntimeError(f"output blocks {missing} did not run")
-        return got
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features of a batch ``x`` (float ``[B, 3, S, S]`` in [-1, 1]): ``{name: [B, C, h, w]}``
-        float32 on the CPU, in canonical order."""
+    def _run_steps(self, x: torch.Tensor, sink: Callable[[int, int, torch.Tensor], None]) -> None:
+        """For each step t: ``q_sample`` with the shared noise, the hooked forward, and
+        ``sink(t, block, output)`` for every chosen block."""
         S = self.image_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, S, S):
             raise ValueError(f"expected a [B, 3, {S}, {S}] batch, got {tuple(x.shape)}")
-        out: dict[str, torch.Tensor] = {}
         dev = self.device
         with torch.inference_mode():
             x = x.to(dev, torch.float32)
@@ -239,10 +245,27 @@ class FeatureExtractor:
                 if dev.type == "cuda":
                     xt = xt.contiguous(memory_format=memory_format(dev))
                 with autocast(dev):
-                    got = self._hooked(lambda: self.model(xt, tt))
-                for b in self.blocks:
-                    out[array_name(t, b)] = got[b].to("cpu", torch.float32).contiguous()
-        return out
+                    self._hooked(lambda: self.model(xt, tt), lambda b, out, t=t: sink(t, b, out))
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of a batch ``x`` (float ``[B, 3, S, S]`` in [-1, 1]): ``{name: [B, C, h, w]}``
+        float32 on the CPU, in canonical order."""
+        got: dict[str, torch.Tensor] = {}
+        self._run_steps(x, lambda t, b, out: got.__setitem__(
+            array_name(t, b), out.to("cpu", torch.float32).contiguous()))
+        return {name: got[name] for name in self.names}
+
+    def extract_into(self, x: torch.Tensor, buffers: dict[str, np.ndarray], offset: int) -> None:
+        """Features of batch ``x`` written as float16 into ``buffers[name][offset:offset+B]``
+        (the store's shard buffers) while the forward runs: the same values as
+        ``__call__`` followed by a float16 cast, without holding float32 copies."""
+        n = x.shape[0]
+
+        def sink(t: int, b: int, out: torch.Tensor) -> None:
+            dst = torch.from_numpy(buffers[array_name(t, b)][offset:offset + n])
+            dst.copy_(out.to(torch.float16) if out.device.type != "cpu" else out)
+
+        self._run_steps(x, sink)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """The reference layout: every feature upsampled to S x S (bilinear, align_corners

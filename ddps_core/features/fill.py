@@ -13,6 +13,7 @@ To parallelise, give each worker a disjoint list of shards (see :func:`shard_ran
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,33 @@ def _unpack(item: Any) -> tuple[np.ndarray, np.ndarray | None, str | None]:
     return item, None, None
 
 
+def _square(store: FeatureStore, item: Any, i: int, S: int, labels: np.ndarray | None,
+            a: int) -> torch.Tensor:
+    """Image ``i`` of the source, checked, squared to ``S`` and preprocessed; its squared
+    label goes to ``labels[i - a]`` when the store holds labels."""
+    image, label, sid = _unpack(item)
+    if sid is not None and str(sid) != store.image_ids[i]:
+        raise DataError(
+            f"{store.path}: image {i} of the source has id {sid!r}, the store expects "
+            f"{store.image_ids[i]!r} (same split, same order?)"
+        )
+    name = store.image_ids[i]
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"{store.path}: image {name!r} must be uint8 HxWx3, got {image.dtype} {image.shape}")
+    if store.has_labels:
+        if label is None:
+            raise DataError(f"{store.path}: image {name!r} has no label, but the store holds labels")
+        label = np.asarray(label)
+        if label.shape != image.shape[:2]:
+            raise DataError(f"{store.path}: label of {name!r} has shape {label.shape}, image {image.shape[:2]}")
+        image, label = to_square(image, label, S)
+        labels[i - a] = label
+    else:
+        image, _ = to_square(image, None, S)
+    return preprocess(image, S)
+
+
 def extract_to_store(
     source: Sequence[Any],
     extractor: FeatureExtractor,
@@ -83,45 +111,34 @@ def extract_to_store(
         raise ConfigError(f"{store.path}: shards {bad} out of range 0..{len(ranges) - 1}")
     S = store.image_size
     counts = {"shards_written": 0, "shards_skipped": 0, "images_written": 0, "images_skipped": 0}
-    for k in todo:
-        a, b = ranges[k]
-        if store.shard_done(k):
-            counts["shards_skipped"] += 1
-            counts["images_skipped"] += b - a
-            continue
-        feats = {n: np.empty((b - a, *store.shapes[n]), dtype=np.float16) for n in store.names}
-        labels = np.empty((b - a, S, S), dtype=np.uint16) if store.has_labels else None
-        for b0 in range(a, b, batch_size):
-            b1 = min(b, b0 + batch_size)
-            xs = []
-            for i in range(b0, b1):
-                image, label, sid = _unpack(source[i])
-                if sid is not None and str(sid) != store.image_ids[i]:
-                    raise DataError(
-                        f"{store.path}: image {i} of the source has id {sid!r}, the store expects "
-                        f"{store.image_ids[i]!r} (same split, same order?)"
-                    )
-                name = store.image_ids[i]
-                image = np.asarray(image)
-                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                    raise DataError(f"{store.path}: image {name!r} must be uint8 HxWx3, got {image.dtype} {image.shape}")
-                if store.has_labels:
-                    if label is None:
-                        raise DataError(f"{store.path}: image {name!r} has no label, but the store holds labels")
-                    label = np.asarray(label)
-                    if label.shape != image.shape[:2]:
-                        raise DataError(f"{store.path}: label of {name!r} has shape {label.shape}, image {image.shape[:2]}")
-                    image, label = to_square(image, label, S)
-                    labels[i - a] = label
-                else:
-                    image, _ = to_square(image, None, S)
-                xs.append(preprocess(image, S))
-            out = extractor(torch.stack(xs))
-            for n in store.names:
-                feats[n][b0 - a : b1 - a] = out[n].numpy()
-        store.write_shard(k, feats, labels)
-        counts["shards_written"] += 1
-        counts["images_written"] += b - a
-        if progress is not None:
-            progress(store.n_done())
+    # Shard k is written by a background writer while shard k+1 is computed (at most one
+    # shard in flight, so at most two shard buffers in memory). Each shard is still written
+    # whole and marked done only after its data is durable (FeatureStore.write_shard).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        pending: Future | None = None
+
+        def finish(job: Future | None) -> None:
+            if job is None:
+                return
+            job.result()  # re-raises a write error here
+            if progress is not None:
+                progress(store.n_done())
+
+        for k in todo:
+            a, b = ranges[k]
+            if store.shard_done(k):
+                counts["shards_skipped"] += 1
+                counts["images_skipped"] += b - a
+                continue
+            feats = {n: np.empty((b - a, *store.shapes[n]), dtype=np.float16) for n in store.names}
+            labels = np.empty((b - a, S, S), dtype=np.uint16) if store.has_labels else None
+            for b0 in range(a, b, batch_size):
+                b1 = min(b, b0 + batch_size)
+                xs = [_square(store, source[i], i, S, labels, a) for i in range(b0, b1)]
+                extractor.extract_into(torch.stack(xs), feats, b0 - a)
+            finish(pending)
+            pending = writer.submit(store.write_shard, k, feats, labels)
+            counts["shards_written"] += 1
+            counts["images_written"] += b - a
+        finish(pending)
     return counts
