@@ -56,8 +56,14 @@ def _extract(device: str) -> list[dict]:
     return bench_extract.run()
 
 
+def _ensemble(device: str) -> list[dict]:
+    from benchmarks import bench_ensemble
+
+    return bench_ensemble.run()
+
+
 BENCHMARKS: dict[str, Callable[[str], list[dict]]] = {"mbiou": _mbiou, "unet": _unet,
-                                                      "extract": _extract}
+                                                      "extract": _extract, "ensemble": _ensemble}
 
 
 def _commit() -> str:

@@ -49,6 +49,8 @@ app.add_typer(data_app, name="data")
 features_app = typer.Typer(help="Extract and inspect DDPM-Seg feature stores.", no_args_is_help=True)
 app.add_typer(ddpm_app, name="ddpm")
 app.add_typer(features_app, name="features")
+ensemble_app = typer.Typer(help="Train the pixel-MLP teacher, label, report.", no_args_is_help=True)
+app.add_typer(ensemble_app, name="ensemble")
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", help="Settings file; missing = embedded defaults.")
@@ -322,6 +324,58 @@ def _print_store_info(info: dict[str, Any], title: str) -> None:
     ratio = info.get("ratio")
     table.add_row("ratio", f"{ratio:.2f}x" if ratio else "-")
     console.print(table)
+
+
+# --------------------------------------------------------------------------- ensemble
+MethodOpt = Annotated[list[str] | None, typer.Option("--method", help="ddpm | random_unet | rgbxy (repeatable) [params: ensemble.methods].")]
+
+
+@ensemble_app.command("train")
+def ensemble_train(
+    method: MethodOpt = None,
+    members: Annotated[int | None, typer.Option(help="Ensemble size [params: ensemble.members].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train the pixel-MLP ensemble on each method's features (resumes when it can)."""
+    from ddps_core.pixel.stage import run_train
+
+    s = settings_from(params, set_, **{"ensemble.methods": method, "ensemble.members": members})
+
+    def progress(epoch: int, batches: int, active: int, loss: float) -> None:
+        err_console.print(f"epoch {epoch} batch {batches}: {active} members active, loss {loss:.4f}")
+
+    summary = run_train(s, progress=progress, log=err_console.print)
+    console.print(summary)
+
+
+@ensemble_app.command("predict")
+def ensemble_predict(method: MethodOpt = None, params: ParamsOpt = Path("params.yaml"),
+                     set_: SetOpt = None) -> None:
+    """Label the test split (every method) and the unlabelled pool (ddpm): label PNGs,
+    uncertainty maps, scores.parquet under ensemble.labels_out."""
+    from ddps_core.pixel.stage import run_label
+
+    s = settings_from(params, set_, **{"ensemble.methods": method})
+    bars: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in bars:
+                bars[name] = stack.enter_context(progress_bar(f"label {name}", total))
+            bars[name](done)
+
+        summary = run_label(s, progress)
+    console.print(summary)
+
+
+@ensemble_app.command("report")
+def ensemble_report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Score every method's test labels: reports/ddpm_seg.parquet, metrics JSON, figures."""
+    from ddps_core.pixel.stage import run_evaluate
+
+    df = run_evaluate(settings_from(params, set_))
+    for method in df["method"].unique():
+        print_report(df[df["method"] == method], title=f"method: {method}")
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ddps_core.features.store import FeatureStore
-from ddps_core.features.stage import store_path, variants
+from ddps_core.features.stage import jobs, store_path
 from flows.common import settings_for
 from tasks.features import extract_shards_task, prepare_store_task
 
@@ -24,7 +24,7 @@ def extract_features_flow(features: dict[str, Any] | None = None,
     """Stage ``extract``. ``features`` holds partial overrides of the ``features`` section."""
     settings = settings_for(params_path, {"features": features})
     summary: dict[str, Any] = {}
-    for variant, split in ((v, s) for v in variants(settings) for s in settings.features.splits):
+    for variant, split in jobs(settings):
         name = split if variant == "ddpm" else f"{variant}/{split}"
         groups = prepare_store_task(settings, split, variant)
         futures = [extract_shards_task.submit(settings, split, shards, variant) for shards in groups]

@@ -35,6 +35,7 @@ def pipeline(tmp_path_factory):
     params["ddpm"].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3,
                           sample_count=4, sample_steps=5, log_every=1)
     params["features"].update(shard_images=4, batch_size=4, steps=[10, 50])
+    params["ensemble"].update(members=2, max_epochs=2, figures=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PREFECT_HOME": str(work / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -54,8 +55,20 @@ def test_dvc_repro_builds_every_stage(pipeline):
     assert (work / "data/models/ddpm/samples.png").is_file()
     loss = pd.read_csv(work / "data/models/ddpm/loss.csv")
     assert list(loss["step"]) == [1, 2, 3, 4, 5, 6]
-    for split in ("train", "test"):
+    for split in ("train", "test", "unlabeled"):
         assert (work / f"data/features/{split}.zarr/zarr.json").is_file()
+    # teacher per method, labels of the test split and of the pool, one report
+    for method in ("ddpm", "random_unet", "rgbxy"):
+        assert (work / f"data/models/ensemble/{method}/ensemble.safetensors").is_file()
+        assert len(list((work / f"data/labels/{method}/test").glob("test_*_uncertainty.png"))) == 4
+    pool = pd.read_parquet(work / "data/labels/ddpm/unlabeled/scores.parquet")
+    assert len(pool) == 64 and pool["score"].notna().all()
+    report = pd.read_parquet(work / "reports/ddpm_seg.parquet")
+    assert sorted(report["method"].unique()) == ["ddpm", "random_unet", "rgbxy"]
+    assert (report["scope"] == "summary").sum() == 3
+    metrics = yaml.safe_load((work / "reports/metrics/ddpm_seg.json").read_text())
+    assert set(metrics) == {"ddpm", "random_unet", "rgbxy"} and 0 <= metrics["ddpm"]["miou"] <= 1
+    assert len(list((work / "reports/figures").glob("*.png"))) == 6
     # nothing changed: a second repro runs no stage
     again = _sh(["dvc", "repro"], work, env)
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout.lower()

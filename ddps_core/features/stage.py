@@ -38,6 +38,13 @@ def variants(settings: Settings) -> list[str]:
     return ["ddpm", "random_unet"] if settings.features.random_unet else ["ddpm"]
 
 
+def jobs(settings: Settings) -> list[tuple[str, str]]:
+    """(variant, split) stores to fill: every split for ``ddpm``; the labelled splits only for
+    the random-UNet baseline (it is trained and scored, never used to label the pool)."""
+    return [(v, s) for v in variants(settings) for s in settings.features.splits
+            if v == "ddpm" or s != "unlabeled"]
+
+
 def _reader(settings: Settings, split: str) -> DDPMSegFolder:
     return DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
 
@@ -119,21 +126,20 @@ def run_stage(settings: Settings, progress: Callable[[str, int, int], None] | No
     """All splits (and baseline variants), in-process. ``progress(name, n_done, n_total)``
     after every shard, ``name`` being the split, prefixed by the variant for baselines."""
     summary: dict[str, Any] = {}
-    for variant in variants(settings):
-        for split in settings.features.splits:
-            name = split if variant == "ddpm" else f"{variant}/{split}"
-            groups = prepare_store(settings, split, log, variant)
-            store = FeatureStore.open(store_path(settings, split, variant))
-            n = len(store)
-            counts = {"images_written": 0, "images_skipped": n}
-            if progress:
-                progress(name, store.n_done(), n)
-            for shards in groups:
-                c = extract_shards(settings, split, shards, variant=variant,
-                                   progress=(lambda done, s=name: progress(s, done, n)) if progress else None)
-                counts["images_written"] += c["images_written"]
-                counts["images_skipped"] -= c["images_written"]
-            summary[name] = {**counts, **FeatureStore.open(store_path(settings, split, variant)).info()}
+    for variant, split in jobs(settings):
+        name = split if variant == "ddpm" else f"{variant}/{split}"
+        groups = prepare_store(settings, split, log, variant)
+        store = FeatureStore.open(store_path(settings, split, variant))
+        n = len(store)
+        counts = {"images_written": 0, "images_skipped": n}
+        if progress:
+            progress(name, store.n_done(), n)
+        for shards in groups:
+            c = extract_shards(settings, split, shards, variant=variant,
+                               progress=(lambda done, s=name: progress(s, done, n)) if progress else None)
+            counts["images_written"] += c["images_written"]
+            counts["images_skipped"] -= c["images_written"]
+        summary[name] = {**counts, **FeatureStore.open(store_path(settings, split, variant)).info()}
     return summary
 
 

@@ -133,7 +133,8 @@ def label_split(settings: Settings, method: str, split: str, labels_out: str | P
 
 def overlay_figures(settings: Settings, method: str, split: str, labels_out: str | Path,
                     out_dir: str | Path, limit: int = 8) -> list[Path]:
-    """``image | truth | prediction | uncertainty`` PNGs of the first ``limit`` images."""
+    """``image | truth | prediction | uncertainty`` PNGs of the first ``limit`` images (the
+    uncertainty panel stretched to the image's own maximum)."""
     from ddps_core.datasets import to_square
     from ddps_core.viz import grid, overlay, save_png
 
@@ -142,7 +143,8 @@ def overlay_figures(settings: Settings, method: str, split: str, labels_out: str
     written = []
     for sample in list(reader)[:limit]:
         pred = np.asarray(load_image(folder / f"{sample.id}.png"))[..., 0]
-        heat = np.asarray(load_image(folder / f"{sample.id}_uncertainty.png"))
+        heat = np.asarray(load_image(folder / f"{sample.id}_uncertainty.png")).astype(np.float32)
+        heat = (heat * (255.0 / max(float(heat.max()), 1.0))).astype(np.uint8)  # stretched for display
         image, gt = to_square(sample.image, sample.label, pred.shape[0])
         ign = settings.data.ignore_index
         row = [image, overlay(image, gt, ignore_index=ign), overlay(image, pred, ignore_index=ign), heat]
@@ -150,3 +152,67 @@ def overlay_figures(settings: Settings, method: str, split: str, labels_out: str
         save_png(grid([row], scale=max(1, 128 // pred.shape[0])), path)
         written.append(path)
     return written
+
+
+def run_train(settings: Settings, progress: Callable[..., Any] | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Stage ``train_ensemble``: one ensemble per method (resumes where it stopped)."""
+    out: dict[str, Any] = {}
+    for method in settings.ensemble.methods:
+        rec = train_method(settings, method, progress)
+        if log:
+            log(f"{method}: {rec['epochs']} epochs ({rec['reason']}), {rec['seconds']:.0f} s")
+        out[method] = {k: rec[k] for k in ("epochs", "reason", "seconds", "feature_dim")}
+    return out
+
+
+def run_label(settings: Settings, progress: Callable[[str, int, int], Any] | None = None
+              ) -> dict[str, Any]:
+    """Stage ``label``: the test split with every method; the unlabelled pool with ``ddpm``
+    (when its features were extracted)."""
+    out: dict[str, Any] = {}
+    for method in settings.ensemble.methods:
+        splits = ["test"]
+        if method == "ddpm" and "unlabeled" in settings.features.splits:
+            splits.append("unlabeled")
+        for split in splits:
+            name = f"{method}/{split}"
+            label_split(settings, method, split, settings.ensemble.labels_out,
+                        (lambda d, n, s=name: progress(s, d, n)) if progress else None)
+            scores = pd.read_parquet(Path(settings.ensemble.labels_out) / method / split / "scores.parquet")
+            out[name] = {"images": len(scores), "mean_score": float(scores["score"].mean())}
+    return out
+
+
+def run_evaluate(settings: Settings, report: str | Path = "reports/ddpm_seg.parquet",
+                 metrics: str | Path = "reports/metrics/ddpm_seg.json",
+                 figures: str | Path = "reports/figures") -> pd.DataFrame:
+    """Stage ``evaluate``: every method's test labels against the (squared) ground truth,
+    in one report with a ``method`` column (the ``ddps evaluate`` schema), DVC metrics JSON
+    and overlay figures."""
+    from ddps_core.metrics import REPORT_COLUMNS, report_frame, write_report
+    from ddps_core.metrics.files import load_label_map
+
+    truth = FeatureStore.open(store_path(settings, "test"), read_only=True)
+    names = DDPMSegFolder(settings.data.out, "test").class_names
+    frames, summary = [], {}
+    for method in settings.ensemble.methods:
+        folder = Path(settings.ensemble.labels_out) / method / "test"
+        acc = ConfusionAccumulator(truth.num_classes, ignore_index=settings.data.ignore_index,
+                                   boundary_ratio=settings.evaluate.boundary_ratio)
+        for i, image_id in enumerate(truth.image_ids):
+            path = folder / f"{image_id}.png"
+            if not path.is_file():
+                raise DataError(f"{path}: missing prediction; run the label stage")
+            acc.update(load_label_map(path), truth.label(i), image_id, source=str(path))
+        result = acc.result()
+        frame = report_frame(result, names)
+        frame.insert(0, "method", method)
+        frames.append(frame)
+        summary[method] = {k: float(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
+        overlay_figures(settings, method, "test", settings.ensemble.labels_out, figures,
+                        settings.ensemble.figures)
+    df = pd.concat(frames, ignore_index=True)[["method", *REPORT_COLUMNS]]
+    write_report(df, report)
+    atomic_write_text(metrics, json.dumps(summary, indent=2))
+    return df

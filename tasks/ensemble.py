@@ -1,0 +1,36 @@
+"""Prefect tasks of the ``train_ensemble``, ``label`` and ``evaluate`` stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from ddps_core.config import Settings
+from ddps_core.pixel.stage import label_split, run_evaluate, train_method
+from tasks.common import retry_unless_user_error
+
+
+@task(name="train-ensemble", retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless_user_error, tags=["gpu"])
+def train_ensemble_task(settings: Settings, method: str) -> dict[str, Any]:
+    """Train ``method``'s ensemble (a retry resumes from its checkpoint)."""
+    rec = train_method(settings, method)
+    get_run_logger().info("%s: %d epochs (%s) in %.0f s", method, rec["epochs"], rec["reason"], rec["seconds"])
+    return {k: rec[k] for k in ("epochs", "reason", "seconds", "feature_dim")}
+
+
+@task(name="label-split", retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless_user_error, tags=["gpu"])
+def label_split_task(settings: Settings, method: str, split: str) -> int:
+    """Majority-vote labels, uncertainty maps and scores of ``split`` with ``method``."""
+    label_split(settings, method, split, settings.ensemble.labels_out)
+    return 1
+
+
+@task(name="evaluate-methods", retries=1, retry_condition_fn=retry_unless_user_error, tags=["cpu"])
+def evaluate_task(settings: Settings) -> dict[str, Any]:
+    df = run_evaluate(settings)
+    rows = df[df["scope"] == "summary"]
+    return {r.method: {"miou": r.miou, "mbiou": r.mbiou} for r in rows.itertuples()}
