@@ -51,7 +51,8 @@ def test_library_path_fills_every_split(project, tmp_path):
     s = _settings(raw, out=str(tmp_path / "lib"))
     calls = []
     summary = run_stage(s, progress=lambda *a: calls.append(a))
-    assert set(summary) == {"train", "test", "random_unet/train", "random_unet/test"}
+    # the pool is extracted for the trained model only; the baseline needs the labelled splits
+    assert set(summary) == {"train", "test", "unlabeled", "random_unet/train", "random_unet/test"}
     assert summary["train"]["n_done"] == 5 and summary["test"]["n_done"] == 3
     # the baseline: the same path with a randomly initialised UNet of the same preset
     rand = FeatureStore.open(store_path(s, "train", "random_unet"))
