@@ -514,12 +514,8 @@ class FeatureStore:
     def pixels(self, i: int, ys: np.ndarray, xs: np.ndarray, native: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """float32 ``[n, D]``: the upsampled features of image ``i`` at pixels ``(ys, xs)``,
         computed as 4-tap blends of the native maps (pass ``native`` to reuse maps read before)."""
-        ys, xs = np.asarray(ys, dtype=np.int64).ravel(), np.asarray(xs, dtype=np.int64).ravel()
         S = self.image_size
-        if ys.shape != xs.shape:
-            raise ValueError("ys and xs must have the same length")
-        if ys.size and (ys.min() < 0 or xs.min() < 0 or ys.max() >= S or xs.max() >= S):
-            raise IndexError(f"pixel coordinates outside the {S}x{S} image")
+        ys, xs = pixel_coords(ys, xs, S)
         maps = self.native(i) if native is None else native
         out = np.empty((ys.size, self.feature_dim), dtype=np.float32)
         c0 = 0
@@ -559,6 +555,16 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, {len(self)} images, D={self.feature_dim}, {self.n_done()} done)"
+
+
+def pixel_coords(ys: Any, xs: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ys, xs)`` as flat int64 arrays, checked to be equally long and inside the image."""
+    ys, xs = np.asarray(ys, dtype=np.int64).ravel(), np.asarray(xs, dtype=np.int64).ravel()
+    if ys.shape != xs.shape:
+        raise ValueError("ys and xs must have the same length")
+    if ys.size and (ys.min() < 0 or xs.min() < 0 or ys.max() >= size or xs.max() >= size):
+        raise IndexError(f"pixel coordinates outside the {size}x{size} image")
+    return ys, xs
 
 
 def shard_ranges(store: FeatureStore) -> list[tuple[int, int, int]]:

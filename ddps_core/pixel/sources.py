@@ -25,6 +25,7 @@ import numpy as np
 
 from ddps_core.datasets import to_square
 from ddps_core.errors import DataError
+from ddps_core.features.store import pixel_coords
 
 __all__ = ["ArraySource", "RGBXYSource", "rgbxy_features"]
 
@@ -57,12 +58,7 @@ class _FullResSource:
 
     def pixels(self, i: int, ys: np.ndarray, xs: np.ndarray, native: np.ndarray | None = None) -> np.ndarray:
         """float32 ``[n, D]``: the features of image ``i`` at pixels ``(ys, xs)``."""
-        ys, xs = np.asarray(ys, dtype=np.int64).ravel(), np.asarray(xs, dtype=np.int64).ravel()
-        S = self.image_size
-        if ys.shape != xs.shape:
-            raise ValueError("ys and xs must have the same length")
-        if ys.size and (ys.min() < 0 or xs.min() < 0 or ys.max() >= S or xs.max() >= S):
-            raise IndexError(f"pixel coordinates outside the {S}x{S} image")
+        ys, xs = pixel_coords(ys, xs, self.image_size)
         m = self.native(i) if native is None else native
         return np.ascontiguousarray(m[:, ys, xs].T, dtype=np.float32)
 
