@@ -24,9 +24,13 @@ def train_ensemble_task(settings: Settings, method: str) -> dict[str, Any]:
 @task(name="label-split", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_user_error, tags=["gpu"])
 def label_split_task(settings: Settings, method: str, split: str) -> int:
-    """Majority-vote labels, uncertainty maps and scores of ``split`` with ``method``."""
-    label_split(settings, method, split, settings.ensemble.labels_out)
-    return 1
+    """Majority-vote labels, uncertainty maps and scores of ``split`` with ``method``;
+    returns the number of images labelled."""
+    done = {"n": 0}
+    label_split(settings, method, split, settings.ensemble.labels_out,
+                progress=lambda d, _n: done.__setitem__("n", d))
+    get_run_logger().info("%s/%s: %d images labelled", method, split, done["n"])
+    return done["n"]
 
 
 @task(name="evaluate-methods", retries=1, retry_condition_fn=retry_unless_user_error, tags=["cpu"])
