@@ -1,0 +1,213 @@
+"""Inference with Free-Re-noising (METHODS.md §6) and the refinement picture.
+
+Steps: ``range(0, T, T // n)`` plus ``T - 1`` (network steps, 0 = noisiest). Step 0 starts
+from a uniformly random mask, so its prediction is the denoiser's *first prediction* from the
+features alone. At every later step ``i`` the previous argmax ``x0_hat`` is re-noised straight
+from the marginal ``q(x_s | x0_hat)`` with ``s = T - 1 - i`` (free re-noising: no posterior,
+so steps can be skipped freely), and the denoiser predicts x_0 again. The logits of the
+requested steps are upsampled (bilinear, ``align_corners=False``, as in training) to the
+output size and returned, so one run yields the step table ("mIoU 0,10,19").
+
+Guidance (optional): ``logits = (1 + w) f(F, x) - w f(0, x)``: the same denoiser with the
+features zeroed is the unconditional, mask-prior-only prediction; w > 0 pushes away from it.
+Both branches run in one batched forward. w = 0 runs the conditional branch only.
+
+Everything runs under ``torch.inference_mode`` and, on CUDA only, bf16 autocast; randomness
+comes from an optional CPU :class:`torch.Generator` (same draws on any device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddps_core.device import autocast
+from ddps_core.refine.multinomial import MultinomialDiffusion, uniform_mask
+from ddps_core.viz import grid, overlay
+
+__all__ = [
+    "RefineResult",
+    "guided_logits",
+    "refine",
+    "refine_images",
+    "refinement_picture",
+    "refinement_steps",
+]
+
+
+def refinement_steps(num_timesteps: int, n: int) -> list[int]:
+    """``list(range(0, T, T // n))`` plus ``T - 1`` when it is not already there.
+
+    T = 20: n = 1 -> [0, 19]; n = 2 -> [0, 10, 19]; n = 3 -> [0, 6, 12, 18, 19];
+    n = 20 -> [0, 1, ..., 19]. ``n`` must be in 1..T.
+    """
+    if not 1 <= n <= num_timesteps:
+        raise ValueError(f"the number of refinement steps must be in 1..{num_timesteps} (T), got {n}")
+    steps = list(range(0, num_timesteps, num_timesteps // n))
+    if steps[-1] != num_timesteps - 1:
+        steps.append(num_timesteps - 1)
+    return steps
+
+
+def guided_logits(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
+                  guidance: float = 0.0) -> torch.Tensor:
+    """``f(F, x)`` for w = 0, else ``(1 + w) f(F, x) - w f(0, x)`` (float32)."""
+    if guidance == 0.0:
+        return denoiser(x, t, features).float()
+    both = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([features, torch.zeros_like(features)])).float()
+    cond, uncond = both.chunk(2)
+    return (1.0 + guidance) * cond - guidance * uncond
+
+
+@dataclass
+class RefineResult:
+    """``steps``: the network steps run; ``logits[i]``: float32 ``[B, K, H, W]`` of collected
+    step ``i`` at the output size."""
+
+    steps: list[int]
+    logits: dict[int, torch.Tensor]
+
+    def masks(self) -> dict[int, torch.Tensor]:
+        """Argmax class maps ``[B, H, W]`` (long) of every collected step."""
+        return {i: v.argmax(dim=1) for i, v in self.logits.items()}
+
+
+def _check_steps(steps: Sequence[int], T: int) -> list[int]:
+    steps = sorted(set(int(i) for i in steps))
+    if not steps or steps[0] != 0 or steps[-1] >= T:
+        raise ValueError(f"refinement steps must start at 0 and lie in 0..{T - 1}, got {steps}")
+    return steps
+
+
+def refine(
+    denoiser: torch.nn.Module,
+    schedule: MultinomialDiffusion,
+    features: torch.Tensor,
+    *,
+    n: int | None = None,
+    steps: Sequence[int] | None = None,
+    collect: Sequence[int] | None = None,
+    output_size: tuple[int, int] | None = None,
+    guidance: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> RefineResult:
+    """Free-re-noising refinement of a batch of base features ``[B, C, h, w]``.
+
+    :param n: number of refinement steps (``steps = refinement_steps(T, n)``); or
+    :param steps: explicit network steps (sorted, deduplicated, must start at 0).
+        Neither: n = T (every step).
+    :param collect: the steps whose logits are returned (default: all run steps). Steps run
+        but not collected cost no upsampling or memory.
+    :param output_size: ``(H, W)`` of the returned logits (default: the feature size).
+    :param guidance: w.
+    :param generator: source of the initial mask and the re-noising draws.
+    """
+    T = schedule.num_timesteps
+    if steps is None:
+        steps = refinement_steps(T, n if n is not None else T)
+    steps = _check_steps(steps, T)
+    want = set(steps if collect is None else (int(i) for i in collect))
+    if not want <= set(steps):
+        raise ValueError(f"collect {sorted(want)} asks for steps that are not run ({steps})")
+    b, _, h, w = features.shape
+    device = features.device
+    size = tuple(output_size) if output_size is not None else (h, w)
+    out: dict[int, torch.Tensor] = {}
+    with torch.inference_mode(), autocast(device):
+        x = uniform_mask((b, h, w), schedule.num_classes, generator, device)
+        x0_hat = None
+        for i in steps:
+            if i != 0:
+                x = schedule.q_sample(x0_hat, schedule.s_from_t(i), generator)
+            t = torch.full((b,), i, dtype=torch.long, device=device)
+            logits = guided_logits(denoiser, x, t, features, guidance)
+            x0_hat = logits.argmax(dim=1)
+            if i in want:
+                out[i] = (logits if size == (h, w) else
+                          F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
+    return RefineResult(steps=steps, logits=out)
+
+
+def refine_images(
+    base: torch.nn.Module,
+    denoiser: torch.nn.Module,
+    schedule: MultinomialDiffusion,
+    images: torch.Tensor,
+    **kwargs,
+) -> tuple[torch.Tensor, RefineResult]:
+    """Base logits ``[B, K, H, W]`` and the refinement of a batch of images (output at the
+    image size). Uses ``base.features_and_logits`` when it exists (one encoder pass)."""
+    device = images.device
+    with torch.inference_mode(), autocast(device):
+        if hasattr(base, "features_and_logits"):
+            feats, base_logits = base.features_and_logits(images)
+        else:
+            feats, base_logits = base.decoder_features(images), base(images)
+        feats = feats.float()
+        base_logits = base_logits.float()
+        if base_logits.shape[-2:] != images.shape[-2:]:
+            base_logits = F.interpolate(base_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    kwargs.setdefault("output_size", tuple(images.shape[-2:]))
+    return base_logits, refine(denoiser, schedule, feats, **kwargs)
+
+
+# --------------------------------------------------------------------------- picture
+def _caption(text: str, width: int, height: int = 12) -> np.ndarray:
+    """A white strip with ``text`` in PIL's built-in bitmap font (no font files needed)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(img).text((2, 0), text, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def refinement_picture(
+    images: np.ndarray,
+    step_masks: Mapping[int, np.ndarray],
+    gt: np.ndarray | None = None,
+    base: np.ndarray | None = None,
+    alpha: float = 0.6,
+    ignore_index: int | None = 255,
+    scale: int | None = None,
+    captions: bool = True,
+) -> np.ndarray:
+    """One row per image: ``image | base | step i ... | truth`` (base and truth when given),
+    masks overlaid on the image; a caption strip on top names the columns.
+
+    :param images: uint8 ``[N, H, W, 3]``.
+    :param step_masks: step -> int ``[N, H, W]`` (e.g. ``{i: m.cpu().numpy() for i, m in
+        result.masks().items()}``), shown in step order.
+    :param scale: nearest upscaling factor; None makes panels >= 128 px.
+    :return: a uint8 ``H x W x 3`` picture for :func:`ddps_core.viz.save_png`.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    n, hh, ww = images.shape[:3]
+    if scale is None:
+        scale = max(1, -(-128 // max(hh, ww)))
+    columns: list[tuple[str, np.ndarray | None]] = [("image", None)]
+    if base is not None:
+        columns.append(("base", np.asarray(base)))
+    columns += [(f"step {i}", np.asarray(step_masks[i])) for i in sorted(step_masks)]
+    if gt is not None:
+        columns.append(("truth", np.asarray(gt)))
+    rows = []
+    for k in range(n):
+        row = []
+        for _, masks in columns:
+            row.append(images[k] if masks is None else overlay(images[k], masks[k], alpha, ignore_index))
+        rows.append(row)
+    picture = grid(rows, scale=scale)
+    if not captions:
+        return picture
+    gap, panel_w = 2, ww * scale
+    header = np.full((12, picture.shape[1], 3), 255, np.uint8)
+    for c, (name, _) in enumerate(columns):
+        x = c * (panel_w + gap)
+        header[:, x:x + panel_w] = _caption(name, panel_w)
+    return np.concatenate([header, np.full((gap, picture.shape[1], 3), 255, np.uint8), picture], axis=0)
