@@ -156,11 +156,11 @@ def test_undone_shard_with_garbage_files_is_rewritten(tmp_path):
     rng = np.random.default_rng(0)
     data = {k: {n: rng.standard_normal((3, *s)).astype(np.float16) for n, s in shapes.items()} for k in (0, 1)}
     store.write_shard(0, data[0])
-    good = (tmp_path / "s" / "t3_b0" / "c" / "0" / "0" / "0" / "0").read_bytes()
-    bad = tmp_path / "s" / "t3_b0" / "c" / "1" / "0" / "0" / "0"
-    bad.parent.mkdir(parents=True)
+    good = store._chunk_file("t3_b0", (0, 0, 0, 0)).read_bytes()
+    bad = store._chunk_file("t3_b0", (1, 0, 0, 0))
+    bad.parent.mkdir(parents=True, exist_ok=True)
     bad.write_bytes(good[: len(good) // 2])  # truncated, under the final name
-    stray = bad.with_name("0.0123abcd.partial")
+    stray = bad.with_name(f"{bad.name}.0123abcd.partial")
     stray.write_bytes(b"junk")
     store = FeatureStore.open(tmp_path / "s")
     assert store.done_mask().tolist() == [True] * 3 + [False] * 3

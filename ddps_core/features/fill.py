@@ -3,9 +3,10 @@
 Work is done shard by shard: the images of one shard are read, squared to the model size
 (:func:`~ddps_core.datasets.to_square`), run through the extractor in batches of at most
 ``batch_size`` images that never cross a shard boundary, and the shard is written once
-(:meth:`FeatureStore.write_shard`). Because batches are formed within a shard, a shard's
-values do not depend on which other shards were already done: a resumed run gives the same
-bytes as an uninterrupted one (on the same device and thread settings).
+(:meth:`FeatureStore.write_shard`); reading the next shard and writing the previous one
+overlap the current shard's forwards (one thread each). Because batches are formed within a
+shard, a shard's values do not depend on which other shards were already done: a resumed run
+gives the same bytes as an uninterrupted one (on the same device and thread settings).
 
 To parallelise, give each worker a disjoint list of shards (see :func:`shard_ranges`).
 """
@@ -111,10 +112,35 @@ def extract_to_store(
         raise ConfigError(f"{store.path}: shards {bad} out of range 0..{len(ranges) - 1}")
     S = store.image_size
     counts = {"shards_written": 0, "shards_skipped": 0, "images_written": 0, "images_skipped": 0}
-    # Shard k is written by a background writer while shard k+1 is computed (at most one
-    # shard in flight, so at most two shard buffers in memory). Each shard is still written
-    # whole and marked done only after its data is durable (FeatureStore.write_shard).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+    # Which of this worker's shards are done is read once: nobody else writes them (a shard
+    # has one owner), and a per-shard read would wait on the writer thread's zarr calls.
+    done = store.done_mask()
+    ranges_todo = []
+    for k in todo:
+        a, b = ranges[k]
+        if done[a:b].all():
+            counts["shards_skipped"] += 1
+            counts["images_skipped"] += b - a
+        else:
+            ranges_todo.append((k, a, b))
+
+    def inputs(a: int, b: int) -> tuple[list[torch.Tensor], np.ndarray | None]:
+        """Shard ``[a, b)``'s preprocessed batches (never crossing the shard) and labels."""
+        labels = np.empty((b - a, S, S), dtype=np.uint16) if store.has_labels else None
+        batches = []
+        for b0 in range(a, b, batch_size):
+            b1 = min(b, b0 + batch_size)
+            batches.append(torch.stack([_square(store, source[i], i, S, labels, a) for i in range(b0, b1)]))
+        return batches, labels
+
+    # Three stages overlap: a reader thread decodes and squares shard k+1's images, the
+    # calling thread runs shard k's forwards, and a writer thread writes shard k-1. One shard
+    # is in flight per stage, so at most two shards' feature buffers (and two shards' input
+    # images) are in memory. Decoding and writing mostly run outside the GIL. Each shard is
+    # still written whole and marked done only after its data is durable
+    # (FeatureStore.write_shard), and a shard's values do not depend on the threads.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         pending: Future | None = None
 
         def finish(job: Future | None) -> None:
@@ -124,18 +150,20 @@ def extract_to_store(
             if progress is not None:
                 progress(store.n_done())
 
-        for k in todo:
-            a, b = ranges[k]
-            if store.shard_done(k):
-                counts["shards_skipped"] += 1
-                counts["images_skipped"] += b - a
-                continue
+        next_inputs = reader.submit(inputs, *ranges_todo[0][1:]) if ranges_todo else None
+        for j, (k, a, b) in enumerate(ranges_todo):
+            try:
+                batches, labels = next_inputs.result()  # a bad image raises here
+            except BaseException:
+                finish(pending)  # the previous shard's write still completes and counts
+                raise
+            if j + 1 < len(ranges_todo):
+                next_inputs = reader.submit(inputs, *ranges_todo[j + 1][1:])
             feats = {n: np.empty((b - a, *store.shapes[n]), dtype=np.float16) for n in store.names}
-            labels = np.empty((b - a, S, S), dtype=np.uint16) if store.has_labels else None
-            for b0 in range(a, b, batch_size):
-                b1 = min(b, b0 + batch_size)
-                xs = [_square(store, source[i], i, S, labels, a) for i in range(b0, b1)]
-                extractor.extract_into(torch.stack(xs), feats, b0 - a)
+            b0 = 0
+            for x in batches:
+                extractor.extract_into(x, feats, b0)
+                b0 += x.shape[0]
             finish(pending)
             pending = writer.submit(store.write_shard, k, feats, labels)
             counts["shards_written"] += 1
