@@ -164,11 +164,144 @@ class EnsembleSettings(Section):
     figures: int = Field(8, ge=0, description="Overlay figures per method in reports/figures.")
 
 
+class GenerateSettings(Section):
+    """Stage ``generate``: label-efficient dataset generation (METHODS.md §5, DatasetDDPM).
+
+    Candidates come from ``source``: ``pool`` (the unlabelled images, labelled by the
+    ``label`` stage), ``generated`` (``n_samples`` images sampled from the DDPM here, their
+    features extracted with the same shared noise and labelled by the teacher) or ``both``.
+    Each source is filtered on its own by the image uncertainty score: ``reference`` sorts
+    by score and drops the ``drop_certain`` most certain and then the ``drop_uncertain``
+    most uncertain fraction; ``threshold`` keeps the images whose score is at most
+    ``max_score``. The kept images (plus the real labelled images, ``include_real``) are
+    exported to ``out`` as ``images/``, ``masks/``, ``manifest.parquet``, ``classes.yaml``.
+    """
+
+    source: Literal["pool", "generated", "both"] = "pool"
+    n_samples: int = Field(1000, ge=0, description="Images sampled from the DDPM (generated / both).")
+    sample_method: Literal["ancestral", "ddim"] = "ancestral"
+    sample_steps: int = Field(50, ge=1, description="Respaced sampling steps (the full schedule is 1000).")
+    batch_size: int = Field(64, ge=1, description="Images sampled, extracted and labelled at once.")
+    seed: int = Field(0, ge=0)
+    filter: Literal["reference", "threshold"] = "reference"
+    drop_certain: int = Field(30, ge=0, description="reference: drop this many most certain images.")
+    drop_uncertain: float = Field(0.1, ge=0, lt=1, description="reference: then drop this most uncertain fraction.")
+    max_score: float | None = Field(None, ge=0, description="threshold: keep images with score <= this.")
+    include_real: bool = Field(True, description="Export the real labelled training images too (source real).")
+    format: Literal["folder", "ddpm-seg"] = Field(
+        "folder", description="ddpm-seg: also write the DDPM-Seg layout (<out>/ddpm-seg/real/train, .npy labels).")
+    contact_sheet: int = Field(8, ge=0, description="Most and least certain images shown in contact_sheet.png.")
+    out: str = "data/generated"
+    work: str = Field("data/work/generate", description="Scratch space (samples, their features); resumable.")
+    keep_work: bool = Field(False, description="Keep the scratch space (the generated images' features) after export.")
+
+    @model_validator(mode="after")
+    def _check_filter(self) -> GenerateSettings:
+        if self.filter == "threshold" and self.max_score is None:
+            raise ValueError("generate.max_score is required when generate.filter is 'threshold'")
+        return self
+
+
+STUDENT_ENCODERS: dict[str, tuple[str, ...]] = {
+    "deeplabv3plus": ("mobilenet_v2", "resnet50", "resnet101"),
+    "segformer": ("mit_b0", "mit_b2", "mit_b5"),
+}
+
+
+class StudentSettings(Section):
+    """Stage ``train_student``: a standalone segmentor distilled from the generated dataset.
+
+    ``arch`` / ``encoder``: DeepLabV3+ with MobileNetV2 / ResNet-50 / ResNet-101, or SegFormer
+    with MiT-B0 / B2 / B5 (segmentation-models-pytorch). ``encoder_weights``: None (random
+    init, the default: nothing is downloaded), smp's name of a weight set (e.g.
+    ``imagenet``, when smp can fetch or has cached it) or a path to a ``.safetensors`` /
+    ``.pth`` file of the encoder's state dict.
+    """
+
+    arch: Literal["deeplabv3plus", "segformer"] = "segformer"
+    encoder: str = "mit_b0"
+    encoder_weights: str | None = None
+    image_size: int | None = Field(None, ge=8, description="Training / inference size (None: the dataset's).")
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    hflip: bool = True
+    scale_min: float = Field(0.75, gt=0)
+    scale_max: float = Field(1.25, gt=0)
+    select_on: Literal["real", "last"] = Field(
+        "real", description="Checkpoint selection: mIoU on the real labelled images (the reference), or the last epoch.")
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1)
+    out: str = "data/models/student"
+
+    @model_validator(mode="after")
+    def _check_encoder(self) -> StudentSettings:
+        known = STUDENT_ENCODERS[self.arch]
+        if self.encoder not in known:
+            raise ValueError(f"student.encoder {self.encoder!r} is not one of {list(known)} for arch {self.arch!r}")
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"student.scale_min ({self.scale_min}) > student.scale_max ({self.scale_max})")
+        return self
+
+
+class DDPSSettings(Section):
+    """Stages ``train_ddps`` and ``refine``: the DDPS mask prior on the frozen student
+    (METHODS.md §6). The denoiser fields are those of
+    :class:`~ddps_core.refine.train.DDPSTrainConfig` (``preset`` plus optional overrides of its
+    width, channel_mult and num_res_blocks).
+    """
+
+    # denoiser and schedule
+    preset: str = "tiny"
+    width: int | None = Field(None, ge=1)
+    channel_mult: list[int] | None = Field(None, min_length=1)
+    num_res_blocks: int | None = Field(None, ge=1)
+    embed_dim: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    num_timesteps: int = Field(20, ge=2)
+    schedule: Literal["linear", "cosine"] = "linear"
+    x0_source: Literal["first_prediction", "gt"] = "first_prediction"
+    # training
+    data: Literal["generated", "real"] = Field(
+        "generated", description="Training images: the generated export (teacher labels + real) or the real labelled images only.")
+    steps: int = Field(2000, ge=1)
+    single_step_steps: int = Field(400, ge=0, description="Reference pre-stage: the first steps train t = 0 only.")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    ema_rate: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    hflip: bool = True
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(10, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1)
+    out: str = "data/models/ddps"
+    ablation: bool = Field(True, description="Also train x0_source=gt with the same budget (<out>/ablation-gt).")
+    # refinement (Free-Re-noising)
+    refine_steps: int = Field(2, ge=1, description="n: network steps range(0, T, T // n) plus T - 1.")
+    guidance: float = Field(0.0, ge=0, description="w: logits = (1 + w) f(F, x) - w f(0, x).")
+    refined_out: str = "data/refined"
+    figures: int = Field(8, ge=0, description="Images in the refinement picture.")
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> DDPSSettings:
+        if self.refine_steps > self.num_timesteps:
+            raise ValueError(f"ddps.refine_steps ({self.refine_steps}) must be <= ddps.num_timesteps ({self.num_timesteps})")
+        return self
+
+
 class EvaluateSettings(Section):
     """Metric conventions shared by every evaluation (METHODS.md §7)."""
 
     ignore_index: int = Field(255, ge=0, le=65535)
     boundary_ratio: float = Field(0.02, gt=0, le=0.5)
+    student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
 
 
 class Settings(Section):
@@ -180,6 +313,9 @@ class Settings(Section):
     ddpm: DDPMSettings = DDPMSettings()
     features: FeaturesSettings = FeaturesSettings()
     ensemble: EnsembleSettings = EnsembleSettings()
+    generate: GenerateSettings = GenerateSettings()
+    student: StudentSettings = StudentSettings()
+    ddps: DDPSSettings = DDPSSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
 
 

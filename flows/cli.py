@@ -51,6 +51,8 @@ app.add_typer(ddpm_app, name="ddpm")
 app.add_typer(features_app, name="features")
 ensemble_app = typer.Typer(help="Train the pixel-MLP teacher, label, report.", no_args_is_help=True)
 app.add_typer(ensemble_app, name="ensemble")
+student_app = typer.Typer(help="Train and run the distilled segmentor (the student).", no_args_is_help=True)
+app.add_typer(student_app, name="student")
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", help="Settings file; missing = embedded defaults.")
@@ -373,9 +375,98 @@ def ensemble_report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None
     """Score every method's test labels: reports/ddpm_seg.parquet, metrics JSON, figures."""
     from ddps_core.pixel.stage import run_evaluate
 
-    df = run_evaluate(settings_from(params, set_))
+    df = run_evaluate(settings_from(params, set_), student=False)
     for method in df["method"].unique():
         print_report(df[df["method"] == method], title=f"method: {method}")
+
+
+# --------------------------------------------------------------------------- generate
+@app.command("generate")
+def generate(
+    source: Annotated[str | None, typer.Option(help="pool | generated | both [params: generate.source].")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Images to sample [params: generate.n_samples].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Respaced sampling steps [params: generate.sample_steps].")] = None,
+    method: Annotated[str | None, typer.Option(help="ancestral | ddim [params: generate.sample_method].")] = None,
+    format_: Annotated[str | None, typer.Option("--format", help="folder | ddpm-seg [params: generate.format].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Export folder [params: generate.out].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Label-efficient dataset generation: sample and / or take the pool, label with the
+    teacher, filter by uncertainty, export images, masks and a Parquet manifest."""
+    from ddps_core.generate.stage import run_stage
+
+    s = settings_from(params, set_, **{"generate.source": source, "generate.n_samples": n,
+                                       "generate.sample_steps": steps, "generate.sample_method": method,
+                                       "generate.format": format_, "generate.out": str(out) if out else None})
+    bars: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        def progress(step: str, done: int, total: int) -> None:
+            if step not in bars:
+                bars[step] = stack.enter_context(progress_bar(step, total))
+            bars[step](done)
+
+        stats = run_stage(s, progress=progress, log=err_console.print)
+    table = Table(title=f"filtering ({s.generate.filter}) -> {s.generate.out}")
+    for col in ("source", "candidates", "kept", "dropped", "scores"):
+        table.add_column(col)
+    for src, st in stats.items():
+        if not isinstance(st, dict):
+            continue
+        scores = f"{st['score_min']:.4f} .. {st['score_max']:.4f}" if "score_min" in st else "-"
+        table.add_row(src, str(st["candidates"]), str(st["kept"]),
+                      ", ".join(f"{k} {v}" for k, v in st["dropped"].items()) or "-", scores)
+    console.print(table)
+    console.print(f"{stats['total_kept']} labelled images; manifest {Path(s.generate.out) / 'manifest.parquet'}")
+
+
+# --------------------------------------------------------------------------- student
+@student_app.command("train")
+def student_train(
+    arch: Annotated[str | None, typer.Option(help="deeplabv3plus | segformer [params: student.arch].")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder [params: student.encoder].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs [params: student.epochs].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train the student on the generated dataset (resumes after the last finished epoch),
+    select it by mIoU on the real labelled images, and label the test split."""
+    from ddps_core.student.stage import run_stage
+
+    s = settings_from(params, set_, **{"student.arch": arch, "student.encoder": encoder,
+                                       "student.epochs": epochs})
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        val = "-" if row["val_miou"] is None else f"{100 * row['val_miou']:.2f}"
+        err_console.print(f"epoch {row['epoch']}/{s.student.epochs}: loss {row['loss']:.4f}, "
+                          f"real-image mIoU {val}, {row['seconds']:.1f} s")
+
+    with progress_bar("student", None) as update:
+        info = run_stage(s, on_epoch=on_epoch, on_batch=lambda it, _total: update(it), log=err_console.print)
+    console.print(f"student {info['arch']}/{info['encoder']}: epoch {info['best_epoch']} selected; "
+                  f"test mIoU {_pct(info['test_miou'])}  mBIoU {_pct(info['test_mbiou'])} -> {s.student.out}")
+
+
+@student_app.command("predict")
+def student_predict(
+    out: Annotated[Path, typer.Option(help="Folder for the label PNGs.")],
+    split: Annotated[str, typer.Option(help="train | test | unlabeled (of data.out).")] = "test",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Label a split of the dataset with the trained student (PNG class ids at the model
+    size); prints the scores when the split has labels."""
+    from ddps_core.generate.stage import image_size
+    from ddps_core.student.stage import predict_split
+
+    s = settings_from(params, set_)
+    with progress_bar(f"student {split}", None) as update:
+        result = predict_split(s, split, out, image_size(s), progress=lambda d, _n: update(d))
+    if result is not None:
+        from ddps_core.metrics import report_frame
+
+        print_report(report_frame(result), title=f"student on {split}")
+    console.print(f"labels -> {out}")
 
 
 # --------------------------------------------------------------------------- evaluate

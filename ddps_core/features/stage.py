@@ -77,38 +77,55 @@ def _extractor(settings: Settings, device: Any = None, variant: str = "ddpm") ->
                             device=device, model_id=info["model_id"])
 
 
-def _store_settings(settings: Settings, split: str, extractor: FeatureExtractor,
-                    reader: DDPMSegFolder) -> dict[str, Any]:
-    labelled = split != "unlabeled"
+def _store_settings(settings: Settings, extractor: FeatureExtractor, reader: Any,
+                    labelled: bool) -> dict[str, Any]:
     return {**extractor.store_settings(), "image_ids": list(reader.ids),
             "shard_images": settings.features.shard_images,
             "num_classes": reader.num_classes if labelled else None,
             "ignore_index": settings.data.ignore_index if labelled else None}
 
 
-def prepare_store(settings: Settings, split: str, log: Callable[[str], None] | None = None,
-                  variant: str = "ddpm") -> list[list[int]]:
-    """Create or reopen ``split``'s store; return the undone shards in ``workers`` groups.
-
-    A store made with other settings is rebuilt (``features.on_change: rebuild``, logged) or
-    is an error (``error``); features of different settings are never mixed.
-    """
-    path = store_path(settings, split, variant)
-    reader = _reader(settings, split)
-    extractor = _extractor(settings, device="cpu", variant=variant)
-    wanted = _store_settings(settings, split, extractor, reader)
+def open_store_for(settings: Settings, path: str | Path, reader: Any, extractor: FeatureExtractor,
+                   labelled: bool, log: Callable[[str], None] | None = None,
+                   on_change: str | None = None) -> FeatureStore:
+    """Create or reopen the store at ``path`` for ``reader``'s images and ``extractor``'s
+    settings. A store made with other settings is rebuilt (``on_change`` / by default
+    ``features.on_change`` ``rebuild``, logged) or is an error (``error``); features of
+    different settings are never mixed."""
+    path = Path(path)
+    wanted = _store_settings(settings, extractor, reader, labelled)
     try:
-        store = open_or_create(path, **wanted)
+        return open_or_create(path, **wanted)
     except ConfigError as exc:
-        if settings.features.on_change != "rebuild" or not path.exists():
+        if (on_change or settings.features.on_change) != "rebuild" or not path.exists():
             raise
         if log:
             log(f"{exc}; rebuilding it (features.on_change: rebuild)")
         shutil.rmtree(path)
-        store = open_or_create(path, **wanted)
+        return open_or_create(path, **wanted)
+
+
+def prepare_store(settings: Settings, split: str, log: Callable[[str], None] | None = None,
+                  variant: str = "ddpm") -> list[list[int]]:
+    """Create or reopen ``split``'s store; return the undone shards in ``workers`` groups."""
+    extractor = _extractor(settings, device="cpu", variant=variant)
+    store = open_store_for(settings, store_path(settings, split, variant), _reader(settings, split),
+                           extractor, labelled=split != "unlabeled", log=log)
     todo = [k for k in range(store.num_shards) if not store.shard_done(k)]
     n = settings.features.workers
     return [todo[i::n] for i in range(n) if todo[i::n]]
+
+
+def fill_store(settings: Settings, reader: Any, path: str | Path, labelled: bool = False,
+               progress: Callable[[int], None] | None = None,
+               log: Callable[[str], None] | None = None, on_change: str | None = None) -> FeatureStore:
+    """Extract the trained DDPM's features of any ``reader``'s images (e.g. sampled images)
+    into the store at ``path``, in-process; resumes shard by shard like the ``extract``
+    stage, with the same extractor settings (steps, blocks, shared noise)."""
+    extractor = _extractor(settings)
+    store = open_store_for(settings, path, reader, extractor, labelled, log, on_change)
+    extract_to_store(reader, extractor, store, batch_size=settings.features.batch_size, progress=progress)
+    return FeatureStore.open(path, read_only=True)
 
 
 def extract_shards(settings: Settings, split: str, shards: list[int],

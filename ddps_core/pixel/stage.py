@@ -101,53 +101,122 @@ def load_method(settings: Settings, method: str) -> PixelEnsemble:
     return PixelEnsemble.load(path)
 
 
+PART_IMAGES = 64  # images labelled between two resume points
+
+
+def teacher_id(path: str | Path) -> str:
+    """sha256 (16 hex digits) of a saved ensemble file: the teacher recorded with labels."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def label_images(ensemble: PixelEnsemble, source: Any, folder: str | Path, split: str,
+                 teacher: str, progress: Callable[[int, int], Any] | None = None,
+                 on_image: Callable[[int, np.ndarray], Any] | None = None) -> pd.DataFrame:
+    """Label every image of ``source`` (a feature store or RGB+xy source) into ``folder``:
+    ``<id>.png`` (majority vote), ``<id>_uncertainty.png`` (Jensen-Shannon heat map, 0..255
+    for 0..ln M) and ``scores.parquet`` (image_id, score, split, per-class pixel counts).
+
+    Resumable: images are labelled in parts of :data:`PART_IMAGES`; a part's PNGs are written
+    first, then its rows to ``.parts/part-<k>.parquet``, so a killed run redoes at most one
+    part. Parts made by another ``teacher`` (the ensemble file's hash) are discarded.
+    ``on_image(i, labels)`` sees every image's labels, also those of resumed parts.
+    """
+    import shutil
+
+    from ddps_core.metrics.files import load_label_map
+
+    folder = Path(folder)
+    parts = folder / ".parts"
+    marker = parts / "teacher.txt"
+    if parts.is_dir() and (not marker.is_file() or marker.read_text() != teacher):
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, teacher)
+    k = ensemble.num_classes
+    n = len(source)
+    ids = list(source.image_ids)
+    frames = []
+    for p, a in enumerate(range(0, n, PART_IMAGES)):
+        b = min(n, a + PART_IMAGES)
+        part = parts / f"part-{p:05d}.parquet"
+        if part.is_file():
+            df = pd.read_parquet(part)
+            if list(df["image_id"]) == ids[a:b]:
+                frames.append(df)
+                if on_image is not None:
+                    for i in range(a, b):
+                        on_image(i, load_label_map(folder / f"{ids[i]}.png"))
+                if progress is not None:
+                    progress(b, n)
+                continue
+        rows = []
+        for i, (image_id, labels, unc, score) in zip(range(a, b), predict_store(ensemble, source, image_indices=list(range(a, b)))):
+            atomic_write_bytes(folder / f"{image_id}.png", png_bytes(labels.astype(np.uint8)))
+            heat = np.clip(unc / np.log(ensemble.members) * 255.0, 0, 255).astype(np.uint8)
+            atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
+            counts = np.bincount(labels.ravel(), minlength=k)[:k]
+            rows.append({"image_id": image_id, "score": float(score), "split": split,
+                         **{f"pixels_{c}": int(v) for c, v in enumerate(counts)}})
+            if on_image is not None:
+                on_image(i, labels)
+            if progress is not None:
+                progress(i + 1, n)
+        df = pd.DataFrame(rows)
+        with atomic_path(part) as tmp:
+            df.to_parquet(tmp, index=False)
+        frames.append(df)
+    scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["image_id", "score", "split", *(f"pixels_{c}" for c in range(k))])
+    with atomic_path(folder / "scores.parquet") as tmp:
+        scores.to_parquet(tmp, index=False)
+    atomic_write_text(folder / "teacher.txt", teacher)
+    shutil.rmtree(parts, ignore_errors=True)
+    return scores
+
+
 def label_split(settings: Settings, method: str, split: str, labels_out: str | Path,
                 progress: Callable[[int, int], Any] | None = None) -> SegmentationResult | None:
-    """Predict every image of ``split`` with ``method``'s ensemble; write label PNGs,
-    uncertainty heat maps and ``scores.parquet``. Returns the metrics when labels exist."""
+    """Predict every image of ``split`` with ``method``'s ensemble (:func:`label_images`,
+    resumable) into ``<labels_out>/<method>/<split>/``. Returns the metrics when the split
+    has labels."""
     ensemble = load_method(settings, method)
     source = feature_source(settings, method, split)
-    folder = Path(labels_out) / method / split
-    folder.mkdir(parents=True, exist_ok=True)
-    k = ensemble.num_classes
-    acc = ConfusionAccumulator(k, ignore_index=settings.data.ignore_index,
+    acc = ConfusionAccumulator(ensemble.num_classes, ignore_index=settings.data.ignore_index,
                                boundary_ratio=settings.evaluate.boundary_ratio) \
         if getattr(source, "has_labels", False) else None
-    rows = []
-    n = len(source)
-    for done, (image_id, labels, unc, score) in enumerate(predict_store(ensemble, source), 1):
-        atomic_write_bytes(folder / f"{image_id}.png", png_bytes(labels.astype(np.uint8)))
-        heat = np.clip(unc / np.log(ensemble.members) * 255.0, 0, 255).astype(np.uint8)
-        atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
-        counts = np.bincount(labels.ravel(), minlength=k)[:k]
-        rows.append({"image_id": image_id, "score": float(score), "split": split,
-                     **{f"pixels_{c}": int(v) for c, v in enumerate(counts)}})
+    ids = list(source.image_ids)
+
+    def score(i: int, labels: np.ndarray) -> None:
         if acc is not None:
-            acc.update(labels, source.label(done - 1), image_id)
-        if progress is not None:
-            progress(done, n)
-    with atomic_path(folder / "scores.parquet") as tmp:
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
+            acc.update(labels, source.label(i), ids[i])
+
+    label_images(ensemble, source, Path(labels_out) / method / split, split,
+                 teacher_id(Path(settings.ensemble.out) / method / WEIGHTS), progress, score)
     return acc.result() if acc is not None else None
 
 
-def overlay_figures(settings: Settings, method: str, split: str, labels_out: str | Path,
+def overlay_figures(settings: Settings, method: str, split: str, folder: str | Path,
                     out_dir: str | Path, limit: int = 8) -> list[Path]:
-    """``image | truth | prediction | uncertainty`` PNGs of the first ``limit`` images (the
-    uncertainty panel stretched to the image's own maximum)."""
+    """``image | truth | prediction [| uncertainty]`` PNGs of the first ``limit`` images of
+    ``split`` predicted in ``folder`` (the uncertainty panel, when ``<id>_uncertainty.png``
+    exists, stretched to the image's own maximum)."""
     from ddps_core.datasets import to_square
     from ddps_core.viz import grid, overlay, save_png
 
     reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
-    folder = Path(labels_out) / method / split
+    folder = Path(folder)
     written = []
     for sample in list(reader)[:limit]:
         pred = np.asarray(load_image(folder / f"{sample.id}.png"))[..., 0]
-        heat = np.asarray(load_image(folder / f"{sample.id}_uncertainty.png")).astype(np.float32)
-        heat = (heat * (255.0 / max(float(heat.max()), 1.0))).astype(np.uint8)  # stretched for display
         image, gt = to_square(sample.image, sample.label, pred.shape[0])
         ign = settings.data.ignore_index
-        row = [image, overlay(image, gt, ignore_index=ign), overlay(image, pred, ignore_index=ign), heat]
+        row = [image, overlay(image, gt, ignore_index=ign), overlay(image, pred, ignore_index=ign)]
+        heat_path = folder / f"{sample.id}_uncertainty.png"
+        if heat_path.is_file():
+            heat = np.asarray(load_image(heat_path)).astype(np.float32)
+            row.append((heat * (255.0 / max(float(heat.max()), 1.0))).astype(np.uint8))  # stretched
         path = Path(out_dir) / f"{method}_{sample.id}.png"
         save_png(grid([row], scale=max(1, 128 // pred.shape[0])), path)
         written.append(path)
@@ -184,34 +253,42 @@ def run_label(settings: Settings, progress: Callable[[str, int, int], Any] | Non
     return out
 
 
+def prediction_folders(settings: Settings, student: bool | None = None) -> dict[str, Path]:
+    """Method -> folder of its test-split label PNGs: every teacher method, then the student
+    (``evaluate.student``, or ``student``) whose stage writes ``<student.out>/test/``."""
+    folders = {m: Path(settings.ensemble.labels_out) / m / "test" for m in settings.ensemble.methods}
+    if settings.evaluate.student if student is None else student:
+        folders["student"] = Path(settings.student.out) / "test"
+    return folders
+
+
 def run_evaluate(settings: Settings, report: str | Path = "reports/ddpm_seg.parquet",
                  metrics: str | Path = "reports/metrics/ddpm_seg.json",
-                 figures: str | Path = "reports/figures") -> pd.DataFrame:
-    """Stage ``evaluate``: every method's test labels against the (squared) ground truth,
-    in one report with a ``method`` column (the ``ddps evaluate`` schema), DVC metrics JSON
-    and overlay figures."""
+                 figures: str | Path = "reports/figures", student: bool | None = None) -> pd.DataFrame:
+    """Stage ``evaluate``: every method's test labels (:func:`prediction_folders`) against
+    the (squared) ground truth, in one report with a ``method`` column (the ``ddps
+    evaluate`` schema), DVC metrics JSON and overlay figures."""
     from ddps_core.metrics import REPORT_COLUMNS, report_frame, write_report
     from ddps_core.metrics.files import load_label_map
 
     truth = FeatureStore.open(store_path(settings, "test"), read_only=True)
     names = DDPMSegFolder(settings.data.out, "test").class_names
     frames, summary = [], {}
-    for method in settings.ensemble.methods:
-        folder = Path(settings.ensemble.labels_out) / method / "test"
+    for method, folder in prediction_folders(settings, student).items():
         acc = ConfusionAccumulator(truth.num_classes, ignore_index=settings.data.ignore_index,
                                    boundary_ratio=settings.evaluate.boundary_ratio)
         for i, image_id in enumerate(truth.image_ids):
             path = folder / f"{image_id}.png"
             if not path.is_file():
-                raise DataError(f"{path}: missing prediction; run the label stage")
+                stage = "train_student" if method == "student" else "label"
+                raise DataError(f"{path}: missing prediction; run the {stage} stage")
             acc.update(load_label_map(path), truth.label(i), image_id, source=str(path))
         result = acc.result()
         frame = report_frame(result, names)
         frame.insert(0, "method", method)
         frames.append(frame)
         summary[method] = {k: float(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
-        overlay_figures(settings, method, "test", settings.ensemble.labels_out, figures,
-                        settings.ensemble.figures)
+        overlay_figures(settings, method, "test", folder, figures, settings.ensemble.figures)
     df = pd.concat(frames, ignore_index=True)[["method", *REPORT_COLUMNS]]
     write_report(df, report)
     atomic_write_text(metrics, json.dumps(summary, indent=2))

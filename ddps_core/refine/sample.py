@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ddps_core.device import autocast
 from ddps_core.refine.multinomial import MultinomialDiffusion, uniform_mask
-from ddps_core.viz import grid, overlay
+from ddps_core.viz import grid, overlay, with_header
 
 __all__ = [
     "RefineResult",
@@ -156,15 +156,6 @@ def refine_images(
 
 
 # --------------------------------------------------------------------------- picture
-def _caption(text: str, width: int, height: int = 12) -> np.ndarray:
-    """A white strip with ``text`` in PIL's built-in bitmap font (no font files needed)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    ImageDraw.Draw(img).text((2, 0), text, fill=(0, 0, 0))
-    return np.asarray(img)
-
-
 def refinement_picture(
     images: np.ndarray,
     step_masks: Mapping[int, np.ndarray],
@@ -205,9 +196,4 @@ def refinement_picture(
     picture = grid(rows, scale=scale)
     if not captions:
         return picture
-    gap, panel_w = 2, ww * scale
-    header = np.full((12, picture.shape[1], 3), 255, np.uint8)
-    for c, (name, _) in enumerate(columns):
-        x = c * (panel_w + gap)
-        header[:, x:x + panel_w] = _caption(name, panel_w)
-    return np.concatenate([header, np.full((gap, picture.shape[1], 3), 255, np.uint8), picture], axis=0)
+    return with_header(picture, [name for name, _ in columns], ww * scale)

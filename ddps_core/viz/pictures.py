@@ -63,6 +63,26 @@ def grid(
     return out
 
 
+def caption(text: str, width: int, height: int = 12) -> np.ndarray:
+    """A white ``height x width`` strip with ``text`` in PIL's built-in bitmap font (no font
+    files needed)."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(img).text((2, 0), text, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def with_header(picture: np.ndarray, names: Sequence[str], panel_width: int, gap: int = 2) -> np.ndarray:
+    """``picture`` (a :func:`grid` of columns ``panel_width`` wide) with a caption strip on
+    top naming its columns."""
+    header = np.full((12, picture.shape[1], 3), 255, np.uint8)
+    for c, name in enumerate(names):
+        x = c * (panel_width + gap)
+        header[:, x:x + panel_width] = caption(name, panel_width)
+    return np.concatenate([header, np.full((gap, picture.shape[1], 3), 255, np.uint8), picture], axis=0)
+
+
 def triptych(
     image: np.ndarray,
     gt: np.ndarray | None,

@@ -1,0 +1,217 @@
+"""The ``generate`` stage: candidates from the pool and / or the DDPM, filtered, exported.
+
+Sources (``generate.source``):
+
+* ``pool``: the unlabelled images, with the labels and scores the ``label`` stage wrote
+  (``<ensemble.labels_out>/ddpm/unlabeled/``; the teacher recorded there must be the current
+  one);
+* ``generated``: ``generate.n_samples`` images sampled from the trained DDPM
+  (:mod:`.sample`), their features extracted into a feature store with the extract stage's
+  settings and shared noise (:func:`~ddps_core.features.stage.fill_store`) and labelled by the
+  ``ddpm`` teacher (:func:`~ddps_core.pixel.stage.label_images`), all under ``generate.work``
+  and each step resumable (sampling per batch, extraction per shard, labelling per part);
+* ``both``.
+
+Each source is filtered on its own (:mod:`.filter`): the score distributions of real and
+sampled images differ, so one rule over the union would mostly keep one source. The real
+labelled training images are added unfiltered (``include_real``). :mod:`.export` writes the
+result. The generated images' feature store is deleted after a successful export unless
+``generate.keep_work`` (it is the largest intermediate: ~1 MB per 32 px image).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ddps_core.config import Settings
+from ddps_core.datasets import DDPMSegFolder, GenericFolder, load_image, to_square
+from ddps_core.errors import DataError
+from ddps_core.generate.export import Candidate, export_dataset, summary
+from ddps_core.generate.filter import filter_scores
+from ddps_core.io import atomic_write_text
+
+__all__ = ["generated_candidates", "image_size", "pool_candidates", "real_candidates", "run_stage"]
+
+Progress = Callable[[str, int, int], Any] | None
+
+
+def _teacher(settings: Settings) -> str:
+    from ddps_core.pixel.stage import WEIGHTS, teacher_id
+
+    path = Path(settings.ensemble.out) / "ddpm" / WEIGHTS
+    if not path.is_file():
+        raise DataError(f"{path}: no trained ddpm teacher; run the train_ensemble stage with method ddpm")
+    return teacher_id(path)
+
+
+def image_size(settings: Settings) -> int:
+    """The diffusion model's image size: every feature store, label and export uses it."""
+    from ddps_core.diffusion.presets import get_preset
+
+    return get_preset(settings.ddpm.preset).image_size
+
+
+def _labels_loader(image_fn: Callable[[], np.ndarray], label_path: Path, size: int):
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        from ddps_core.metrics.files import load_label_map
+
+        image, _ = to_square(image_fn(), None, size)
+        return image, load_label_map(label_path)
+
+    return load
+
+
+def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candidate]:
+    """The unlabelled pool as labelled by the ``label`` stage."""
+    folder = Path(settings.ensemble.labels_out) / "ddpm" / "unlabeled"
+    scores_path, marker = folder / "scores.parquet", folder / "teacher.txt"
+    if not scores_path.is_file():
+        raise DataError(f"{scores_path}: the unlabelled pool has no teacher labels; run the label stage "
+                        "(features.splits must include unlabeled)")
+    if not marker.is_file() or marker.read_text().strip() != teacher:
+        raise DataError(f"{folder}: labelled by another teacher than {Path(settings.ensemble.out) / 'ddpm'}; "
+                        "rerun the label stage")
+    scores = pd.read_parquet(scores_path, columns=["image_id", "score"])
+    reader = DDPMSegFolder(settings.data.out, "unlabeled", ignore_index=settings.data.ignore_index)
+    index = {sid: i for i, sid in enumerate(reader.ids)}
+    out = []
+    for row in scores.itertuples():
+        if row.image_id not in index:
+            raise DataError(f"{scores_path}: image {row.image_id!r} is not in {reader.folder}; rerun the label stage")
+        i = index[row.image_id]
+        out.append(Candidate(
+            image_id=f"pool_{row.image_id}", source="pool", source_id=row.image_id, score=float(row.score),
+            load=_labels_loader(lambda i=i: reader[i].image, folder / f"{row.image_id}.png", size),
+            teacher=teacher))
+    return out
+
+
+def real_candidates(settings: Settings, size: int) -> list[Candidate]:
+    """The real labelled training images (squared like every feature store's labels)."""
+    reader = DDPMSegFolder(settings.data.out, "train", ignore_index=settings.data.ignore_index)
+
+    def loader(i: int):
+        def load() -> tuple[np.ndarray, np.ndarray]:
+            sample = reader[i]
+            return to_square(sample.image, sample.label, size)
+        return load
+
+    return [Candidate(image_id=f"real_{sid}", source="real", source_id=sid, score=None, load=loader(i))
+            for i, sid in enumerate(reader.ids)]
+
+
+def _sampler(settings: Settings) -> dict[str, Any]:
+    g = settings.generate
+    return {"method": g.sample_method, "steps": g.sample_steps, "seed": g.seed}
+
+
+def _reset_if_changed(work: Path, ident: dict[str, Any], log: Callable[[str], None] | None) -> None:
+    """Samples, their features and labels belong to one (model, sampler) setting."""
+    marker = work / "samples.json"
+    text = json.dumps(ident, sort_keys=True)
+    if work.exists() and (not marker.is_file() or marker.read_text() != text):
+        if log:
+            log(f"{work}: made with other sampler settings or another model; starting over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, text)
+
+
+def _finished_labels(folder: Path, teacher: str, ids: list[str]) -> pd.DataFrame | None:
+    """The scores of a finished labelling of exactly ``ids`` by ``teacher``, else None."""
+    try:
+        if (folder / "teacher.txt").read_text() != teacher:
+            return None
+        scores = pd.read_parquet(folder / "scores.parquet")
+    except (OSError, ValueError):
+        return None
+    return scores if list(scores["image_id"]) == ids else None
+
+
+def generated_candidates(settings: Settings, teacher: str, progress: Progress = None,
+                         log: Callable[[str], None] | None = None) -> list[Candidate]:
+    """Sample, extract and label ``generate.n_samples`` images under ``generate.work``."""
+    import torch
+
+    from ddps_core.device import resolve_device
+    from ddps_core.diffusion.gaussian import GaussianDiffusion
+    from ddps_core.diffusion.train import load_trained
+    from ddps_core.features.stage import fill_store
+    from ddps_core.generate.sample import sample_to_folder
+    from ddps_core.pixel.stage import label_images, load_method
+
+    g = settings.generate
+    if g.n_samples == 0:
+        return []
+    device = resolve_device(settings.device)
+    work = Path(g.work)
+    model, info = load_trained(settings.ddpm.out, device)
+    _reset_if_changed(work, {"model_id": info["model_id"], "batch_size": g.batch_size, **_sampler(settings)}, log)
+    diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
+    samples = work / "samples"
+    with torch.inference_mode():
+        ids = sample_to_folder(model, diffusion, samples / "images", g.n_samples, batch_size=g.batch_size,
+                               steps=g.sample_steps, method=g.sample_method, seed=g.seed, device=device,
+                               progress=(lambda d, n: progress("sample", d, n)) if progress else None)
+    del model
+    k = DDPMSegFolder(settings.data.out, "train").num_classes
+    reader = GenericFolder(samples, num_classes=k, ignore_index=settings.data.ignore_index, require_labels=False)
+    if reader.ids != ids:  # stray files from an older, larger run
+        extra = sorted(set(reader.ids) - set(ids))
+        for sid in extra:
+            (samples / "images" / f"{sid}.png").unlink()
+        reader = GenericFolder(samples, num_classes=k, ignore_index=settings.data.ignore_index, require_labels=False)
+    labels = work / "labels"
+    scores = _finished_labels(labels, teacher, ids)
+    if scores is None:
+        store = fill_store(settings, reader, work / "features.zarr", labelled=False, on_change="rebuild",
+                           progress=(lambda d: progress("extract", d, len(ids))) if progress else None, log=log)
+        scores = label_images(load_method(settings, "ddpm"), store, labels, "generated", teacher,
+                              progress=(lambda d, n: progress("label", d, n)) if progress else None)
+    size = image_size(settings)
+    by_id = dict(zip(scores["image_id"], scores["score"]))
+    return [Candidate(image_id=sid, source="generated", source_id=sid, score=float(by_id[sid]),
+                      load=_labels_loader(lambda p=samples / "images" / f"{sid}.png": load_image(p),
+                                          labels / f"{sid}.png", size),
+                      sampler=_sampler(settings), teacher=teacher)
+            for sid in ids]
+
+
+def run_stage(settings: Settings, progress: Progress = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Stage ``generate``; returns the filtering statistics per source (also written to
+    ``<out>/summary.json``). ``progress(step, done, total)`` with step one of ``sample``,
+    ``extract``, ``label``, ``export``."""
+    g = settings.generate
+    teacher = _teacher(settings)
+    size = image_size(settings)
+    names = DDPMSegFolder(settings.data.out, "train").class_names
+    k = DDPMSegFolder(settings.data.out, "train").num_classes
+    names = list(names) if names else [str(c) for c in range(k)]
+    scored: list[Candidate] = []
+    if g.source in ("pool", "both"):
+        scored += pool_candidates(settings, teacher, size)
+    if g.source in ("generated", "both"):
+        scored += generated_candidates(settings, teacher, progress, log)
+    if not scored:
+        raise DataError(f"generate.source {g.source!r} produced no candidates (generate.n_samples is 0?)")
+    frames = []
+    for source in dict.fromkeys(c.source for c in scored):
+        part = [c for c in scored if c.source == source]
+        frames.append(filter_scores([c.score for c in part], [c.image_id for c in part], g))
+    decisions = pd.concat(frames, ignore_index=True)
+    candidates = scored + (real_candidates(settings, size) if g.include_real else [])
+    ident = json.dumps({"generate": g.model_dump(mode="json"), "teacher": teacher}, sort_keys=True)
+    manifest = export_dataset(g.out, candidates, decisions, names, ignore_index=settings.data.ignore_index,
+                              ddpm_seg=g.format == "ddpm-seg", contact=g.contact_sheet, settings_text=ident,
+                              progress=(lambda d, n: progress("export", d, n)) if progress else None)
+    if not g.keep_work and (Path(g.work) / "features.zarr").exists():
+        shutil.rmtree(Path(g.work) / "features.zarr")
+    return summary(manifest)
