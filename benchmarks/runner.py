@@ -66,6 +66,15 @@ BENCHMARKS: dict[str, Callable[[str], list[dict]]] = {"mbiou": _mbiou, "unet": _
                                                       "extract": _extract, "ensemble": _ensemble}
 
 
+def _ddps(device: str) -> list[dict]:
+    from benchmarks import bench_ddps
+
+    return bench_ddps.run(device=device)
+
+
+BENCHMARKS["ddps"] = _ddps
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,

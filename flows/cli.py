@@ -533,6 +533,10 @@ def _pct(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
+from flows.cli_ddps import ddps_app  # noqa: E402
+app.add_typer(ddps_app, name="ddps")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one clear message and a non-zero exit on bad input.
 

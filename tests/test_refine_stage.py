@@ -1,0 +1,320 @@
+"""The DDPS stages on a tiny project (a random 4-class SegFormer-B0 student, 8 generated /
+real training images and 6 test images of 32 px): train_ddps trains the model and its
+ablation, resumes exactly and does nothing on a rerun; refine writes the report blocks,
+the PNGs, metrics and the picture, and its student rows equal an independent evaluation."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ddps_core.config import load_settings
+from ddps_core.datasets import DDPMSegFolder
+from ddps_core.datasets.common import npy_bytes, png_bytes
+from ddps_core.errors import DataError
+from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, evaluate_arrays, load_label_map, report_frame
+from ddps_core.refine.denoiser import denoiser_preset, parameter_counts
+from ddps_core.refine.stage import (
+    TrainBatches,
+    format_step_table,
+    info,
+    info_text,
+    run_refine,
+    run_train,
+    step_table,
+)
+from ddps_core.student.model import Student, load_student
+from ddps_core.student.train import ImageSet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+K, S, N_TRAIN, N_TEST = 4, 32, 8, 6
+NAMES = ["bg", "left", "right", "box"]
+STEPS = [0, 10, 19]  # T = 20, n = 2
+
+
+def _pair(rng):
+    lab = np.zeros((S, S), np.uint8)
+    lab[:, : S // 2], lab[:, S // 2:] = 1, 2
+    y, x = rng.integers(0, S - 10, 2)
+    lab[y:y + 10, x:x + 10] = 3
+    lab[0, :4] = 255  # a few ignore pixels
+    colours = np.array([[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200]], np.float64)
+    img = np.clip(colours[np.where(lab == 255, 0, lab)] + rng.normal(0, 20, (S, S, 3)), 0, 255).astype(np.uint8)
+    return img, lab
+
+
+def _project(root):
+    rng = np.random.default_rng(0)
+    ds = root / "dataset"
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        folder = ds / "real" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            img, lab = _pair(rng)
+            (folder / f"{split}{i:02d}.png").write_bytes(png_bytes(img))
+            (folder / f"{split}{i:02d}.npy").write_bytes(npy_bytes(lab))
+    (ds / "classes.yaml").write_text(json.dumps(NAMES))
+    gen = root / "generated"
+    (gen / "images").mkdir(parents=True)
+    (gen / "masks").mkdir()
+    for i in range(N_TRAIN):
+        img, lab = _pair(rng)
+        (gen / "images" / f"g{i:02d}.png").write_bytes(png_bytes(img))
+        (gen / "masks" / f"g{i:02d}.png").write_bytes(png_bytes(lab))
+    (gen / "classes.yaml").write_text(json.dumps(NAMES))
+    pd.DataFrame({"image_id": [f"g{i:02d}" for i in range(N_TRAIN)]}).to_parquet(gen / "manifest.parquet")
+    # a random student in train_student's layout (what load_student reads)
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    student = Student("segformer", "mit_b0", K)
+    out = root / "student"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in student.net.state_dict().items()}, out / "student.safetensors")
+    (out / "model.json").write_text(json.dumps({
+        **student.config, "image_size": S, "feature_channels": student.feature_channels, "feature_stride": 4,
+        "class_names": NAMES, "ignore_index": 255}))
+
+
+def _settings(root, **ddps):
+    over = {"device": "cpu", "data.out": str(root / "dataset"), "generate.out": str(root / "generated"),
+            "student.out": str(root / "student")}
+    base = dict(preset="tiny", width=8, num_timesteps=20, steps=4, single_step_steps=2, batch_size=4,
+                warmup_steps=1, checkpoint_every=2, log_every=1, out=str(root / "ddps"), ablation=True,
+                refine_steps=2, refined_out=str(root / "refined"), figures=2, threads=1)
+    base.update(ddps)
+    over.update({f"ddps.{k}": v for k, v in base.items()})
+    return load_settings(None, over)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ddps-project")
+    _project(root)
+    settings = _settings(root)
+    summary = run_train(settings)
+    return root, settings, summary
+
+
+def test_train_ddps_trains_both_and_a_rerun_does_nothing(project):
+    root, settings, summary = project
+    assert set(summary["models"]) == {"ddps", "ddps-gt"}
+    assert summary["n_images"] == N_TRAIN and summary["data"] == "generated" and summary["image_size"] == S
+    for method, folder, x0 in (("ddps", root / "ddps", "first_prediction"),
+                               ("ddps-gt", root / "ddps" / "ablation-gt", "gt")):
+        assert summary["models"][method]["steps"] == 4
+        model_json = json.loads((folder / "model.json").read_text())
+        assert model_json["x0_source"] == x0 and model_json["data_id"] == summary["data_id"]
+        assert model_json["denoiser"]["num_classes"] == K and model_json["denoiser"]["feature_channels"] == 256
+    assert summary["data_id"].startswith("student=") and "data=generated:" in summary["data_id"]
+    before = (root / "ddps" / "ema.safetensors").read_bytes()
+    logs = []
+    again = run_train(settings, log=logs.append)
+    assert all(m["steps_this_run"] == 0 for m in again["models"].values())
+    assert any("resuming from step 4" in m for m in logs)
+    assert (root / "ddps" / "ema.safetensors").read_bytes() == before
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(project, tmp_path):
+    root, _, _ = project
+    # 5 steps over 2 batches per epoch, a checkpoint at step 3 (mid-epoch 1), killed at step 4
+    kw = dict(steps=5, checkpoint_every=3, ablation=False, data="real")
+    full = _settings(root, out=str(tmp_path / "full"), **kw)
+    run_train(full)
+
+    class Stop(Exception):
+        pass
+
+    def stop(_method, info):
+        if info.step == 4:
+            raise Stop
+
+    part = _settings(root, out=str(tmp_path / "part"), **kw)
+    with pytest.raises(Stop):
+        run_train(part, on_step=stop)
+    logs = []
+    res = run_train(part, log=logs.append)
+    assert any("resuming from step 3" in m for m in logs) and res["models"]["ddps"]["steps_this_run"] == 2
+    assert (tmp_path / "full" / "ema.safetensors").read_bytes() == (tmp_path / "part" / "ema.safetensors").read_bytes()
+    assert "data=real:" in res["data_id"]
+
+
+class _Pairs:
+    """What TrainBatches reads: ``len`` and ``batch(indices)`` (as ImageSet)."""
+
+    def __init__(self, n):
+        self.labels = torch.stack([torch.from_numpy(np.random.default_rng(i).integers(0, K, (S, S)))
+                                   for i in range(n)])
+        self.images = self.labels[:, None].expand(-1, 3, -1, -1).float() / K
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, indices):
+        idx = torch.as_tensor(list(indices))
+        return self.images[idx], self.labels[idx]
+
+
+def test_train_batches_are_a_function_of_seed_and_epoch():
+    data = _Pairs(10)
+    b = TrainBatches(data, batch_size=4, seed=3, hflip=True)
+    assert len(b) == 2  # 10 // 4, the partial batch dropped
+    e0, e0_again, e1 = list(b(0)), list(b(0)), list(b(1))
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(e0, e0_again, strict=True))
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(e0, e1, strict=True))
+    flipped = 0
+    for images, labels in e0 + e1:
+        assert torch.equal(images, labels[:, None].expand(-1, 3, -1, -1).float() / K)  # flipped together
+        for lab in labels:
+            same = [bool(torch.equal(lab, o)) for o in data.labels]
+            mirrored = [bool(torch.equal(lab, o.flip(-1))) for o in data.labels]
+            assert any(same) or any(mirrored)
+            flipped += not any(same)
+    assert 0 < flipped < 16  # some flipped, some not
+    assert [len(x[1]) for x in TrainBatches(data, batch_size=32, seed=0)(0)] == [10]  # one batch
+    no_flip = list(TrainBatches(data, batch_size=5, seed=0, hflip=False)(0))
+    assert sorted(i for _, lab in no_flip for i in [next(j for j, o in enumerate(data.labels) if torch.equal(o, x))
+                                                      for x in lab]) == list(range(10))
+
+
+@pytest.fixture(scope="module")
+def refined(project):
+    root, settings, _ = project
+    df = run_refine(settings, report=root / "reports" / "ddps.parquet",
+                    metrics=root / "reports" / "metrics" / "ddps.json", figures=root / "reports" / "figures")
+    return root, settings, df
+
+
+def test_refine_report_blocks_and_files(refined):
+    root, settings, df = refined
+    on_disk = pd.read_parquet(root / "reports" / "ddps.parquet")
+    assert list(on_disk.columns) == ["method", "step", *REPORT_COLUMNS]
+    pd.testing.assert_frame_equal(on_disk, df)
+    keys = df[["method", "step"]].drop_duplicates().itertuples(index=False)
+    blocks = [(m, None if pd.isna(s) else int(s)) for m, s in keys]
+    assert blocks == [("student", None)] + [("ddps", i) for i in STEPS] + [("ddps-gt", i) for i in STEPS]
+    for (method, step), block in df.groupby(["method", df["step"].fillna(-1)], sort=False):
+        assert list(block["scope"]) == ["class"] * K + ["image"] * N_TEST + ["summary"]
+        assert list(block[block["scope"] == "class"]["class_name"]) == NAMES
+    out = root / "refined"
+    assert len(list((out / "student").glob("*.png"))) == N_TEST
+    for method in ("ddps", "ddps-gt"):
+        assert sorted(p.name for p in (out / method).iterdir()) == sorted(f"step_{i}" for i in STEPS)
+        for i in STEPS:
+            assert len(list((out / method / f"step_{i}").glob("*.png"))) == N_TEST
+    metrics = json.loads((root / "reports" / "metrics" / "ddps.json").read_text())
+    assert set(metrics) == {"student", "ddps", "ddps-gt"} and set(metrics["student"]) == {"miou", "mbiou"}
+    assert set(metrics["ddps"]) == {f"step_{i}" for i in STEPS}
+    summary = df[(df["scope"] == "summary") & (df["method"] == "ddps") & (df["step"] == 19)].iloc[0]
+    assert metrics["ddps"]["step_19"]["miou"] == pytest.approx(summary["miou"])
+    from PIL import Image
+
+    picture = np.asarray(Image.open(root / "reports" / "figures" / "ddps_refinement.png"))
+    scale = 4  # 32 px panels upscaled to >= 128
+    assert picture.shape[1] >= 6 * S * scale  # image | base | 3 steps | truth
+    assert picture.shape[0] >= 2 * S * scale  # figures = 2 rows
+
+
+def test_refine_student_rows_equal_an_independent_evaluation(refined):
+    root, settings, df = refined
+    model, _ = load_student(settings.student.out)
+    data = ImageSet(DDPMSegFolder(settings.data.out, "test"), S)
+    images, labels = data.batch(range(len(data)))
+    with torch.no_grad():
+        pred = model(images).argmax(1).numpy()
+    acc = ConfusionAccumulator(K)
+    for j, image_id in enumerate(data.ids):
+        acc.update(pred[j], labels[j].numpy(), image_id)
+        saved = load_label_map(root / "refined" / "student" / f"{image_id}.png")
+        assert np.array_equal(saved, pred[j])
+    expected = report_frame(acc.result(), NAMES)
+    got = df[df["method"] == "student"][REPORT_COLUMNS].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+    # and each DDPS step's rows are the evaluation of its PNGs
+    for method in ("ddps", "ddps-gt"):
+        for i in STEPS:
+            folder = root / "refined" / method / f"step_{i}"
+            res = evaluate_arrays(((sid, load_label_map(folder / f"{sid}.png"), labels[j].numpy())
+                                   for j, sid in enumerate(data.ids)), K)
+            row = df[(df["method"] == method) & (df["step"] == i) & (df["scope"] == "summary")].iloc[0]
+            assert row["miou"] == pytest.approx(res.miou, nan_ok=True)
+            assert row["mbiou"] == pytest.approx(res.mbiou, nan_ok=True)
+
+
+def test_refine_is_reproducible_and_scores_at_the_model_size(refined, tmp_path):
+    root, settings, df = refined
+    again = run_refine(settings, report=tmp_path / "r.parquet", metrics=tmp_path / "m.json", figures=tmp_path)
+    pd.testing.assert_frame_equal(again, df)
+    # the teacher's size (tiny64: 64 px) differs from the student's (32 px): scored at 64,
+    # the student's rows equal predict_split's
+    from ddps_core.student.stage import predict_split
+
+    s64 = settings.model_copy(update={"ddpm": settings.ddpm.model_copy(update={"preset": "tiny64"}),
+                                      "ddps": settings.ddps.model_copy(update={"refined_out": str(tmp_path / "r64"),
+                                                                               "ablation": False, "figures": 0})})
+    df64 = run_refine(s64, report=tmp_path / "r64.parquet", metrics=tmp_path / "m64.json", figures=tmp_path / "f64")
+    assert set(df64["method"]) == {"student", "ddps"}
+    assert load_label_map(tmp_path / "r64" / "ddps" / "step_19" / "test00.png").shape == (64, 64)
+    expected = predict_split(s64, "test", tmp_path / "p64", 64)
+    row = df64[(df64["method"] == "student") & (df64["scope"] == "summary")].iloc[0]
+    assert row["miou"] == pytest.approx(expected.miou) and row["mbiou"] == pytest.approx(expected.mbiou)
+    assert not (tmp_path / "f64").exists()  # figures = 0: no picture
+
+
+def test_refine_refuses_a_denoiser_of_another_student(project, tmp_path):
+    root, settings, _ = project
+    import shutil
+
+    other = tmp_path / "student"
+    shutil.copytree(root / "student", other)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(other / "student.safetensors")
+    first = next(iter(sd))
+    sd[first] = sd[first] + 1
+    save_file(sd, other / "student.safetensors")
+    s = settings.model_copy(update={"student": settings.student.model_copy(update={"out": str(other)})})
+    with pytest.raises(DataError, match="another student"):
+        run_refine(s, report=tmp_path / "r.parquet", metrics=tmp_path / "m.json", figures=tmp_path)
+
+
+def test_step_table_and_text(refined):
+    _, _, df = refined
+    table = step_table(df)
+    assert list(table["method"]) == ["student", "ddps", "ddps-gt"]
+    assert list(table.columns) == ["method", "mIoU", "mBIoU", *(f"mIoU {i}" for i in STEPS),
+                                   *(f"mBIoU {i}" for i in STEPS)]
+    summary = df[df["scope"] == "summary"]
+    student = summary[summary["method"] == "student"].iloc[0]
+    assert table.loc[0, "mIoU"] == pytest.approx(100 * student["miou"]) and np.isnan(table.loc[0, "mIoU 0"])
+    last = summary[(summary["method"] == "ddps") & (summary["step"] == 19)].iloc[0]
+    assert table.loc[1, "mIoU 19"] == pytest.approx(100 * last["miou"]) == table.loc[1, "mIoU"]
+    text = format_step_table(table)
+    lines = text.splitlines()
+    assert len(lines) == 3 and "mIoU 0,10,19 = " in lines[1] and lines[0].startswith("student")
+    assert f"{table.loc[1, 'mBIoU 10']:.2f}" in lines[1]
+    assert format_step_table(table.to_dict("records")) == text
+
+
+def test_info_reports_the_configured_and_the_reference_preset(project):
+    _, settings, _ = project
+    entries = info(settings)
+    assert [e["name"] for e in entries] == ["configured (tiny)", "ddps-segformer-b2"]
+    assert entries[0]["config"]["num_classes"] == K and entries[0]["config"]["width"] == 8
+    assert entries[0]["refine_steps"] == STEPS
+    ref = denoiser_preset("ddps-segformer-b2")
+    assert (ref.num_classes, ref.feature_channels) == (150, 256)
+    assert entries[1]["parameters"] == parameter_counts(ref)
+    text = info_text(settings)
+    assert f"total {parameter_counts(ref)['total']:,}" in text and "K=150 C=256" in text
+
+
+def test_tasks_carry_the_gpu_tag():
+    from tasks.ddps import refine_task, train_ddps_task
+
+    assert "gpu" in refine_task.tags and "gpu" in train_ddps_task.tags
+    assert refine_task.retries >= 1 and refine_task.retry_condition_fn is not None
