@@ -62,8 +62,15 @@ def _ensemble(device: str) -> list[dict]:
     return bench_ensemble.run()
 
 
+def _student(device: str) -> list[dict]:
+    from benchmarks import bench_student
+
+    return bench_student.run(device=device)
+
+
 BENCHMARKS: dict[str, Callable[[str], list[dict]]] = {"mbiou": _mbiou, "unet": _unet,
-                                                      "extract": _extract, "ensemble": _ensemble}
+                                                      "extract": _extract, "ensemble": _ensemble,
+                                                      "student": _student}
 
 
 def _ddps(device: str) -> list[dict]:

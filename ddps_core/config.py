@@ -161,7 +161,7 @@ class EnsembleSettings(Section):
     checkpoint_every: int = Field(1000, ge=1)
     out: str = "data/models/ensemble"
     labels_out: str = "data/labels"
-    figures: int = Field(8, ge=0, description="Overlay figures per method in reports/figures.")
+    figures: int = Field(8, ge=0, description="Overlay figures per method in reports/figures/overlays.")
 
 
 class GenerateSettings(Section):

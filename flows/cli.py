@@ -441,8 +441,15 @@ def student_train(
         err_console.print(f"epoch {row['epoch']}/{s.student.epochs}: loss {row['loss']:.4f}, "
                           f"real-image mIoU {val}, {row['seconds']:.1f} s")
 
-    with progress_bar("student", None) as update:
-        info = run_stage(s, on_epoch=on_epoch, on_batch=lambda it, _total: update(it), log=err_console.print)
+    with contextlib.ExitStack() as stack:
+        bar: list[Callable[[int], None]] = []
+
+        def on_batch(it: int, total: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(progress_bar("student batches", total)))
+            bar[0](it)
+
+        info = run_stage(s, on_epoch=on_epoch, on_batch=on_batch, log=err_console.print)
     console.print(f"student {info['arch']}/{info['encoder']}: epoch {info['best_epoch']} selected; "
                   f"test mIoU {_pct(info['test_miou'])}  mBIoU {_pct(info['test_mbiou'])} -> {s.student.out}")
 

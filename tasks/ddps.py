@@ -13,11 +13,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ddps_core.config import Settings
-from tasks.common import retry_unless_user_error
-
-
-def _every(total: int, parts: int = 10) -> int:
-    return max(1, total // parts)
+from tasks.common import every, retry_unless_user_error
 
 
 @task(name="train-ddps", retries=2, retry_delay_seconds=10,
@@ -27,10 +23,10 @@ def train_ddps_task(settings: Settings) -> dict[str, Any]:
     from ddps_core.refine.stage import run_train
 
     logger = get_run_logger()
-    every = _every(settings.ddps.steps)
+    stride = every(settings.ddps.steps)
 
     def on_step(method: str, info: Any) -> None:
-        if info.step % every == 0 or info.step == info.total:
+        if info.step % stride == 0 or info.step == info.total:
             logger.info("%s step %d/%d (%s): loss %.4f, lr %.2e, %.1f img/s", method, info.step, info.total,
                         info.stage, info.loss, info.lr, info.images_per_s)
 
@@ -46,7 +42,7 @@ def refine_task(settings: Settings) -> list[dict[str, Any]]:
     logger = get_run_logger()
 
     def progress(done: int, total: int) -> None:
-        if done == total or done % _every(total) == 0:
+        if done == total or done % every(total) == 0:
             logger.info("refine: %d/%d images", done, total)
 
     df = run_refine(settings, progress=progress, log=logger.info)

@@ -8,11 +8,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ddps_core.config import Settings
-from tasks.common import retry_unless_user_error
-
-
-def _every(total: int, parts: int = 10) -> int:
-    return max(1, total // parts)
+from tasks.common import every, retry_unless_user_error
 
 
 @task(name="generate-dataset", retries=2, retry_delay_seconds=10,
@@ -24,7 +20,7 @@ def generate_task(settings: Settings) -> dict[str, Any]:
     logger = get_run_logger()
 
     def progress(step: str, done: int, total: int) -> None:
-        if done == total or done % _every(total) == 0:
+        if done == total or done % every(total) == 0:
             logger.info("%s: %d/%d", step, done, total)
 
     return run_stage(settings, progress=progress, log=logger.info)

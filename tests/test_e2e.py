@@ -36,6 +36,10 @@ def pipeline(tmp_path_factory):
                           sample_count=4, sample_steps=5, log_every=1)
     params["features"].update(shard_images=4, batch_size=4, steps=[10, 50])
     params["ensemble"].update(members=2, max_epochs=2, figures=2)
+    params["generate"].update(drop_certain=4, contact_sheet=2)
+    params["student"].update(epochs=2, batch_size=8, warmup_steps=2)
+    params["ddps"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
+                          log_every=1, figures=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PREFECT_HOME": str(work / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -64,11 +68,26 @@ def test_dvc_repro_builds_every_stage(pipeline):
     pool = pd.read_parquet(work / "data/labels/ddpm/unlabeled/scores.parquet")
     assert len(pool) == 64 and pool["score"].notna().all()
     report = pd.read_parquet(work / "reports/ddpm_seg.parquet")
-    assert sorted(report["method"].unique()) == ["ddpm", "random_unet", "rgbxy"]
-    assert (report["scope"] == "summary").sum() == 3
+    assert sorted(report["method"].unique()) == ["ddpm", "random_unet", "rgbxy", "student"]
+    assert (report["scope"] == "summary").sum() == 4
     metrics = yaml.safe_load((work / "reports/metrics/ddpm_seg.json").read_text())
-    assert set(metrics) == {"ddpm", "random_unet", "rgbxy"} and 0 <= metrics["ddpm"]["miou"] <= 1
-    assert len(list((work / "reports/figures").glob("*.png"))) == 6
+    assert set(metrics) == {"ddpm", "random_unet", "rgbxy", "student"} and 0 <= metrics["ddpm"]["miou"] <= 1
+    # the generated dataset: 64 pool candidates - 4 most certain - ceil(0.1 * 64) = 7, + 4 real
+    manifest = pd.read_parquet(work / "data/generated/manifest.parquet")
+    assert int(manifest["kept"].sum()) == 64 - 4 - 7 + 4
+    assert (work / "data/generated/contact_sheet.png").is_file()
+    # the student, scored next to the teacher; DDPS per step, with the ablation
+    student = yaml.safe_load((work / "data/models/student/model.json").read_text())
+    assert student["epochs"] == 2 and student["n_train"] == 57
+    assert (report["method"] == "student").any()
+    ddps = pd.read_parquet(work / "reports/ddps.parquet")
+    summary = ddps[ddps["scope"] == "summary"]
+    assert list(summary["method"]) == ["student", "ddps", "ddps", "ddps", "ddps-gt", "ddps-gt", "ddps-gt"]
+    assert summary["step"].dropna().astype(int).tolist() == [0, 10, 19, 0, 10, 19]
+    # the student's own row in both reports is the same prediction
+    assert summary.iloc[0]["miou"] == pytest.approx(metrics["student"]["miou"])
+    assert (work / "reports/figures/ddps_refinement.png").is_file()
+    assert len(list((work / "reports/figures/overlays").glob("*.png"))) == 8
     # nothing changed: a second repro runs no stage
     again = _sh(["dvc", "repro"], work, env)
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout.lower()

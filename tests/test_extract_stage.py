@@ -2,16 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
 
 from ddps_core.config import parse_settings
-from ddps_core.datasets.prepare import prepare_dataset
-from ddps_core.diffusion.presets import get_preset
-from ddps_core.diffusion.train import use_checkpoint
-from ddps_core.diffusion.unet import randomize_zero_init_
 from ddps_core.errors import ConfigError
 from ddps_core.features.stage import prepare_store, run_stage, store_path
 from ddps_core.features.store import FeatureStore
+
+from tests.helpers import tiny_project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,19 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def project(tmp_path_factory):
     """A tiny dataset and a random small32 checkpoint adopted as the stage's DDPM."""
     root = tmp_path_factory.mktemp("proj")
-    torch.manual_seed(0)
-    model = get_preset("small32-spec").build()
-    randomize_zero_init_(model, torch.Generator().manual_seed(1))
-    torch.save(model.state_dict(), root / "ckpt.pt")
-    raw = {
-        "device": "cpu",
-        "data": {"out": str(root / "dataset"), "synthetic": {"n_unlabeled": 2, "n_labeled": 5, "n_test": 3}},
-        "ddpm": {"preset": "small32-spec", "checkpoint": str(root / "ckpt.pt"), "out": str(root / "ddpm")},
-        "features": {"steps": [10, 100], "blocks": [1, 2, 3], "shard_images": 2, "batch_size": 2},
-    }
-    s = parse_settings(raw)
-    prepare_dataset(s.data)
-    use_checkpoint(s.ddpm)
+    raw = tiny_project(root, {"n_unlabeled": 2, "n_labeled": 5, "n_test": 3},
+                       features={"steps": [10, 100], "blocks": [1, 2, 3], "shard_images": 2, "batch_size": 2})
     return root, raw
 
 

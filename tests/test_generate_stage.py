@@ -7,14 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from ddps_core.config import parse_settings
 from ddps_core.datasets import GenericFolder
-from ddps_core.datasets.prepare import prepare_dataset
-from ddps_core.diffusion.presets import get_preset
-from ddps_core.diffusion.train import use_checkpoint
-from ddps_core.diffusion.unet import randomize_zero_init_
 from ddps_core.errors import DataError
 from ddps_core.features.stage import run_stage as extract
 from ddps_core.generate.stage import run_stage as generate
@@ -22,32 +17,25 @@ from ddps_core.metrics import ConfusionAccumulator
 from ddps_core.metrics.files import load_label_map
 from ddps_core.pixel.stage import label_split, run_evaluate, train_method
 
+from tests.helpers import tiny_project
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    torch.manual_seed(0)
-    model = get_preset("small32-spec").build()
-    randomize_zero_init_(model, torch.Generator().manual_seed(1))
-    torch.save(model.state_dict(), root / "ckpt.pt")
-    raw = {
-        "device": "cpu",
-        "data": {"out": str(root / "dataset"), "synthetic": {"n_unlabeled": 12, "n_labeled": 4, "n_test": 3}},
-        "ddpm": {"preset": "small32-spec", "checkpoint": str(root / "ckpt.pt"), "out": str(root / "ddpm")},
-        "features": {"steps": [10], "blocks": [1, 2], "shard_images": 4, "batch_size": 4,
-                     "out": str(root / "features"), "random_unet": False},
-        "ensemble": {"methods": ["ddpm"], "members": 2, "max_epochs": 1, "out": str(root / "ens"),
-                     "labels_out": str(root / "labels"), "min_class_pixels": 1, "figures": 1},
-        "generate": {"source": "both", "n_samples": 5, "sample_steps": 2, "batch_size": 2,
-                     "drop_certain": 2, "drop_uncertain": 0.2, "out": str(root / "generated"),
-                     "work": str(root / "work"), "contact_sheet": 2},
-        "student": {"epochs": 1, "batch_size": 4, "warmup_steps": 0, "out": str(root / "student")},
-    }
+    raw = tiny_project(
+        root, {"n_unlabeled": 12, "n_labeled": 4, "n_test": 3},
+        features={"steps": [10], "blocks": [1, 2], "shard_images": 4, "batch_size": 4,
+                  "out": str(root / "features"), "random_unet": False},
+        ensemble={"methods": ["ddpm"], "members": 2, "max_epochs": 1, "out": str(root / "ens"),
+                  "labels_out": str(root / "labels"), "min_class_pixels": 1, "figures": 1},
+        generate={"source": "both", "n_samples": 5, "sample_steps": 2, "batch_size": 2,
+                  "drop_certain": 2, "drop_uncertain": 0.2, "out": str(root / "generated"),
+                  "work": str(root / "work"), "contact_sheet": 2},
+        student={"epochs": 1, "batch_size": 4, "warmup_steps": 0, "out": str(root / "student")})
     s = parse_settings(raw)
-    prepare_dataset(s.data)
-    use_checkpoint(s.ddpm)
     extract(s)
     train_method(s, "ddpm")
     for split in ("test", "unlabeled"):

@@ -2,7 +2,6 @@
 size), encoder weights from a file, augmentation, and training that learns, selects by the
 real images' mIoU and resumes to the same weights."""
 
-import json
 
 import numpy as np
 import pytest

@@ -264,7 +264,7 @@ def prediction_folders(settings: Settings, student: bool | None = None) -> dict[
 
 def run_evaluate(settings: Settings, report: str | Path = "reports/ddpm_seg.parquet",
                  metrics: str | Path = "reports/metrics/ddpm_seg.json",
-                 figures: str | Path = "reports/figures", student: bool | None = None) -> pd.DataFrame:
+                 figures: str | Path = "reports/figures/overlays", student: bool | None = None) -> pd.DataFrame:
     """Stage ``evaluate``: every method's test labels (:func:`prediction_folders`) against
     the (squared) ground truth, in one report with a ``method`` column (the ``ddps
     evaluate`` schema), DVC metrics JSON and overlay figures."""
