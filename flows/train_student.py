@@ -17,7 +17,8 @@ def train_student_flow(student: dict[str, Any] | None = None, params_path: str =
     info = train_student_task(settings)
     val = "-" if info["val_miou"] is None else f"{100 * info['val_miou']:.2f}"
     print(f"student {info['arch']}/{info['encoder']}: epoch {info['best_epoch']} selected "
-          f"(real-image mIoU {val}) -> {settings.student.out}")
+          f"(real-image mIoU {val}); test mIoU {100 * info['test_miou']:.2f}, "
+          f"mBIoU {100 * info['test_mbiou']:.2f} -> {settings.student.out}")
     return info
 
 
