@@ -40,11 +40,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(batch: int = 32, size: int = 32, num_classes: int = 7, ns: tuple[int, ...] | None = None,
+def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tuple[int, ...] | None = None,
         repeats: int = 7, device: str = "cpu", params: Path | None = REPO / "params.yaml") -> list[dict]:
     """One row per n in ``ns`` (default: ``ddps.refine_steps`` and n = T, every step
-    collected, where the sampler's own work weighs most against the forwards)."""
+    collected, where the sampler's own work weighs most against the forwards). Images are
+    the student's input size (``student.image_size``, else the diffusion model's), and the
+    guidance is ``ddps.guidance``: a guided step is one forward of the doubled batch, in the
+    baseline too."""
+    from ddps_core.diffusion.presets import get_preset
+
     settings = load_settings(params if params is not None and params.exists() else None)
+    size = size or settings.student.image_size or get_preset(settings.ddpm.preset).image_size
+    w = settings.ddps.guidance
     dev = torch.device(device)
     torch.manual_seed(0)
     base = Student(settings.student.arch, settings.student.encoder, num_classes).to(dev).eval()
@@ -61,13 +68,15 @@ def run(batch: int = 32, size: int = 32, num_classes: int = 7, ns: tuple[int, ..
         steps = refinement_steps(schedule.num_timesteps, n)
 
         def ours(steps=steps) -> None:
-            refine_images(base, denoiser, schedule, images, steps=steps, generator=torch.Generator().manual_seed(2))
+            refine_images(base, denoiser, schedule, images, steps=steps, guidance=w,
+                          generator=torch.Generator().manual_seed(2))
 
         def bare(steps=steps) -> None:
             with torch.inference_mode(), autocast(dev):
                 feats, _ = base.features_and_logits(images)
+                x, f = (mask, feats) if w == 0 else (torch.cat([mask, mask]), torch.cat([feats, feats]))
                 for i in steps:
-                    denoiser(mask, torch.full((batch,), i, dtype=torch.long, device=dev), feats)
+                    denoiser(x, torch.full((x.shape[0],), i, dtype=torch.long, device=dev), f)
 
         def timed(fn) -> float:
             _sync(dev)
@@ -84,11 +93,13 @@ def run(batch: int = 32, size: int = 32, num_classes: int = 7, ns: tuple[int, ..
         t_bare = statistics.median(p[1] for p in pairs)
         rows.append({
             "name": f"ddps/refine-{settings.ddps.preset}-n{n}",
-            "figure": f"seconds per batch of {batch} ({len(steps)} denoiser steps)",
+            "figure": f"seconds per batch of {batch} at {size} px ({len(steps)} denoiser steps, w = {w})",
             "value": t_ours, "unit": "s",
-            "baseline": f"1 bare student forward + {len(steps)} bare denoiser forwards", "baseline_value": t_bare,
+            "baseline": f"1 bare student forward + {len(steps)} bare denoiser forwards"
+                        + ("" if w == 0 else " (doubled batch: guidance)"), "baseline_value": t_bare,
             "ratio": statistics.median(a / b for a, b in pairs), "target": "<= 1.1x",
             "settings": {"batch": batch, "size": size, "num_classes": num_classes, "n": n, "steps": steps,
+                         "guidance": w,
                          "num_timesteps": schedule.num_timesteps, "denoiser": config.to_dict(),
                          "student": f"{settings.student.arch}/{settings.student.encoder}",
                          "images_per_s": batch / t_ours, "repeats": len(pairs)},
