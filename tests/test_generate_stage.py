@@ -112,3 +112,45 @@ def test_student_stage_is_scored_next_to_the_teacher(project, tmp_path):
     assert summary["miou"] == pytest.approx(info["test_miou"], nan_ok=True)
     assert json.loads((tmp_path / "m.json").read_text())["student"]["miou"] == pytest.approx(summary["miou"], nan_ok=True)
     assert (tmp_path / "fig" / f"student_{truth.image_ids[0]}.png").is_file()
+
+
+def test_labelling_resumes_by_part_to_the_same_files(project, tmp_path, monkeypatch):
+    """A labelling killed after its first part redoes only the parts after it and ends with
+    the same PNGs and scores as an uninterrupted run."""
+    import ddps_core.pixel.stage as stage
+    from ddps_core.features.stage import store_path
+    from ddps_core.features.store import FeatureStore
+    from ddps_core.pixel.stage import label_images, load_method
+
+    root, raw = project
+    s = parse_settings(raw)
+    monkeypatch.setattr(stage, "PART_IMAGES", 4)  # 12 pool images: 3 parts
+    ens, store = load_method(s, "ddpm"), FeatureStore.open(store_path(s, "unlabeled"), read_only=True)
+    full = label_images(ens, store, tmp_path / "a", "unlabeled", "t1")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(i, _labels):
+        if i == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        label_images(ens, store, tmp_path / "b", "unlabeled", "t1", on_image=kill_at_6)
+    assert sorted(p.name for p in (tmp_path / "b" / ".parts").glob("part-*")) == ["part-00000.parquet"]
+    predicted = []
+    real_predict = stage.predict_store
+    monkeypatch.setattr(stage, "predict_store", lambda e, src, image_indices: (
+        predicted.extend(image_indices) or real_predict(e, src, image_indices=image_indices)))
+    again = label_images(ens, store, tmp_path / "b", "unlabeled", "t1")
+    assert predicted == list(range(4, 12))  # the finished part is not redone
+    pd.testing.assert_frame_equal(again, full)
+    for name in (p.name for p in (tmp_path / "a").glob("*.png")):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert not (tmp_path / "b" / ".parts").exists()
+    # parts of another teacher are not reused
+    with pytest.raises(Killed):
+        label_images(ens, store, tmp_path / "c", "unlabeled", "t1", on_image=kill_at_6)
+    predicted.clear()
+    label_images(ens, store, tmp_path / "c", "unlabeled", "t2")
+    assert predicted == list(range(12))
