@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddps_core.errors import ConfigError
 
@@ -25,6 +25,17 @@ class Section(BaseModel):
     """Base of every settings section: unknown keys are errors, assignment is validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _known_location(value: str) -> str:
+    """A folder or an fsspec URL whose protocol has an installed implementation."""
+    from ddps_core.storage import check_protocol
+
+    try:
+        check_protocol(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 class SyntheticSettings(Section):
@@ -133,6 +144,8 @@ class FeaturesSettings(Section):
         "rebuild", description="An existing store made with other settings: rebuild or fail.")
     random_unet: bool = Field(
         True, description="Also extract a randomly initialised UNet's features (a baseline).")
+
+    _check_out = field_validator("out")(_known_location)
 
 
 class EnsembleSettings(Section):
@@ -302,6 +315,35 @@ class EvaluateSettings(Section):
     ignore_index: int = Field(255, ge=0, le=65535)
     boundary_ratio: float = Field(0.02, gt=0, le=0.5)
     student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
+    reports: str = Field(
+        "reports", description="Folder or fsspec URL of stage evaluate's ddpm_seg.parquet, metrics/, figures/.")
+
+    _check_reports = field_validator("reports")(_known_location)
+
+
+class DaskSettings(Section):
+    """``runner: dask``: the Dask cluster the fan-out stages (extract, label, generate) use.
+
+    With ``address`` (a running scheduler, ``tcp://host:8786``) the tasks go there; without,
+    each flow starts a ``distributed.LocalCluster`` of ``n_workers`` worker processes with
+    ``threads_per_worker`` threads each, and closes it at the end.
+    """
+
+    address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    tasks_per_split: int | None = Field(
+        None, ge=1, description="Labelling / generation tasks per split (None: n_workers).")
+
+
+class StorageSettings(Section):
+    """fsspec storage options for URL locations (``features.out``, ``evaluate.reports``).
+
+    Credentials and endpoints are best left to the environment (s3fs reads the usual
+    ``AWS_*`` variables); ``options`` is passed to the filesystem as keyword arguments.
+    """
+
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class Settings(Section):
@@ -309,6 +351,9 @@ class Settings(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
+    runner: Literal["thread", "dask"] = "thread"
+    dask: DaskSettings = DaskSettings()
+    storage: StorageSettings = StorageSettings()
     data: DataSettings = DataSettings()
     ddpm: DDPMSettings = DDPMSettings()
     features: FeaturesSettings = FeaturesSettings()
