@@ -43,3 +43,15 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def nonfinite_tensors(*modules: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``modules`` that hold a NaN or an infinity.
+
+    Trainers call it before writing a checkpoint: a finite loss does not prove finite weights
+    (an overflowing backward pass gives NaN gradients), and a checkpoint of NaN weights would
+    replace the last good one.
+    """
+    return [name for module in modules
+            for name, t in (*module.named_parameters(), *module.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -37,7 +37,7 @@ import torch
 
 from ddps_core.config import DDPMSettings, Settings
 from ddps_core.datasets import DDPMSegFolder, to_square
-from ddps_core.device import autocast, memory_format, resolve_device, torch_threads
+from ddps_core.device import autocast, memory_format, nonfinite_tensors, resolve_device, torch_threads
 from ddps_core.diffusion.checkpoint import load_unet, save_unet, state_dict_hash
 from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
@@ -243,6 +243,12 @@ def train_ddpm(
     forward = torch.compile(model) if cfg.compile else model
 
     def checkpoint() -> None:
+        bad = nonfinite_tensors(model, ema)
+        if bad:
+            raise TrainingError(
+                f"non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) after "
+                f"step {step}; the last good checkpoint ({state_path}, step "
+                f"{_saved_step(state_path)}) is kept. Lower ddpm.lr or check the images.")
         _save_state(state_path, {
             "digest": digest, "step": step, "model": model.state_dict(),
             "ema": ema.state_dict(), "optimizer": opt.state_dict(),

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.adam import adam
 
+from ddps_core.device import nonfinite_tensors
 from ddps_core.errors import CheckpointError, ConfigError, DataError, DDPSError
 from ddps_core.io import atomic_path
 
@@ -401,6 +402,12 @@ def train_ensemble(
             state.finished, state.reason = False, ""  # continue a run stopped by a smaller max_epochs
 
     def checkpoint() -> None:
+        bad = nonfinite_tensors(ensemble)
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite ensemble weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) "
+                f"after update {state.updates}; "
+                + (f"last good checkpoint kept at {ck_path}" if ck_path is not None else "no checkpoint"))
         if ck_path is not None:
             _save_checkpoint(ck_path, ensemble, opt, state, rng, settings)
 

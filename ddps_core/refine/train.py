@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddps_core.device import autocast
+from ddps_core.device import autocast, nonfinite_tensors
 from ddps_core.diffusion.checkpoint import load_state_dict, save_unet, state_dict_hash
 from ddps_core.errors import CheckpointError, ConfigError, DataError, DDPSError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
@@ -377,6 +377,11 @@ def train_denoiser(
                 group[k] = v.to(device)
 
     def checkpoint() -> None:
+        bad = nonfinite_tensors(model, ema)
+        if bad:
+            raise RefineTrainingError(
+                f"non-finite DDPS weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) "
+                f"after step {step}; the last good checkpoint ({state_path}) is kept. Lower ddps.lr.")
         _save_state(state_path, {
             "digest": digest, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),

@@ -1,0 +1,147 @@
+"""A NaN during training: the trainer stops with one message naming the step, and the last
+good checkpoint is kept (no checkpoint of non-finite weights is ever written).
+
+The DDPM is driven through ``ddps ddpm train``; the DDPS denoiser and the pixel ensemble
+through their training functions (their stages need a whole upstream pipeline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.bad_inputs.conftest import assert_clear_error, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+
+
+@pytest.fixture
+def ddpm_run(tmp_path, cli):
+    """A tiny dataset and an earlier 2-step DDPM run with a checkpoint at every step."""
+    params = tmp_path / "params.yaml"
+    out = tmp_path / "ddpm"
+    params.write_text(yaml.safe_dump({
+        "device": "cpu",
+        "data": {"out": str(tmp_path / "ds"), "synthetic": {"n_unlabeled": 4, "n_labeled": 1, "n_test": 1}},
+        "ddpm": {"preset": "small32-spec", "out": str(out), "batch_size": 2, "steps": 2,
+                 "warmup_steps": 0, "checkpoint_every": 1, "log_every": 1, "sample_count": 0,
+                 "threads": 1},
+    }))
+    assert cli("data", "prepare", "--params", params).code == 0
+    res = cli("ddpm", "train", "--params", params)
+    assert res.code == 0, res.err
+    return params, out
+
+
+def _saved(out):
+    state = torch.load(out / "state.pt", weights_only=True)
+    return state, load_file(str(out / "ema.safetensors"))
+
+
+def test_ddpm_nan_loss_from_a_huge_lr(ddpm_run, cli):
+    """A real divergence, nothing patched: lr 1e30 makes the second step's loss NaN."""
+    params, out = ddpm_run
+    res = cli("ddpm", "train", "--params", params, "--steps", "5", "--set", "ddpm.lr=1e30")
+    assert_clear_error(res, "non-finite loss (nan) at step 2", f"{out / 'state.pt'}, step 1) is kept")
+    state, ema = _saved(out)
+    assert state["step"] == 1  # the new run's last checkpoint (other settings start over)
+    assert _finite(state["model"]) and _finite(ema)
+
+
+def test_ddpm_nan_loss_on_resume_keeps_the_earlier_checkpoint(ddpm_run, cli, monkeypatch):
+    params, out = ddpm_run
+    before = snapshot(out)
+    from ddps_core.diffusion.gaussian import GaussianDiffusion
+
+    real = GaussianDiffusion.training_losses
+
+    def nan_losses(self, *args, **kwargs):
+        terms = real(self, *args, **kwargs)
+        terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", nan_losses)
+    res = cli("ddpm", "train", "--params", params, "--steps", "4")  # resumes at step 2
+    assert_clear_error(res, "non-finite loss (nan) at step 3", f"{out / 'state.pt'}, step 2) is kept")
+    assert snapshot(out) == before
+
+
+def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli, monkeypatch):
+    """NaN gradients (e.g. an overflowing backward pass) can poison the weights while the
+    loss that produced them was finite; the checkpoint guard catches that."""
+    params, out = ddpm_run
+    before = snapshot(out)
+    import ddps_core.diffusion.train as train_mod
+
+    real = train_mod._ema_update
+
+    def poisoning_update(ema, model, rate, step):
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+        real(ema, model, rate, step)
+
+    monkeypatch.setattr(train_mod, "_ema_update", poisoning_update)
+    res = cli("ddpm", "train", "--params", params, "--steps", "4")
+    assert_clear_error(res, "non-finite weights (time_embed.0.weight", "after step 3",
+                       f"{out / 'state.pt'}, step 2) is kept")
+    assert snapshot(out) == before
+
+
+def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    from ddps_core.refine import train as refine_train
+    from tests.test_refine_train import _cfg, _train
+
+    real = refine_train._ema_update
+
+    def poisoning_update(ema, model, rate, step):
+        if step == 5:  # the 6th update, right before the checkpoint of step 6; step 3 was good
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+        real(ema, model, rate, step)
+
+    monkeypatch.setattr(refine_train, "_ema_update", poisoning_update)
+    cfg = _cfg(tmp_path, "nan", steps=9, checkpoint_every=3)
+    with pytest.raises(refine_train.RefineTrainingError, match=r"non-finite DDPS weights .* after step 6"):
+        _train(cfg)
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
+    assert state["step"] == 3 and _finite(state["model"]) and _finite(state["ema"])
+
+
+def test_pixel_ensemble_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    from ddps_core.errors import DDPSError
+    from ddps_core.pixel import PixelEnsemble
+    from ddps_core.pixel import train as pixel_train
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((128, 4)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+
+    def batches(epoch):
+        for b in range(0, 128, 32):
+            yield torch.from_numpy(X[b:b + 32].copy()), torch.from_numpy(y[b:b + 32])
+
+    real = pixel_train.MemberAdam.step
+    calls = []
+
+    def poisoning_step(self, active):
+        real(self, active)
+        calls.append(1)
+        if len(calls) == 6:
+            with torch.no_grad():
+                next(iter(self.params.values())).view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(pixel_train.MemberAdam, "step", poisoning_step)
+    ck = tmp_path / "e.ckpt"
+    ens = PixelEnsemble(4, 2, members=2, widths=(8, 4))
+    with pytest.raises(pixel_train.NonFiniteLossError, match=r"non-finite ensemble weights .* after update 6") as err:
+        pixel_train.train_ensemble(batches, ens, max_epochs=3, checkpoint_path=ck, checkpoint_every=2)
+    assert isinstance(err.value, DDPSError) and str(ck) in str(err.value)
+    state = pixel_train.load_checkpoint(ck)
+    assert state["state"]["updates"] == 4
+    assert _finite(state["model"])
