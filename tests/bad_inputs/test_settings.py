@@ -1,0 +1,94 @@
+"""Bad settings: params.yaml with an unknown key or a wrong type, a stage-flow parameter out of
+range, and a feature store made with other settings (``features.on_change: error``)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ddps_core.errors import ConfigError
+from tests.bad_inputs.conftest import assert_clear_error, run_script, snapshot
+
+
+@pytest.fixture
+def synthetic_out(tmp_path, cli):
+    """An earlier ``ddps data synthetic`` output."""
+    out = tmp_path / "ds"
+    res = cli("data", "synthetic", "--out", out, "--n-unlabeled", "0", "--n-labeled", "1",
+              "--n-test", "1")
+    assert res.code == 0, res.err
+    return out
+
+
+def test_params_unknown_key(tmp_path, cli, synthetic_out):
+    before = snapshot(synthetic_out)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"out": str(synthetic_out), "synthetic": {
+        "n_test": 1, "n_labeled": 1, "n_unlabeled": 0, "sizee": 64}}}))
+    res = cli("data", "prepare", "--params", params)
+    assert res.code == 2  # ConfigError
+    assert_clear_error(res, f"{params}: data.synthetic.sizee: unknown key")
+    assert snapshot(synthetic_out) == before
+
+
+def test_params_wrong_type(tmp_path, cli, synthetic_out):
+    before = snapshot(synthetic_out)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  out: {synthetic_out}\n  synthetic:\n    n_test: many\n"
+                      "ensemble:\n  members: [10]\n")
+    res = run_script("data", "prepare", "--params", params)
+    assert res.code == 2
+    msg = assert_clear_error(res, f"{params}: data.synthetic.n_test: Input should be a valid integer",
+                             "(got 'many')", f"{params}: ensemble.members")
+    assert len(msg.strip().splitlines()) == 3  # the header line, then one line per bad key
+    assert snapshot(synthetic_out) == before
+
+
+def test_cli_override_out_of_range_names_the_override(tmp_path, cli, synthetic_out):
+    before = snapshot(synthetic_out)
+    res = cli("data", "synthetic", "--out", synthetic_out, "--image-size", "48")
+    assert res.code == 2
+    assert_clear_error(res, "data.synthetic.image_size", "(got 48)")
+    assert snapshot(synthetic_out) == before
+
+
+def test_flow_parameter_out_of_range(tmp_path):
+    """A deployment's parameters reach a stage flow as partial overrides of its section; the
+    flow validates them before any task runs. The flow body is called directly (``.fn``), so
+    no Prefect server is needed: what is checked is the flow's own validation."""
+    from flows.common import settings_for
+    from flows.extract_features import extract_features_flow
+
+    missing = tmp_path / "no-params.yaml"  # the embedded defaults
+    with pytest.raises(ConfigError, match=r"features\.batch_size: Input should be greater than or equal to 1 \(got 0\)"):
+        settings_for(missing, {"features": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match=r"features\.batch_size: .*\(got 0\)"):
+        extract_features_flow.fn(features={"batch_size": 0}, params_path=str(missing))
+    with pytest.raises(ConfigError, match=r"features\.shard_imagez: unknown key"):
+        extract_features_flow.fn(features={"shard_imagez": 4}, params_path=str(missing))
+
+
+@pytest.fixture
+def extracted(tmp_path, cli):
+    """A tiny project (random small32-spec DDPM) whose train split was extracted."""
+    from tests.helpers import tiny_project
+
+    raw = tiny_project(tmp_path, {"n_unlabeled": 0, "n_labeled": 2, "n_test": 1},
+                       features={"out": str(tmp_path / "features"), "steps": [10], "blocks": [2],
+                                 "random_unet": False, "splits": ["train"], "batch_size": 2})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    res = cli("features", "extract", "--params", params)
+    assert res.code == 0, res.err
+    return params, tmp_path / "features" / "train.zarr"
+
+
+def test_feature_store_made_with_other_settings(extracted, cli):
+    params, store = extracted
+    before = snapshot(store)
+    res = cli("features", "extract", "--params", params, "--set", "features.on_change=error",
+              "--set", "features.steps=[10, 20]", "--set", "features.noise_seed=3")
+    assert res.code == 2
+    assert_clear_error(res, f"{store}: existing feature store was made with different settings",
+                       "steps", "noise_seed")
+    assert snapshot(store) == before
