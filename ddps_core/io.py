@@ -24,7 +24,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:  # a read-only or full folder: name the file, not the temporary
+        raise _naming(exc, final) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -32,10 +35,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, tmp_name, tmp):
+            # a failed write (a full disk) names no file, or the temporary one
+            raise _naming(exc, final) from exc
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same fault (same errno, so the same ``OSError`` subclass) naming ``path``."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

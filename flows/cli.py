@@ -8,6 +8,7 @@ file and the fault and a non-zero exit; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -563,7 +564,16 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        _fail(f"{where}{exc.strerror or exc}", 1)
+        _fail(f"{where}{_OS_FAULTS.get(exc.errno) or exc.strerror or exc}", 1)
+
+
+# File-system faults in plain words (the path comes first in the message).
+_OS_FAULTS = {
+    errno.ENOSPC: "no space left on device (the disk is full)",
+    errno.EDQUOT: "disk quota exceeded (the disk is full for this user)",
+    errno.EROFS: "read-only file system: cannot write here",
+    errno.EACCES: "permission denied",
+}
 
 
 def _fail(message: str, code: int) -> None:
