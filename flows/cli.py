@@ -543,6 +543,8 @@ def _pct(value: Any) -> str:
 # --------------------------------------------------------------------------- entry point
 from flows.cli_ddps import ddps_app  # noqa: E402
 app.add_typer(ddps_app, name="ddps")
+from flows.deploy import deploy_command  # noqa: E402
+app.command("deploy")(deploy_command)
 
 
 def main(argv: list[str] | None = None) -> None:
