@@ -232,6 +232,27 @@ def check_class_settings(num_classes: int, ignore_index: int, where: Path) -> No
 # --------------------------------------------------------------------------------------------
 
 
+def path_inside(root: str | os.PathLike[str], entry: str | os.PathLike[str], source: object) -> Path:
+    """``root / entry`` for a path that ``source`` (a manifest, a setting) lists relative to
+    ``root``. An absolute path, or one whose ``..`` climb out of ``root``, raises
+    :class:`DataError` naming ``source`` and the entry; it is never read.
+
+    The check is on the text (symlinks are not followed), so a dataset folder that is a
+    symlink keeps working.
+    """
+    if not isinstance(entry, (str, os.PathLike)):
+        raise DataError(f"{source}: path entry {entry!r} is not a path")
+    text = os.fspath(entry)
+    if not text or "\0" in text:
+        raise DataError(f"{source}: path entry {text!r} is empty or holds a NUL byte")
+    if os.path.isabs(text):
+        raise DataError(f"{source}: path {text!r} is absolute; entries must be relative to {root}")
+    norm = os.path.normpath(text)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise DataError(f"{source}: path {text!r} leaves the dataset root {root}")
+    return Path(root) / norm
+
+
 def require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise DataError(f"{path}: {what} folder does not exist")

@@ -17,6 +17,7 @@ from ddps_core.datasets.common import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIXES,
     BaseReader,
+    path_inside,
     require_dir,
     resolve_classes,
     scan_by_stem,
@@ -366,7 +367,7 @@ def open_dataset(
         split = _CITY_SPLIT_ALIASES.get(split or "", split)
         return Cityscapes(root, split)  # type: ignore[arg-type]
     if kind == "folder":
-        folder = root if split in (None, "", "all") else root / split
+        folder = root if split in (None, "", "all") else path_inside(root, split, f"{root}: split")
         if not folder.is_dir():
             raise DataError(f"{folder}: folder for split {split!r} does not exist")
         return GenericFolder(folder, num_classes=num_classes, ignore_index=ignore_index)

@@ -166,9 +166,12 @@ def summary(manifest: pd.DataFrame) -> dict[str, Any]:
 
 def _load_pair(root: Path, row: Any) -> tuple[np.ndarray, np.ndarray]:
     from ddps_core.datasets import load_image
+    from ddps_core.datasets.common import path_inside
     from ddps_core.metrics.files import load_label_map
 
-    return load_image(root / row.image), load_label_map(root / row.mask)
+    where = f"{root / 'manifest.parquet'}: image {row.image_id!r}"
+    return (load_image(path_inside(root, row.image, where)),
+            load_label_map(path_inside(root, row.mask, where)))
 
 
 def contact_sheet(root: str | Path, manifest: pd.DataFrame, n: int = 8,
