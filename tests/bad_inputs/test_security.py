@@ -150,3 +150,21 @@ def test_manifest_paths_cannot_leave_the_export(tmp_path, column, entry):
     manifest.loc[1, column] = str(secret) if entry == "ABS" else entry
     with pytest.raises(DataError, match=r"manifest.parquet: image 'g1'.*(leaves the dataset root|is absolute)"):
         contact_sheet(root, manifest, n=2)
+
+
+# --------------------------------------------------------------------------- servers
+def test_nothing_binds_all_interfaces_by_default():
+    """Servers bind 127.0.0.1 unless the user says otherwise: no wildcard address appears in
+    the code or the configuration the project ships (the temporary Prefect server of a flow
+    binds 127.0.0.1 itself, and so does ``prefect server start`` unless given ``--host``)."""
+    texts = [p for d in ("ddps_core", "flows", "tasks") for p in sorted((REPO / d).rglob("*.py"))]
+    texts += [REPO / n for n in ("Makefile", "params.yaml", "dvc.yaml", "prefect.yaml", "pyproject.toml")
+              if (REPO / n).is_file()]
+    assert len(texts) > 30
+    wildcard = [f"{p.relative_to(REPO)}:{i}: {line.strip()}"
+                for p in texts for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                if "0.0.0.0" in line or "host=''" in line or 'host=""' in line or "[::]" in line]
+    assert not wildcard, "\n".join(wildcard)
+    from prefect.settings import PREFECT_SERVER_API_HOST
+
+    assert PREFECT_SERVER_API_HOST.value() == "127.0.0.1"
