@@ -30,9 +30,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-## make run: the whole pipeline on the embedded defaults
+## make run: the whole pipeline on the embedded defaults (dvc repro, flow runs in a local
+## Prefect UI on 127.0.0.1); RUN_ARGS="--keep-server" keeps the UI up afterwards
+RUN_ARGS ?=
 run: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.run $(RUN_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks run

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import settings_for
-from tasks.generate import train_student_task
+from tasks.student import train_student_task
 
 
 @flow(name="train_student", log_prints=True)

@@ -1,0 +1,245 @@
+"""``make run``: the whole pipeline through ``dvc repro``, with its flow runs in a Prefect UI.
+
+It starts a local Prefect server on 127.0.0.1 (SQLite under ``$PREFECT_HOME``, ``.prefect/``
+by default), prints the UI address, runs ``dvc repro`` with ``PREFECT_API_URL`` pointing at
+that server (so every stage's flow run shows in the UI, and no stage starts a temporary
+server of its own), prints the final metrics table and where the reports and figures are, and
+stops the server: at the end, on failure, or on Ctrl-C.
+
+    python -m flows.run [--port N] [--host 127.0.0.1] [--no-server] [--keep-server]
+                        [-- DVC_REPRO_ARGS...]
+
+The exit status is ``dvc repro``'s (130 after Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+#: What `make run` leaves, shown at the end (globs relative to the repository root).
+OUTPUTS = [
+    ("reports", ["reports/*.parquet"]),
+    ("metrics", ["reports/metrics/*.json"]),
+    ("figures", ["reports/figures/*.png", "data/models/ddpm/samples.png",
+                 "data/generated/contact_sheet.png"]),
+    ("overlays", ["reports/figures/overlays"]),
+    ("models", ["data/models/*"]),
+]
+
+
+def free_port(host: str, preferred: int) -> int:
+    """``preferred`` when nothing listens there, otherwise a free port the OS picks."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port on {host}")
+
+
+class LocalServer:
+    """``prefect server start`` as a child process in its own session (a Ctrl-C meant for the
+    pipeline does not reach it, so the stages can still report their final state), stopped
+    with SIGINT, then SIGTERM, then SIGKILL."""
+
+    def __init__(self, host: str, port: int, home: Path):
+        self.host, self.port, self.home = host, port, home
+        self.api_url = f"http://{host}:{port}/api"
+        self.ui_url = f"http://{host}:{port}"
+        self.log_path = home / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PREFECT_HOME": str(self.home),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        cmd = [sys.executable, "-m", "prefect", "server", "start",
+               "--host", self.host, "--port", str(self.port)]
+        log = open(self.log_path, "wb")  # noqa: SIM115 (the child writes to it until it stops)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited with status {self.proc.returncode}; "
+                                   f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the Prefect server did not answer on {self.api_url}/health within "
+                           f"{timeout_s:.0f} s; its log ({self.log_path}) ends with:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _score(entry: Any) -> tuple[float, float] | None:
+    if isinstance(entry, dict) and "miou" in entry:
+        return float(entry["miou"]), float(entry.get("mbiou", float("nan")))
+    return None
+
+
+def metrics_rows(root: Path) -> list[tuple[str, str, float, float]]:
+    """(source, method, mIoU, mBIoU) from the stages' summary JSONs, test split."""
+    rows: list[tuple[str, str, float, float]] = []
+    seg = root / "reports/metrics/ddpm_seg.json"
+    if seg.is_file():
+        for method, entry in json.loads(seg.read_text()).items():
+            if (s := _score(entry)) is not None:
+                rows.append(("evaluate", method, *s))
+    ddps = root / "reports/metrics/ddps.json"
+    if ddps.is_file():
+        for model, entry in json.loads(ddps.read_text()).items():
+            if model == "student" or not isinstance(entry, dict):
+                continue
+            steps = sorted((k for k in entry if k.startswith("step_")), key=lambda k: int(k[5:]))
+            for key in steps[-1:]:
+                if (s := _score(entry[key])) is not None:
+                    rows.append(("refine", f"{model} (refined, {key.replace('_', ' ')})", *s))
+    return rows
+
+
+def print_summary(root: Path, elapsed_s: float) -> None:
+    rows = metrics_rows(root)
+    if rows:
+        table = Table(title="Test split: final metrics (%)")
+        table.add_column("stage")
+        table.add_column("method")
+        table.add_column("mIoU", justify="right")
+        table.add_column("mBIoU", justify="right")
+        for stage, method, miou, mbiou in rows:
+            table.add_row(stage, method, f"{100 * miou:.2f}", f"{100 * mbiou:.2f}")
+        console.print(table)
+    console.print("Outputs:")
+    for label, patterns in OUTPUTS:
+        found = sorted({str(p) for pat in patterns for p in Path(root).glob(pat)})
+        if found:
+            console.print(f"  {label:<9} " + ", ".join(found))
+    minutes, seconds = divmod(int(round(elapsed_s)), 60)
+    console.print(f"Pipeline wall time: {minutes} min {seconds:02d} s")
+
+
+def run_dvc(args: Sequence[str], env: dict[str, str]) -> int:
+    """``dvc repro ARGS``; Ctrl-C reaches it from the terminal (same process group): wait for
+    it to finish its clean-up, then report 130. SIGTERM of this process is passed on."""
+    proc = subprocess.Popen(["dvc", "repro", *args], env=env)
+
+    def forward(signum: int, _frame: Any) -> None:
+        proc.send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                console.print("[yellow]Interrupted: waiting for dvc to stop ...[/]")
+                try:
+                    proc.wait(60)
+                except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                    proc.kill()
+                    proc.wait()
+                return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Address the Prefect server binds to (default: loopback only).")
+    parser.add_argument("--port", type=int, default=4200,
+                        help="Prefect server port (another free one when it is taken).")
+    parser.add_argument("--no-server", action="store_true",
+                        help="Use PREFECT_API_URL as set (or Prefect's temporary server per stage).")
+    parser.add_argument("--keep-server", action="store_true",
+                        help="After a successful run keep the UI up until Ctrl-C.")
+    parser.add_argument("dvc_args", nargs="*", help="Passed to `dvc repro` (after --).")
+    args = parser.parse_args(argv)
+
+    root = Path.cwd()
+    env = dict(os.environ)
+    started = time.monotonic()
+    server: LocalServer | None = None
+    try:
+        if not args.no_server:
+            home = Path(env.get("PREFECT_HOME") or root / ".prefect").resolve()
+            server = LocalServer(args.host, free_port(args.host, args.port), home)
+            console.print(f"Starting the Prefect server (state in {home}) ...")
+            try:
+                server.start()
+            except RuntimeError as exc:
+                console.print(f"[red]error:[/] {exc}")
+                return 1
+            env["PREFECT_API_URL"] = server.api_url
+            console.print(f"Prefect UI: [bold]{server.ui_url}[/]  (flow runs of every stage show there)")
+        code = run_dvc(args.dvc_args, env)
+        if code == 0:
+            print_summary(root, time.monotonic() - started)
+            if server is not None and args.keep_server:
+                console.print(f"Prefect UI stays up at [bold]{server.ui_url}[/]; Ctrl-C stops it.")
+                try:
+                    while server.proc is not None and server.proc.poll() is None:
+                        time.sleep(1)
+                except KeyboardInterrupt:
+                    pass
+        else:
+            console.print(f"[red]dvc repro failed (exit {code})[/]; outputs of finished stages are kept.")
+        return code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if server is not None:
+            console.print("Stopping the Prefect server ...")
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
