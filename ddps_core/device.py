@@ -52,6 +52,7 @@ def nonfinite_tensors(*modules: torch.nn.Module) -> list[str]:
     (an overflowing backward pass gives NaN gradients), and a checkpoint of NaN weights would
     replace the last good one.
     """
-    return [name for module in modules
-            for name, t in (*module.named_parameters(), *module.named_buffers())
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [name for module in modules
+           for name, t in (*module.named_parameters(), *module.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return list(dict.fromkeys(bad))  # a model and its EMA copy share the names

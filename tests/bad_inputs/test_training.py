@@ -88,7 +88,7 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
 
     monkeypatch.setattr(train_mod, "_ema_update", poisoning_update)
     res = cli("ddpm", "train", "--params", params, "--steps", "4")
-    assert_clear_error(res, "non-finite weights (time_embed.0.weight", "after step 3",
+    assert_clear_error(res, "non-finite weights (time_embed.0.weight) after step 3",
                        f"{out / 'state.pt'}, step 2) is kept")
     assert snapshot(out) == before
 
