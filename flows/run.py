@@ -40,8 +40,19 @@ OUTPUTS = [
     ("figures", ["reports/figures/*.png", "data/models/ddpm/samples.png",
                  "data/generated/contact_sheet.png"]),
     ("overlays", ["reports/figures/overlays"]),
-    ("models", ["data/models/*"]),
+    ("models", ["data/models/*/"]),
 ]
+
+
+#: The methods of the reports, in words.
+WHAT = {
+    "ddpm": "teacher: MLP ensemble, DDPM-Seg features",
+    "random_unet": "baseline: random-UNet features",
+    "rgbxy": "baseline: RGB + xy",
+    "student": "the distilled segmentor",
+    "ddps": "student + DDPS refinement",
+    "ddps-gt": "ablation: DDPS with x0 = truth",
+}
 
 
 def free_port(host: str, preferred: int) -> int:
@@ -142,7 +153,7 @@ def metrics_rows(root: Path) -> list[tuple[str, str, float, float]]:
             steps = sorted((k for k in entry if k.startswith("step_")), key=lambda k: int(k[5:]))
             for key in steps[-1:]:
                 if (s := _score(entry[key])) is not None:
-                    rows.append(("refine", f"{model} (refined, {key.replace('_', ' ')})", *s))
+                    rows.append(("refine", f"{model} ({key.replace('_', ' ')})", *s))
     return rows
 
 
@@ -150,18 +161,20 @@ def print_summary(root: Path, elapsed_s: float) -> None:
     rows = metrics_rows(root)
     if rows:
         table = Table(title="Test split: final metrics (%)")
-        table.add_column("stage")
         table.add_column("method")
+        table.add_column("what it is")
         table.add_column("mIoU", justify="right")
         table.add_column("mBIoU", justify="right")
-        for stage, method, miou, mbiou in rows:
-            table.add_row(stage, method, f"{100 * miou:.2f}", f"{100 * mbiou:.2f}")
+        for _, method, miou, mbiou in rows:
+            what = WHAT.get(method.split(" ")[0], "")
+            table.add_row(method, what, f"{100 * miou:.2f}", f"{100 * mbiou:.2f}")
         console.print(table)
     console.print("Outputs:")
     for label, patterns in OUTPUTS:
-        found = sorted({str(p) for pat in patterns for p in Path(root).glob(pat)})
-        if found:
-            console.print(f"  {label:<9} " + ", ".join(found))
+        found = sorted({p.relative_to(root).as_posix() + ("/" if p.is_dir() else "")
+                        for pat in patterns for p in Path(root).glob(pat)})
+        for k, path in enumerate(found):
+            console.print(f"  {label if k == 0 else '':<9} {path}", soft_wrap=True)
     minutes, seconds = divmod(int(round(elapsed_s)), 60)
     console.print(f"Pipeline wall time: {minutes} min {seconds:02d} s")
 

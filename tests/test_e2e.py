@@ -1,8 +1,11 @@
 """End to end, marked slow: `dvc repro` of the pipeline in a fresh copy of the repository,
 on a tiny configuration, then the CLI on its outputs."""
 
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +48,32 @@ def pipeline(tmp_path_factory):
            "PREFECT_HOME": str(work / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
+    env.update(GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
+               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid")
     _sh(["git", "init", "-q"], work, env)
-    _sh(["dvc", "repro"], work, env)
-    return work, env
+    # what `make run` runs: a local Prefect server on loopback, dvc repro, the final table
+    run = _sh([sys.executable, "-m", "flows.run", "--port", "0"], work, env)
+    return work, env, run.stdout
+
+
+def test_make_run_shows_flow_runs_on_its_own_server_and_stops_it(pipeline):
+    _, _, out = pipeline
+    match = re.search(r"Prefect UI: (http://127\.0\.0\.1:(\d+))", out)
+    assert match, out[-2000:]
+    ui, port = match.group(1), int(match.group(2))
+    # every stage's flow run reported to that server (not to a temporary one of its own)
+    assert out.count(f"View at {ui}/runs/flow-run/") == 10
+    assert "Test split: final metrics" in out and "Pipeline wall time" in out
+    for line in ("ddpm", "student", "ddps (step 9)"):
+        assert line in out
+    assert "reports/ddpm_seg.parquet" in out and "reports/figures/ddps_refinement.png" in out
+    # the server is gone: nothing listens on its port any more
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_dvc_repro_builds_every_stage(pipeline):
-    work, env = pipeline
+    work, env, _ = pipeline
     assert (work / "data/dataset/classes.yaml").is_file()
     assert len(list((work / "data/dataset/unlabeled").glob("*.png"))) == 64
     info = yaml.safe_load((work / "data/models/ddpm/model.json").read_text())
@@ -93,8 +115,29 @@ def test_dvc_repro_builds_every_stage(pipeline):
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout.lower()
 
 
+def test_plot_tables_and_an_experiment_with_a_changed_param(pipeline):
+    work, env, _ = pipeline
+    per_class = pd.read_csv(work / "reports/plots/per_class_iou/ddpm.csv")
+    assert len(per_class) == 7 and list(per_class.columns) == ["class_id", "class_name", "iou", "biou"]
+    steps = pd.read_csv(work / "reports/plots/ddps_steps/ddps.csv")
+    assert steps["step"].tolist() == [0, 5, 9]
+    plots = json.loads(_sh(["dvc", "plots", "show", "--json"], work, env).stdout)
+    assert any("ddps_steps" in key for key in plots) and any("per_class_iou" in key for key in plots)
+    # commit the run, then an experiment with another ensemble size; metrics diff sees it
+    _sh(["git", "add", "-A"], work, env)
+    _sh(["git", "commit", "-qm", "baseline"], work, env)
+    _sh(["dvc", "exp", "run", "-S", "ensemble.members=3"], work, env)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert params["ensemble"]["members"] == 3
+    diff = json.loads(_sh(["dvc", "metrics", "diff", "--json"], work, env).stdout)
+    changed = diff["reports/metrics/ddpm_seg.json"]
+    assert "ddpm.miou" in changed and changed["ddpm.miou"]["old"] != changed["ddpm.miou"]["new"]
+    exps = _sh(["dvc", "exp", "show", "--json"], work, env).stdout
+    assert "ensemble.members" in exps or '"members": 3' in exps
+
+
 def test_cli_reads_pipeline_outputs(pipeline):
-    work, env = pipeline
+    work, env, _ = pipeline
     out = _sh([sys.executable, "-m", "flows.cli", "features", "info", "data/features/test.zarr"], work, env)
     assert "4 / 4" in out.stdout and "ratio" in out.stdout
     gt = work / "data/dataset/real/test"
