@@ -116,7 +116,8 @@ def set_gpu_limit(client: Any, limit: int) -> int:
 
 def run_prefect_deploy(url: str, project: Path, names: Sequence[str] | None,
                        prefect_file: Path = PREFECT_FILE,
-                       run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> None:
+                       run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+                       timeout: float = 900) -> None:
     """``prefect --no-prompt deploy`` of every deployment (or of ``names``) in ``prefect_file``."""
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
     if names:
@@ -125,7 +126,11 @@ def run_prefect_deploy(url: str, project: Path, names: Sequence[str] | None,
     else:
         cmd.append("--all")
     env = {**os.environ, "PREFECT_API_URL": url, PROJECT_ENV: str(project)}
-    proc = run(cmd, cwd=prefect_file.parent, env=env, capture_output=True, text=True)
+    try:
+        proc = run(cmd, cwd=prefect_file.parent, env=env, stdin=subprocess.DEVNULL,
+                   capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"prefect deploy ({prefect_file}) did not finish in {timeout:.0f} s") from None
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit status {proc.returncode}"
