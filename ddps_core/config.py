@@ -295,7 +295,7 @@ class DDPSSettings(Section):
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
     out: str = "data/models/ddps"
-    ablation: bool = Field(True, description="Also train x0_source=gt with the same budget (<out>/ablation-gt).")
+    ablation: bool = Field(False, description="Also train x0_source=gt with the same budget (<out>/ablation-gt); doubles train_ddps.")
     # refinement (Free-Re-noising)
     refine_steps: int = Field(2, ge=1, description="n: network steps range(0, T, T // n) plus T - 1.")
     guidance: float = Field(0.0, ge=0, description="w: logits = (1 + w) f(F, x) - w f(0, x).")

@@ -42,7 +42,7 @@ def pipeline(tmp_path_factory):
     params["generate"].update(drop_certain=4, contact_sheet=2)
     params["student"].update(epochs=2, batch_size=8, warmup_steps=2)
     params["ddps"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
-                          log_every=1, figures=2)
+                          log_every=1, figures=2, ablation=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PREFECT_HOME": str(work / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
