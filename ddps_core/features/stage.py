@@ -4,15 +4,18 @@ The work is split so that an orchestrator can fan it out: :func:`prepare_store` 
 validates) a split's store and returns the shards still to do, grouped for ``workers``
 writers; :func:`extract_shards` fills a group of shards (each writer loads its own model and
 owns whole shards, never sharing one). :func:`run_stage` does everything in-process.
+
+``features.out`` is a folder or an fsspec URL (``s3://bucket/features``): the stores are then
+opened through zarr's ``FsspecStore`` with ``storage.options`` (:mod:`ddps_core.storage`).
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ddps_core import storage
 from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder
 from ddps_core.device import resolve_device
@@ -28,10 +31,21 @@ from ddps_core.features.store import FeatureStore, footprint, open_or_create
 VARIANTS = ("ddpm", "random_unet")
 
 
-def store_path(settings: Settings, split: str, variant: str = "ddpm") -> Path:
-    """``<features.out>/<split>.zarr``; the random-UNet baseline under ``random_unet/``."""
-    base = Path(settings.features.out)
-    return (base if variant == "ddpm" else base / variant) / f"{split}.zarr"
+def store_path(settings: Settings, split: str, variant: str = "ddpm") -> Path | str:
+    """``<features.out>/<split>.zarr``; the random-UNet baseline under ``random_unet/``
+    (a Path, or a URL string when ``features.out`` is a remote URL)."""
+    parts = ([] if variant == "ddpm" else [variant]) + [f"{split}.zarr"]
+    return storage.join(settings.features.out, *parts)
+
+
+def store_exists(settings: Settings, split: str, variant: str = "ddpm") -> bool:
+    return FeatureStore.exists(store_path(settings, split, variant), settings.storage.options)
+
+
+def open_store(settings: Settings, split: str, variant: str = "ddpm", read_only: bool = False) -> FeatureStore:
+    """``split``'s store of ``variant`` (a folder or a URL, with ``storage.options``)."""
+    return FeatureStore.open(store_path(settings, split, variant), read_only=read_only,
+                             storage_options=settings.storage.options)
 
 
 def variants(settings: Settings) -> list[str]:
@@ -91,18 +105,18 @@ def open_store_for(settings: Settings, path: str | Path, reader: Any, extractor:
     """Create or reopen the store at ``path`` for ``reader``'s images and ``extractor``'s
     settings. A store made with other settings is rebuilt (``on_change`` / by default
     ``features.on_change`` ``rebuild``, logged) or is an error (``error``); features of
-    different settings are never mixed."""
-    path = Path(path)
+    different settings are never mixed. ``path`` is a folder or a URL (``storage.options``)."""
+    options = settings.storage.options
     wanted = _store_settings(settings, extractor, reader, labelled)
     try:
-        return open_or_create(path, **wanted)
+        return open_or_create(path, storage_options=options, **wanted)
     except ConfigError as exc:
-        if (on_change or settings.features.on_change) != "rebuild" or not path.exists():
+        if (on_change or settings.features.on_change) != "rebuild" or not storage.exists(path, options):
             raise
         if log:
             log(f"{exc}; rebuilding it (features.on_change: rebuild)")
-        shutil.rmtree(path)
-        return open_or_create(path, **wanted)
+        storage.remove_tree(path, options)
+        return open_or_create(path, storage_options=options, **wanted)
 
 
 def prepare_store(settings: Settings, split: str, log: Callable[[str], None] | None = None,
@@ -111,9 +125,32 @@ def prepare_store(settings: Settings, split: str, log: Callable[[str], None] | N
     extractor = _extractor(settings, device="cpu", variant=variant)
     store = open_store_for(settings, store_path(settings, split, variant), _reader(settings, split),
                            extractor, labelled=split != "unlabeled", log=log)
-    todo = [k for k in range(store.num_shards) if not store.shard_done(k)]
-    n = settings.features.workers
-    return [todo[i::n] for i in range(n) if todo[i::n]]
+    return shard_groups(store, settings.features.workers)
+
+
+def shard_groups(store: FeatureStore, n: int) -> list[list[int]]:
+    """``store``'s undone shards dealt round-robin into at most ``n`` disjoint groups."""
+    done = store.done_mask()
+    todo = [k for k in range(store.num_shards) if not done[slice(*store.shard_range(k))].all()]
+    return [todo[i::n] for i in range(max(1, n)) if todo[i::n]]
+
+
+def prepare_reader_store(settings: Settings, reader: Any, path: str | Path, n_groups: int,
+                         labelled: bool = False, log: Callable[[str], None] | None = None,
+                         on_change: str | None = None) -> list[list[int]]:
+    """:func:`prepare_store` for any ``reader``'s images (e.g. sampled images) at ``path``:
+    create or reopen the store, return its undone shards in ``n_groups`` groups."""
+    extractor = _extractor(settings, device="cpu")
+    store = open_store_for(settings, path, reader, extractor, labelled, log, on_change)
+    return shard_groups(store, n_groups)
+
+
+def extract_reader_shards(settings: Settings, reader: Any, path: str | Path, shards: list[int],
+                          progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """:func:`extract_shards` for any ``reader``'s (existing) store at ``path``."""
+    store = FeatureStore.open(path, storage_options=settings.storage.options)
+    return extract_to_store(reader, _extractor(settings), store, shards,
+                            batch_size=settings.features.batch_size, progress=progress)
 
 
 def fill_store(settings: Settings, reader: Any, path: str | Path, labelled: bool = False,
@@ -125,14 +162,14 @@ def fill_store(settings: Settings, reader: Any, path: str | Path, labelled: bool
     extractor = _extractor(settings)
     store = open_store_for(settings, path, reader, extractor, labelled, log, on_change)
     extract_to_store(reader, extractor, store, batch_size=settings.features.batch_size, progress=progress)
-    return FeatureStore.open(path, read_only=True)
+    return FeatureStore.open(path, read_only=True, storage_options=settings.storage.options)
 
 
 def extract_shards(settings: Settings, split: str, shards: list[int],
                    progress: Callable[[int], None] | None = None,
                    variant: str = "ddpm") -> dict[str, int]:
     """Fill ``shards`` of ``split``'s (existing) store; this writer owns those shards."""
-    store = FeatureStore.open(store_path(settings, split, variant))
+    store = open_store(settings, split, variant)
     return extract_to_store(_reader(settings, split), _extractor(settings, variant=variant),
                             store, shards,
                             batch_size=settings.features.batch_size, progress=progress)
@@ -146,7 +183,7 @@ def run_stage(settings: Settings, progress: Callable[[str, int, int], None] | No
     for variant, split in jobs(settings):
         name = split if variant == "ddpm" else f"{variant}/{split}"
         groups = prepare_store(settings, split, log, variant)
-        store = FeatureStore.open(store_path(settings, split, variant))
+        store = open_store(settings, split, variant)
         n = len(store)
         counts = {"images_written": 0, "images_skipped": n}
         if progress:
@@ -156,7 +193,7 @@ def run_stage(settings: Settings, progress: Callable[[str, int, int], None] | No
                                progress=(lambda done, s=name: progress(s, done, n)) if progress else None)
             counts["images_written"] += c["images_written"]
             counts["images_skipped"] -= c["images_written"]
-        summary[name] = {**counts, **FeatureStore.open(store_path(settings, split, variant)).info()}
+        summary[name] = {**counts, **open_store(settings, split, variant).info()}
     return summary
 
 

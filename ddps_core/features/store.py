@@ -1,6 +1,6 @@
 """The feature store: DDPM-Seg features of one dataset split at NATIVE resolution, in Zarr v3.
 
-Layout (one Zarr v3 group per split, on local disk)::
+Layout (one Zarr v3 group per split, on local disk or an object store, see below)::
 
     <store>/zarr.json              group attributes (settings, image ids, array names, labels)
     <store>/t{t}_b{block}/         one float16 array per (timestep, block): (N, C, h, w),
@@ -54,6 +54,19 @@ renamed into place, so a store folder that exists is always a complete, openable
 Reopening an existing store (:func:`open_or_create`) requires every recorded setting to match
 exactly; a mismatch raises :class:`~ddps_core.errors.ConfigError` naming each differing
 attribute with both values (features of different settings are never mixed).
+
+Stores on an object store
+-------------------------
+A store location may be an fsspec URL (``s3://bucket/features/train.zarr``; see
+:mod:`ddps_core.storage`, ``file://`` URLs are local folders). It is then opened through
+zarr's ``FsspecStore`` and written without temp files, renames or fsyncs, which an object
+store does not have; an object PUT is atomic and durable when it returns instead. Creation
+uploads every metadata document of the group and only then the group's own ``zarr.json``,
+so a store whose ``zarr.json`` exists is complete. :meth:`FeatureStore.write_shard` deletes
+the shard's ``done`` chunk, PUTs each array's whole shard object (encoded by :mod:`.shardio`,
+or by zarr for the labels: one PUT each either way), and only after all of them returned
+PUTs the ``done`` chunk. Reads go through zarr and fetch whole inner chunks (one image of
+one array) by byte range.
 """
 
 from __future__ import annotations
@@ -76,6 +89,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
+from ddps_core import storage
 from ddps_core.errors import ConfigError, DataError
 
 from .shardio import ShardLayout, UnsupportedLayout, fsync_dirs, write_files_atomic
@@ -231,8 +245,14 @@ class FeatureStore:
     Make one with :meth:`create`, :meth:`open` or :func:`open_or_create`.
     """
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], group: zarr.Group,
+                 storage_options: Mapping[str, Any] | None = None):
+        #: True for a store behind an fsspec URL (``path`` is then that URL, a str).
+        self.remote = storage.is_remote(path)
+        self.path: Path | str = os.fspath(path) if self.remote else storage.local_path(path)
+        self.storage_options = dict(storage_options or {})
+        if self.remote:
+            self._fs, self._root = storage.filesystem(self.path, self.storage_options)
         self._group = group
         attrs = dict(group.attrs)
         if attrs.get("format") != FORMAT:
@@ -270,13 +290,19 @@ class FeatureStore:
         layouts: dict[str, ShardLayout] = {}
         fallback: dict[str, str] = {}
         store = self._group.store
-        local = isinstance(store, LocalStore) and Path(store.root).resolve() == self.path.resolve()
+        local = not self.remote and isinstance(store, LocalStore) \
+            and Path(store.root).resolve() == self.path.resolve()
         for name in [*self.names, *(["labels"] if self.has_labels else [])]:
-            if not local:
+            if not local and not self.remote:
                 fallback[name] = "the store is not a local folder opened at its own path"
                 continue
             try:
-                meta = json.loads((self.path / name / "zarr.json").read_text())
+                if self.remote:
+                    with storage.remote_errors(self.path, f"read the metadata of array {name!r}"):
+                        text = self._fs.cat_file(f"{self._root}/{name}/zarr.json")
+                else:
+                    text = (self.path / name / "zarr.json").read_text()
+                meta = json.loads(text)
                 layouts[name] = ShardLayout.from_metadata(meta)
             except UnsupportedLayout as exc:
                 fallback[name] = str(exc)
@@ -304,15 +330,22 @@ class FeatureStore:
         num_classes: int | None = None,
         ignore_index: int | None = None,
         compress: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> FeatureStore:
-        """Create an empty store at ``path`` (which must not exist).
+        """Create an empty store at ``path`` (which must not exist; a folder or an fsspec URL).
 
         ``shapes`` maps every name ``t{t}_b{block}`` (timestep-major, blocks ascending) to its
         native ``(C, h, w)``. ``num_classes`` (None: no labels) adds a ``labels`` array with
         ``ignore_index`` (or None) as its fill value. ``compress`` stores chunks with zstd
         level 1 (float16 activations compress little; off by default for fast reads).
         """
-        path = Path(path)
+        if storage.is_remote(path):
+            settings = cls._settings(
+                path, model_id, steps, blocks, image_size, image_ids, shapes, noise_seed, noise_id,
+                schedule_id, shard_images, num_classes, ignore_index,
+            )
+            return cls._create_remote(os.fspath(path), settings, compress, storage_options)
+        path = storage.local_path(path)
         settings = cls._settings(
             path, model_id, steps, blocks, image_size, image_ids, shapes, noise_seed, noise_id,
             schedule_id, shard_images, num_classes, ignore_index,
@@ -326,6 +359,29 @@ class FeatureStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ConfigError(f"{path}: feature store already exists (created concurrently)") from None
         return cls.open(path)
+
+    @classmethod
+    def _create_remote(cls, url: str, settings: dict[str, Any], compress: bool,
+                       storage_options: Mapping[str, Any] | None) -> FeatureStore:
+        """Build the metadata in a local temp folder, upload every document, the group's
+        ``zarr.json`` last (its presence is what makes the store exist)."""
+        import tempfile
+
+        fs, root = storage.filesystem(url, storage_options)
+        if storage.exists(f"{url.rstrip('/')}/zarr.json", storage_options):
+            raise ConfigError(f"{url}: feature store already exists (open it, or delete it to start over)")
+        with tempfile.TemporaryDirectory(prefix="ddps-store-") as scratch:
+            built = cls._build(Path(scratch) / "store.zarr", settings, compress)
+            docs = {}
+            for folder, _, files in os.walk(built):
+                for fname in files:
+                    rel = Path(folder, fname).relative_to(built).as_posix()
+                    docs[rel] = Path(folder, fname).read_bytes()
+        head = docs.pop("zarr.json")
+        with storage.remote_errors(url, "create the feature store"):
+            fs.pipe({f"{root}/{rel}": data for rel, data in docs.items()})
+            fs.pipe_file(f"{root}/zarr.json", head)
+        return cls.open(url, storage_options=storage_options)
 
     @staticmethod
     def _settings(
@@ -411,10 +467,33 @@ class FeatureStore:
             raise
         return tmp
 
+    @staticmethod
+    def exists(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> bool:
+        """Whether a store (its group ``zarr.json``) exists at ``path`` (a folder or a URL)."""
+        if storage.is_remote(path):
+            storage.check_protocol(path)  # the error names the store, not its zarr.json
+            return storage.exists(storage.join(path, "zarr.json"), storage_options)
+        return (storage.local_path(path) / "zarr.json").is_file()
+
     @classmethod
-    def open(cls, path: str | os.PathLike[str], read_only: bool = False) -> FeatureStore:
-        """Open an existing store (``DataError`` if it is missing or not a feature store)."""
-        path = Path(path)
+    def open(cls, path: str | os.PathLike[str], read_only: bool = False,
+             storage_options: Mapping[str, Any] | None = None) -> FeatureStore:
+        """Open an existing store (``DataError`` if it is missing or not a feature store);
+        ``path`` is a folder or an fsspec URL (``storage_options`` for its filesystem)."""
+        if storage.is_remote(path):
+            url = os.fspath(path)
+            if not cls.exists(url, storage_options):
+                raise DataError(f"{url}: feature store does not exist (no zarr.json)")
+            from zarr.storage import FsspecStore
+
+            try:
+                zstore = FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
+                                              read_only=read_only)
+                group = zarr.open_group(store=zstore, mode="r" if read_only else "r+", zarr_format=3)
+            except Exception as exc:
+                raise DataError(f"{url}: cannot open feature store: {type(exc).__name__}: {exc}") from None
+            return cls(url, group, storage_options)
+        path = storage.local_path(path)
         if not (path / "zarr.json").is_file():
             raise DataError(f"{path}: feature store does not exist (no zarr.json)")
         try:
@@ -480,6 +559,46 @@ class FeatureStore:
         arr = self._done if name == "done" else self._labels if name == "labels" else self._arrays[name]
         return self.path / name / arr.metadata.encode_chunk_key(coords)
 
+    def _chunk_key(self, name: str, coords: tuple[int, ...]) -> str:
+        """The object path (inside the store's filesystem) of a remote store's chunk."""
+        arr = self._done if name == "done" else self._labels if name == "labels" else self._arrays[name]
+        return f"{self._root}/{name}/{arr.metadata.encode_chunk_key(coords)}"
+
+    def _write_shard_remote(self, k: int, features: Mapping[str, np.ndarray],
+                            labels: np.ndarray | None) -> None:
+        """:meth:`write_shard` on an object store: unmark, one PUT per array, then mark."""
+        a, b = self.shard_range(k)
+        fs = self._fs
+
+        def delete(key: str) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(key)
+
+        names = [*self.names, *(["labels"] if self.has_labels else [])]
+        with storage.remote_errors(self.path, f"write shard {k}"):
+            delete(self._chunk_key("done", (k,)))
+            puts: dict[str, bytes] = {}
+            for name in names:
+                layout = self._layouts.get(name)
+                if layout is None:
+                    continue
+                key = self._chunk_key(name, (k, 0, 0) if name == "labels" else (k, 0, 0, 0))
+                pieces = layout.encode(k, labels if name == "labels" else features[name])
+                if pieces is None:  # every image equals the fill value: no object (as zarr)
+                    delete(key)
+                else:
+                    puts[key] = b"".join(pieces)
+            if puts:
+                fs.pipe(puts)  # one PUT per shard object, issued concurrently
+            for name in names:
+                if name in self._layouts:
+                    continue
+                if name == "labels":
+                    self._labels[a:b] = np.asarray(labels).astype(self._labels.dtype, copy=False)
+                else:
+                    self._arrays[name][a:b] = np.asarray(features[name], dtype=np.float16)
+            self._done[a:b] = np.ones(b - a, dtype=np.uint8)
+
     def _stray_partials(self) -> dict[Path, list[Path]]:
         """Temporary files that killed writers left (``<key>.<hex>.partial``, by zarr or by
         :mod:`.shardio`), by the shard file they were meant to become.
@@ -521,6 +640,9 @@ class FeatureStore:
             if labels is None or tuple(labels.shape) != (n, S, S):
                 got = None if labels is None else tuple(labels.shape)
                 raise ValueError(f"{self.path}: shard {k}: labels of shape {(n, S, S)} required, got {got}")
+        if self.remote:
+            self._write_shard_remote(k, features, labels)
+            return
         files = [self._chunk_file(name, (k, 0, 0, 0)) for name in self.names]
         if self.has_labels:
             files.append(self._chunk_file("labels", (k, 0, 0)))
@@ -618,7 +740,7 @@ class FeatureStore:
     def info(self) -> dict[str, Any]:
         """Sizes: bytes on disk (all files), per done image, and the ratio to the upsampled
         float32 features the reference would hold (``D * S * S * 4`` bytes per image)."""
-        disk = _dir_bytes(self.path)
+        disk = storage.size_of(self.path, self.storage_options) if self.remote else _dir_bytes(self.path)
         done = self.n_done()
         fp = footprint(self.shapes, self.image_size, len(self))
         per_image = disk / max(done, 1)
@@ -654,20 +776,26 @@ def shard_ranges(store: FeatureStore) -> list[tuple[int, int, int]]:
     return [(k, *store.shard_range(k)) for k in range(store.num_shards)]
 
 
-def open_or_create(path: str | os.PathLike[str], **settings: Any) -> FeatureStore:
+def open_or_create(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
+                   **settings: Any) -> FeatureStore:
     """Reopen the store at ``path`` if its recorded settings equal ``settings`` exactly,
     otherwise raise :class:`ConfigError` naming each differing attribute with both values;
     create it when it does not exist. ``settings`` are :meth:`FeatureStore.create`'s keywords
-    (e.g. ``extractor.store_settings()`` plus ``image_ids``, ``shard_images``, labels)."""
-    path = Path(path)
-    if not path.exists():
+    (e.g. ``extractor.store_settings()`` plus ``image_ids``, ``shard_images``, labels).
+    ``path`` is a folder or an fsspec URL (``storage_options`` for its filesystem)."""
+    if storage.is_remote(path):
+        present = lambda: FeatureStore.exists(path, storage_options)  # noqa: E731
+    else:
+        path = storage.local_path(path)
+        present = path.exists
+    if not present():
         try:
-            return FeatureStore.create(path, **settings)
+            return FeatureStore.create(path, storage_options=storage_options, **settings)
         except ConfigError:
-            if not path.exists():
+            if not present():
                 raise
             # created by a concurrent worker: fall through and compare
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(path, storage_options=storage_options)
     settings = dict(settings)
     settings.pop("compress", None)
     want = FeatureStore._settings(
