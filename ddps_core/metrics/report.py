@@ -34,7 +34,10 @@ row.
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -133,10 +136,21 @@ def report_frame(result: SegmentationResult, class_names: list[str] | None = Non
     return df
 
 
-def write_report(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write ``df`` as a Parquet file at ``path`` atomically (no partial file on failure)."""
+def write_report(df: pd.DataFrame, path: str | os.PathLike[str],
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``df`` as a Parquet file at ``path`` atomically (no partial file on failure).
+
+    ``path`` may be an fsspec URL (``s3://bucket/reports/x.parquet``): the file is then
+    encoded in memory and written in one put (:mod:`ddps_core.storage`)."""
+    from ddps_core import storage
+
     missing = [c for c in REPORT_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"report frame lacks columns {missing}")
-    with atomic_path(path) as tmp:
+    if storage.is_remote(path):
+        buf = io.BytesIO()
+        df.to_parquet(buf, engine="pyarrow", index=False)
+        storage.write_bytes(path, buf.getvalue(), storage_options)
+        return
+    with atomic_path(storage.local_path(path)) as tmp:
         df.to_parquet(tmp, engine="pyarrow", index=False)
