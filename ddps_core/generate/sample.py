@@ -15,7 +15,7 @@ is below 1/255 per pixel).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 from ddps_core.datasets.common import png_bytes
 from ddps_core.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["batch_generator", "sample_id", "sample_to_folder", "to_uint8"]
+__all__ = ["batch_generator", "pending_batches", "sample_id", "sample_to_folder", "to_uint8"]
 
 
 def sample_id(index: int) -> str:
@@ -43,25 +43,43 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return y.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def _batch_done(folder: Path, b: int, a: int, stop: int) -> bool:
+    return (folder / ".batches" / f"{b:06d}.done").is_file() and \
+        all((folder / f"{sample_id(i)}.png").is_file() for i in range(a, stop))
+
+
+def pending_batches(folder: str | Path, n: int, batch_size: int = 64) -> list[int]:
+    """The batches of an ``n``-image sampling into ``folder`` that are not finished."""
+    folder = Path(folder)
+    return [b for b, a in enumerate(range(0, n, batch_size))
+            if not _batch_done(folder, b, a, min(n, a + batch_size))]
+
+
 def sample_to_folder(model: torch.nn.Module, diffusion, folder: str | Path, n: int, *,
                      batch_size: int = 64, steps: int | None = 50, method: str = "ancestral",
                      seed: int = 0, device: torch.device | str = "cpu",
-                     progress: Callable[[int, int], None] | None = None) -> list[str]:
+                     progress: Callable[[int, int], None] | None = None,
+                     batches: Iterable[int] | None = None) -> list[str]:
     """Draw ``n`` images into ``folder/gen_<index>.png``; return their ids in order.
 
     :param diffusion: the model's :class:`~ddps_core.diffusion.gaussian.GaussianDiffusion`;
         ``steps`` evenly respaced steps of it are used (None: every step).
     :param method: ``ancestral`` (the reference; clipped to [-1, 1]) or ``ddim``.
     :param progress: ``progress(n_done, n)`` after every batch, resumed ones included.
+    :param batches: only these batches (all by default); a batch's images depend on nothing
+        else, so writers of disjoint batches may run concurrently and give the same files.
     """
     folder = Path(folder)
     marks = folder / ".batches"
     marks.mkdir(parents=True, exist_ok=True)
     ids = [sample_id(i) for i in range(n)]
+    only = None if batches is None else {int(b) for b in batches}
     for b, a in enumerate(range(0, n, batch_size)):
+        if only is not None and b not in only:
+            continue
         stop = min(n, a + batch_size)
         mark = marks / f"{b:06d}.done"
-        if not (mark.is_file() and all((folder / f"{ids[i]}.png").is_file() for i in range(a, stop))):
+        if not _batch_done(folder, b, a, stop):
             x = diffusion.sample(model, stop - a, steps, method, generator=batch_generator(seed, b),
                                  device=device, clip=True)
             for i, img in zip(range(a, stop), to_uint8(x)):

@@ -37,7 +37,9 @@ from ddps_core.generate.export import Candidate, export_dataset, summary
 from ddps_core.generate.filter import filter_scores
 from ddps_core.io import atomic_write_text
 
-__all__ = ["generated_candidates", "image_size", "pool_candidates", "real_candidates", "run_stage"]
+__all__ = ["extract_sample_shards", "finish_sample_labels", "generated_candidates", "image_size",
+           "label_sample_parts", "plan_sample_features", "plan_sample_labels", "plan_samples",
+           "pool_candidates", "real_candidates", "run_stage", "sample_batches"]
 
 Progress = Callable[[str, int, int], Any] | None
 
@@ -135,46 +137,180 @@ def _finished_labels(folder: Path, teacher: str, ids: list[str]) -> pd.DataFrame
     return scores if list(scores["image_id"]) == ids else None
 
 
-def generated_candidates(settings: Settings, teacher: str, progress: Progress = None,
-                         log: Callable[[str], None] | None = None) -> list[Candidate]:
-    """Sample, extract and label ``generate.n_samples`` images under ``generate.work``."""
+def _model_info(settings: Settings) -> dict[str, Any]:
+    """The trained DDPM's record (model id, schedule), without loading its weights."""
+    from ddps_core.diffusion.train import INFO_FILE
+
+    path = Path(settings.ddpm.out) / INFO_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no diffusion model here; run the train_ddpm stage first") from None
+
+
+def _sample_ids(settings: Settings) -> list[str]:
+    from ddps_core.generate.sample import sample_id
+
+    return [sample_id(i) for i in range(settings.generate.n_samples)]
+
+
+def _samples(settings: Settings) -> Path:
+    return Path(settings.generate.work) / "samples"
+
+
+def _uses_samples(settings: Settings) -> bool:
+    return settings.generate.source in ("generated", "both") and settings.generate.n_samples > 0
+
+
+def _groups(todo: list[int], n: int) -> list[list[int]]:
+    return [todo[i::n] for i in range(max(1, n)) if todo[i::n]]
+
+
+# The ``generated`` source in steps, so that an orchestrator can fan each step out over
+# disjoint work items (sampling batches, feature shards, labelling parts), one plan per
+# step run once before its tasks. :func:`generated_candidates` runs them all in-process.
+
+
+def plan_samples(settings: Settings, n_tasks: int = 1, log: Callable[[str], None] | None = None) -> list[list[int]]:
+    """Step 1: reset ``generate.work`` when the model or the sampler changed; the unfinished
+    sampling batches, dealt into at most ``n_tasks`` disjoint groups."""
+    from ddps_core.generate.sample import pending_batches
+
+    g = settings.generate
+    if not _uses_samples(settings):
+        return []
+    ident = {"model_id": _model_info(settings)["model_id"], "batch_size": g.batch_size, **_sampler(settings)}
+    _reset_if_changed(Path(g.work), ident, log)
+    return _groups(pending_batches(_samples(settings) / "images", g.n_samples, g.batch_size), n_tasks)
+
+
+def sample_batches(settings: Settings, batches: list[int], progress: Progress = None) -> int:
+    """Draw ``batches`` of the samples (one task's group of :func:`plan_samples`)."""
     import torch
 
     from ddps_core.device import resolve_device
     from ddps_core.diffusion.gaussian import GaussianDiffusion
     from ddps_core.diffusion.train import load_trained
-    from ddps_core.features.stage import fill_store
     from ddps_core.generate.sample import sample_to_folder
-    from ddps_core.pixel.stage import label_images, load_method
 
+    g = settings.generate
+    device = resolve_device(settings.device)
+    model, info = load_trained(settings.ddpm.out, device)
+    diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
+    with torch.inference_mode():
+        sample_to_folder(model, diffusion, _samples(settings) / "images", g.n_samples, batch_size=g.batch_size,
+                         steps=g.sample_steps, method=g.sample_method, seed=g.seed, device=device,
+                         progress=(lambda d, n: progress("sample", d, n)) if progress else None,
+                         batches=batches)
+    return len(batches)
+
+
+def _samples_reader(settings: Settings, clean: bool = False) -> GenericFolder:
+    """The sampled images as a dataset; ``clean`` removes stray files of an older, larger run."""
+    k = DDPMSegFolder(settings.data.out, "train").num_classes
+    ids, samples = _sample_ids(settings), _samples(settings)
+
+    def read() -> GenericFolder:
+        return GenericFolder(samples, num_classes=k, ignore_index=settings.data.ignore_index, require_labels=False)
+
+    reader = read()
+    if reader.ids != ids and clean:
+        for sid in sorted(set(reader.ids) - set(ids)):
+            (samples / "images" / f"{sid}.png").unlink()
+        reader = read()
+    if reader.ids != ids:
+        missing = sorted(set(ids) - set(reader.ids))[:5]
+        raise DataError(f"{samples / 'images'}: the samples are not all drawn (missing {missing}); "
+                        "run the sampling step first")
+    return reader
+
+
+def _labels_done(settings: Settings) -> pd.DataFrame | None:
+    return _finished_labels(Path(settings.generate.work) / "labels", _teacher(settings), _sample_ids(settings))
+
+
+def plan_sample_features(settings: Settings, n_tasks: int = 1,
+                         log: Callable[[str], None] | None = None) -> list[list[int]]:
+    """Step 2 (after sampling): create or reopen the samples' feature store; its undone
+    shards in at most ``n_tasks`` disjoint groups (none once the samples are labelled)."""
+    from ddps_core.features.stage import prepare_reader_store
+
+    if not _uses_samples(settings):
+        return []
+    reader = _samples_reader(settings, clean=True)
+    if _labels_done(settings) is not None:
+        return []
+    return prepare_reader_store(settings, reader, Path(settings.generate.work) / "features.zarr", n_tasks,
+                                labelled=False, log=log, on_change="rebuild")
+
+
+def extract_sample_shards(settings: Settings, shards: list[int], progress: Progress = None) -> int:
+    """Extract ``shards`` of the samples' store (one task's group); images written."""
+    from ddps_core.features.stage import extract_reader_shards
+
+    n = settings.generate.n_samples
+    counts = extract_reader_shards(settings, _samples_reader(settings), Path(settings.generate.work) / "features.zarr",
+                                   shards, progress=(lambda d: progress("extract", d, n)) if progress else None)
+    return counts["images_written"]
+
+
+def _sample_store(settings: Settings):
+    from ddps_core.features.store import FeatureStore
+
+    return FeatureStore.open(Path(settings.generate.work) / "features.zarr", read_only=True)
+
+
+def plan_sample_labels(settings: Settings, n_tasks: int = 1) -> list[list[int]]:
+    """Step 3 (after extraction): start labelling the samples with the ``ddpm`` teacher; the
+    unfinished parts in at most ``n_tasks`` disjoint groups (none once they are labelled)."""
+    from ddps_core.pixel.stage import pending_parts, start_labels
+
+    if not _uses_samples(settings) or _labels_done(settings) is not None:
+        return []
+    labels = Path(settings.generate.work) / "labels"
+    start_labels(labels, _teacher(settings))
+    return _groups(pending_parts(_sample_store(settings), labels), n_tasks)
+
+
+def label_sample_parts(settings: Settings, parts: list[int], progress: Progress = None) -> int:
+    """Label ``parts`` of the samples (one task's group); images predicted."""
+    from ddps_core.pixel.stage import label_parts, load_method
+
+    return label_parts(load_method(settings, "ddpm"), _sample_store(settings), Path(settings.generate.work) / "labels",
+                       "generated", parts, progress=(lambda d, n: progress("label", d, n)) if progress else None)
+
+
+def finish_sample_labels(settings: Settings) -> pd.DataFrame | None:
+    """Step 4: the samples' ``scores.parquet`` (written once every part is labelled);
+    None when the source draws no samples."""
+    from ddps_core.pixel.stage import finish_labels
+
+    if not _uses_samples(settings):
+        return None
+    scores = _labels_done(settings)
+    if scores is None:
+        k = DDPMSegFolder(settings.data.out, "train").num_classes
+        scores = finish_labels(_sample_store(settings), Path(settings.generate.work) / "labels",
+                               _teacher(settings), k)
+    return scores
+
+
+def generated_candidates(settings: Settings, teacher: str, progress: Progress = None,
+                         log: Callable[[str], None] | None = None) -> list[Candidate]:
+    """Sample, extract and label ``generate.n_samples`` images under ``generate.work``
+    (every step resumable; each step's work items may also have been done by other tasks)."""
     g = settings.generate
     if g.n_samples == 0:
         return []
-    device = resolve_device(settings.device)
-    work = Path(g.work)
-    model, info = load_trained(settings.ddpm.out, device)
-    _reset_if_changed(work, {"model_id": info["model_id"], "batch_size": g.batch_size, **_sampler(settings)}, log)
-    diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
-    samples = work / "samples"
-    with torch.inference_mode():
-        ids = sample_to_folder(model, diffusion, samples / "images", g.n_samples, batch_size=g.batch_size,
-                               steps=g.sample_steps, method=g.sample_method, seed=g.seed, device=device,
-                               progress=(lambda d, n: progress("sample", d, n)) if progress else None)
-    del model
-    k = DDPMSegFolder(settings.data.out, "train").num_classes
-    reader = GenericFolder(samples, num_classes=k, ignore_index=settings.data.ignore_index, require_labels=False)
-    if reader.ids != ids:  # stray files from an older, larger run
-        extra = sorted(set(reader.ids) - set(ids))
-        for sid in extra:
-            (samples / "images" / f"{sid}.png").unlink()
-        reader = GenericFolder(samples, num_classes=k, ignore_index=settings.data.ignore_index, require_labels=False)
-    labels = work / "labels"
-    scores = _finished_labels(labels, teacher, ids)
-    if scores is None:
-        store = fill_store(settings, reader, work / "features.zarr", labelled=False, on_change="rebuild",
-                           progress=(lambda d: progress("extract", d, len(ids))) if progress else None, log=log)
-        scores = label_images(load_method(settings, "ddpm"), store, labels, "generated", teacher,
-                              progress=(lambda d, n: progress("label", d, n)) if progress else None)
+    for batches in plan_samples(settings, 1, log):
+        sample_batches(settings, batches, progress)
+    for shards in plan_sample_features(settings, 1, log):
+        extract_sample_shards(settings, shards, progress)
+    for parts in plan_sample_labels(settings, 1):
+        label_sample_parts(settings, parts, progress)
+    scores = finish_sample_labels(settings)
+    ids = _sample_ids(settings)
+    samples, labels = _samples(settings), Path(g.work) / "labels"
     size = image_size(settings)
     by_id = dict(zip(scores["image_id"], scores["score"]))
     return [Candidate(image_id=sid, source="generated", source_id=sid, score=float(by_id[sid]),
