@@ -8,8 +8,9 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ddps_core.config import Settings
-from ddps_core.pixel.stage import label_split, run_evaluate, train_method
-from tasks.common import retry_unless_user_error
+from ddps_core.pixel.stage import (finish_label_split, label_split, label_split_parts, plan_label_split,
+                                   run_evaluate, train_method)
+from tasks.common import every, retry_unless_user_error
 
 
 @task(name="train-ensemble", retries=2, retry_delay_seconds=10,
@@ -31,6 +32,38 @@ def label_split_task(settings: Settings, method: str, split: str) -> int:
                 progress=lambda d, _n: done.__setitem__("n", d))
     get_run_logger().info("%s/%s: %d images labelled", method, split, done["n"])
     return done["n"]
+
+
+@task(name="plan-labelling", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_user_error, tags=["cpu"])
+def plan_label_task(settings: Settings, method: str, split: str, n_tasks: int) -> list[list[int]]:
+    """Start labelling ``split`` with ``method``; its unfinished parts, one group per task."""
+    groups = plan_label_split(settings, method, split, n_tasks)
+    get_run_logger().info("%s/%s: %d parts to label in %d tasks", method, split,
+                          sum(map(len, groups)), len(groups))
+    return groups
+
+
+@task(name="label-parts", retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless_user_error, tags=["gpu"])
+def label_parts_task(settings: Settings, method: str, split: str, parts: list[int]) -> int:
+    """Label ``parts`` of ``split`` (this task owns them; a retry keeps finished parts)."""
+    logger = get_run_logger()
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % every(total) == 0:
+            logger.info("%s/%s parts %s: %d/%d images", method, split, parts, done, total)
+
+    return label_split_parts(settings, method, split, parts, progress)
+
+
+@task(name="finish-labelling", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_user_error, tags=["cpu"])
+def finish_label_task(settings: Settings, method: str, split: str) -> int:
+    """Join the parts' scores of ``split`` into ``scores.parquet``; its image count."""
+    n = finish_label_split(settings, method, split)
+    get_run_logger().info("%s/%s: %d images labelled", method, split, n)
+    return n
 
 
 @task(name="evaluate-methods", retries=1, retry_condition_fn=retry_unless_user_error, tags=["cpu"])
