@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +33,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from ddps_core.io import atomic_write_text
 
 console = Console(highlight=False)
 
@@ -43,6 +48,9 @@ OUTPUTS = [
     ("models", ["data/models/*/"]),
 ]
 
+
+#: Where each run's stage timings go (git-ignored).
+TIMES = "reports/run_times.json"
 
 #: The methods of the reports, in words.
 WHAT = {
@@ -179,10 +187,54 @@ def print_summary(root: Path, elapsed_s: float) -> None:
     console.print(f"Pipeline wall time: {minutes} min {seconds:02d} s")
 
 
-def run_dvc(args: Sequence[str], env: dict[str, str]) -> int:
-    """``dvc repro ARGS``; Ctrl-C reaches it from the terminal (same process group): wait for
-    it to finish its clean-up, then report 130. SIGTERM of this process is passed on."""
-    proc = subprocess.Popen(["dvc", "repro", *args], env=env)
+class StageClock:
+    """Wall time of each stage, from the lines ``dvc repro`` prints (``Running stage 'x':``,
+    ``Stage 'x' didn't change, skipping``), which it echoes as they come."""
+
+    START = re.compile(r"^Running stage '([^']+)'")
+    SKIP = re.compile(r"^Stage '([^']+)' didn't change, skipping")
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._open: tuple[str, float] | None = None
+
+    def _close(self, now: float) -> None:
+        if self._open is not None:
+            stage, t0 = self._open
+            self.rows.append({"stage": stage, "seconds": round(now - t0, 1), "ran": True})
+            self._open = None
+
+    def feed(self, line: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if m := self.START.match(line):
+            self._close(now)
+            self._open = (m.group(1), now)
+        elif m := self.SKIP.match(line):
+            self._close(now)
+            self.rows.append({"stage": m.group(1), "seconds": 0.0, "ran": False})
+
+    def finish(self, now: float | None = None) -> list[dict[str, Any]]:
+        self._close(time.monotonic() if now is None else now)
+        return self.rows
+
+
+def run_dvc(args: Sequence[str], env: dict[str, str], clock: StageClock | None = None) -> int:
+    """``dvc repro ARGS``, its output echoed line by line (and fed to ``clock``). Ctrl-C
+    reaches dvc from the terminal (same process group): wait for it to finish its clean-up,
+    then report 130. SIGTERM of this process is passed on."""
+    proc = subprocess.Popen(["dvc", "repro", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if clock is not None:
+                clock.feed(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
 
     def forward(signum: int, _frame: Any) -> None:
         proc.send_signal(signum)
@@ -191,7 +243,9 @@ def run_dvc(args: Sequence[str], env: dict[str, str]) -> int:
     try:
         while True:
             try:
-                return proc.wait()
+                code = proc.wait()
+                reader.join(10)
+                return code
             except KeyboardInterrupt:
                 console.print("[yellow]Interrupted: waiting for dvc to stop ...[/]")
                 try:
@@ -199,9 +253,36 @@ def run_dvc(args: Sequence[str], env: dict[str, str]) -> int:
                 except (subprocess.TimeoutExpired, KeyboardInterrupt):
                     proc.kill()
                     proc.wait()
+                reader.join(10)
                 return 130
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def write_times(root: Path, rows: list[dict[str, Any]], total_s: float, server_s: float | None) -> Path:
+    """``reports/run_times.json``: the wall time of each stage of this run, the server's
+    start-up, the total, and the machine."""
+    path = root / TIMES
+    record = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "total_s": round(total_s, 1),
+        "server_start_s": None if server_s is None else round(server_s, 1),
+        "stages": rows,
+    }
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return path
+
+
+def print_times(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = Table(title="Stage wall times")
+    table.add_column("stage")
+    table.add_column("minutes", justify="right")
+    for r in rows:
+        table.add_row(r["stage"], f"{r['seconds'] / 60:.1f}" if r["ran"] else "skipped (up to date)")
+    console.print(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,20 +302,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     started = time.monotonic()
     server: LocalServer | None = None
+    server_s: float | None = None
     try:
         if not args.no_server:
             home = Path(env.get("PREFECT_HOME") or root / ".prefect").resolve()
             server = LocalServer(args.host, free_port(args.host, args.port), home)
             console.print(f"Starting the Prefect server (state in {home}) ...")
+            t0 = time.monotonic()
             try:
                 server.start()
+                server_s = time.monotonic() - t0
             except RuntimeError as exc:
                 console.print(f"[red]error:[/] {exc}")
                 return 1
             env["PREFECT_API_URL"] = server.api_url
             console.print(f"Prefect UI: [bold]{server.ui_url}[/]  (flow runs of every stage show there)")
-        code = run_dvc(args.dvc_args, env)
+        clock = StageClock()
+        code = run_dvc(args.dvc_args, env, clock)
+        rows = clock.finish()
         if code == 0:
+            print_times(rows)
+            write_times(root, rows, time.monotonic() - started, server_s)
             print_summary(root, time.monotonic() - started)
             if server is not None and args.keep_server:
                 console.print(f"Prefect UI stays up at [bold]{server.ui_url}[/]; Ctrl-C stops it.")

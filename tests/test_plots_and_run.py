@@ -78,3 +78,18 @@ def test_free_port_falls_back_when_the_preferred_one_is_taken():
         taken = s.getsockname()[1]
         port = free_port("127.0.0.1", taken)
         assert port != taken and port > 0
+
+
+def test_stage_clock_times_each_stage_from_dvc_output():
+    from flows.run import StageClock
+
+    clock = StageClock()
+    lines = [(0.0, "Running stage 'data':\n"), (1.0, "> python -m flows.data\n"),
+             (12.5, "Stage 'train_ddpm' didn't change, skipping\n"),
+             (13.0, "Running stage 'extract':\n"), (20.0, "Updating lock file 'dvc.lock'\n")]
+    for t, line in lines:
+        clock.feed(line, now=t)
+    rows = clock.finish(now=30.0)
+    assert rows == [{"stage": "data", "seconds": 12.5, "ran": True},
+                    {"stage": "train_ddpm", "seconds": 0.0, "ran": False},
+                    {"stage": "extract", "seconds": 17.0, "ran": True}]
