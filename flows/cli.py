@@ -289,12 +289,12 @@ def features_extract(
 
 
 @features_app.command("info")
-def features_info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr folder).")]) -> None:
+def features_info(store: Annotated[str, typer.Argument(help="A feature store (.zarr folder or fsspec URL).")]) -> None:
     """Layout, size on disk and the ratio to upsampled float32 of a feature store."""
     from ddps_core.features.stage import reference_footprint
     from ddps_core.features.store import FeatureStore
 
-    if not (store / "zarr.json").is_file():
+    if not FeatureStore.exists(store):
         raise DDPSError(f"{store}: not a feature store (no zarr.json)")
     fs = FeatureStore.open(store, read_only=True)
     table = Table(title=f"{store}: arrays (native resolution, float16)")
