@@ -1,0 +1,56 @@
+"""Runs one stage of a tiny project and prints a progress marker line (``@@ <marker>``) at
+each progress callback, flushed, so that a test can SIGKILL it at a chosen point.
+
+``python -m tests.faults.driver <stage> <settings.json>``: the settings file is a
+``Settings.model_dump(mode="json")``. ``run`` is also called in-process for the reference
+run, with ``emit`` collecting the same markers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+STAGES = ("extract", "ensemble", "generate", "ddps")
+
+
+def run(stage: str, settings: Any, emit: Callable[[str], None]) -> dict[str, Any]:
+    """The stage function the CLI command calls (``ddps features extract``, ``ddps ensemble
+    train``, ``ddps generate``, ``ddps ddps train``), with a progress callback emitting markers."""
+    if stage == "extract":
+        from ddps_core.features.stage import run_stage
+
+        return run_stage(settings, progress=lambda name, done, _n: emit(f"{name} {done}"))
+    if stage == "ensemble":
+        from ddps_core.pixel.stage import run_train
+
+        return run_train(settings, progress=lambda epoch, updates, *_: emit(f"epoch {epoch} updates {updates}"))
+    if stage == "generate":
+        from ddps_core.generate.stage import run_stage
+
+        return run_stage(settings, progress=lambda step, done, _n: emit(f"{step} {done}"))
+    if stage == "ddps":
+        from ddps_core.refine.stage import run_train
+
+        return run_train(settings, on_step=lambda method, info: emit(f"{method} {info.step}"))
+    raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+
+
+def main(argv: list[str]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from ddps_core.config import parse_settings
+
+    stage, path = argv
+    with open(path) as fh:
+        settings = parse_settings(json.load(fh), source=path)
+    emit = lambda m: print(f"@@ {m}", flush=True)  # noqa: E731
+    emit("ready")
+    run(stage, settings, emit)
+    emit("finished")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

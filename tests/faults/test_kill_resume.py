@@ -1,0 +1,230 @@
+"""SIGKILL at random points of four stages (feature extraction, ensemble training,
+generation, DDPS training) on tiny projects; each stage is killed at >= 5 points chosen by a
+seeded RNG over the progress markers of an uninterrupted reference run (plus a random delay),
+the kills following each other on one output folder, and then rerun to completion.
+
+Checked after every kill: every file under a final name parses, feature stores read cleanly
+and their done markers are per shard. Checked at the end: the outputs equal the reference
+run's bit for bit (feature stores, generated images / masks / manifest, the trained weights),
+with the same final checkpoint step; the only files that differ are the stage's own
+run records (``train.json``'s timing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ddps_core.config import parse_settings
+from tests.faults.killing import (
+    check_final_files_parse,
+    choose_kills,
+    digest,
+    kill_then_finish,
+    reference,
+    temporaries,
+)
+from tests.helpers import tiny_project
+
+N_KILLS = 5
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("faults")
+    raw = tiny_project(
+        root, {"n_unlabeled": 12, "n_labeled": 4, "n_test": 3},
+        features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
+                  "out": str(root / "features"), "random_unet": False},
+        ensemble={"methods": ["ddpm"], "members": 2, "max_epochs": 8, "patience": 100, "checkpoint_every": 3,
+                  "out": str(root / "ens"), "labels_out": str(root / "labels"), "min_class_pixels": 1,
+                  "figures": 1},
+        generate={"source": "both", "n_samples": 8, "sample_steps": 2, "batch_size": 1,
+                  "drop_certain": 2, "drop_uncertain": 0.2, "out": str(root / "generated"),
+                  "work": str(root / "work"), "contact_sheet": 2})
+    return root, raw
+
+
+def _with(raw, **sections):
+    out = dict(raw)
+    for name, over in sections.items():
+        out[name] = {**raw[name], **over}
+    return parse_settings(out)
+
+
+def _store_check(folder: Path) -> int:
+    """Every image of each (possibly interrupted) store under ``folder`` reads; completion is
+    per shard. Returns the number of done images."""
+    from ddps_core.features import FeatureStore
+
+    total = 0
+    for zj in sorted(folder.rglob("zarr.json")):
+        path = zj.parent
+        if not path.name.endswith(".zarr") or not (path / "done").exists():
+            continue
+        store = FeatureStore.open(path, read_only=True)
+        done = store.done_mask()
+        for i in np.flatnonzero(done):
+            store.native(int(i))
+            if store.has_labels:
+                store.label(int(i))
+        for k in range(store.num_shards):
+            a, b = store.shard_range(k)
+            assert done[a:b].all() or not done[a:b].any(), f"{path}: shard {k} half done"
+        total += int(done.sum())
+    return total
+
+
+def _assert_same(ref: dict[str, str], got: dict[str, str], ignore=()):
+    keep = lambda d: {k: v for k, v in d.items() if not any(k.endswith(x) for x in ignore)}  # noqa: E731
+    ref_k, got_k = keep(ref), keep(got)
+    assert sorted(ref_k) == sorted(got_k), (
+        f"files differ: only in reference {sorted(set(ref_k) - set(got_k))[:5]}, "
+        f"only after kills {sorted(set(got_k) - set(ref_k))[:5]}")
+    diff = [k for k in ref_k if ref_k[k] != got_k[k]]
+    assert not diff, f"{len(diff)} files differ from the uninterrupted run: {diff[:5]}"
+
+
+def _renamed(ref: dict[str, str], old: str, new: str) -> dict[str, str]:
+    return {k.replace(old, new, 1) if k.startswith(old + "/") else k: v for k, v in ref.items()}
+
+
+@pytest.fixture(scope="module")
+def extracted(project):
+    root, raw = project
+    s = parse_settings(raw)
+    markers, seconds, _ = reference("extract", s)
+    return markers, seconds, digest([root / "features"])
+
+
+@pytest.fixture(scope="module")
+def trained(project, extracted):
+    root, raw = project
+    s = parse_settings(raw)
+    markers, seconds, summary = reference("ensemble", s)
+    return markers, seconds, digest([root / "ens"]), summary
+
+
+@pytest.fixture(scope="module")
+def generated(project, trained):
+    from ddps_core.pixel.stage import label_split
+
+    root, raw = project
+    s = parse_settings(raw)
+    for split in ("test", "unlabeled"):
+        label_split(s, "ddpm", split, s.ensemble.labels_out)
+    markers, seconds, summary = reference("generate", s)
+    return markers, seconds, digest([root / "generated"]), summary
+
+
+def test_extraction_killed_five_times_resumes_bit_identical(project, extracted, tmp_path):
+    root, raw = project
+    markers, seconds, ref = extracted
+    out = root / "features-killed"
+    s = _with(raw, features={"out": str(out)})
+    kills = choose_kills(markers, seconds, N_KILLS, seed=101)
+    done = []
+
+    def after(kill):
+        check_final_files_parse([out])
+        done.append(_store_check(out))
+
+    run = kill_then_finish("extract", s, tmp_path, markers, kills, after)
+    assert len({k.target for k in run.kills}) >= N_KILLS and all(k.killed for k in run.kills)
+    assert done == sorted(done)  # finished shards are never lost
+    assert _store_check(out) == 12 + 4 + 3
+    _assert_same(_renamed(ref, "features", out.name), digest([out]))
+    print("leftover temporaries:", temporaries([out]))
+
+
+@pytest.mark.slow
+def test_ensemble_training_killed_five_times_resumes_to_the_same_weights(project, trained, tmp_path):
+    from ddps_core.pixel.train import load_checkpoint
+
+    root, raw = project
+    markers, seconds, ref, summary = trained
+    out = root / "ens-killed"
+    s = _with(raw, ensemble={"out": str(out)})
+    kills = choose_kills(markers, seconds, N_KILLS, seed=202)
+    run = kill_then_finish("ensemble", s, tmp_path, markers, kills, lambda _k: check_final_files_parse([out]))
+    assert len({k.target for k in run.kills}) >= N_KILLS
+    # bit-identical weights and checkpoint; train.json differs only in timing / resume record
+    _assert_same(_renamed(ref, "ens", out.name), digest([out]), ignore=("train.json", "checkpoint.pt"))
+    ck_ref, ck = load_checkpoint(root / "ens" / "ddpm" / "checkpoint.pt"), load_checkpoint(out / "ddpm" / "checkpoint.pt")
+    assert ck["state"]["updates"] == ck_ref["state"]["updates"] and ck["state"]["epoch"] == ck_ref["state"]["epoch"]
+    rec_ref = json.loads((root / "ens" / "ddpm" / "train.json").read_text())
+    rec = json.loads((out / "ddpm" / "train.json").read_text())
+    for key in ("epochs", "reason", "n_train_images", "feature_dim", "source_id"):
+        assert rec[key] == rec_ref[key], key
+    assert rec.get("resumed_from") is not None
+    print("leftover temporaries:", temporaries([out]))
+
+
+@pytest.mark.slow
+def test_generation_killed_five_times_resumes_to_the_same_dataset(project, generated, tmp_path):
+    root, raw = project
+    markers, seconds, ref, summary = generated
+    out, work = root / "gen-killed", root / "work-killed"
+    s = _with(raw, generate={"out": str(out), "work": str(work)})
+    kills = choose_kills(markers, seconds, N_KILLS, seed=303)
+    done = []
+
+    def after(kill):
+        check_final_files_parse([out, work])
+        done.append(_store_check(work))
+
+    run = kill_then_finish("generate", s, tmp_path, markers, kills, after)
+    assert len({k.target for k in run.kills}) >= N_KILLS
+    _assert_same(_renamed(ref, "generated", out.name), digest([out]))
+    assert not (work / "features.zarr").exists()
+    print("leftover temporaries:", temporaries([out, work]))
+
+
+@pytest.fixture(scope="module")
+def ddps_trained(tmp_path_factory):
+    from tests.test_refine_stage import _project, _settings
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("faults-ddps")
+    _project(root)
+    kw = dict(steps=6, checkpoint_every=2, log_every=1, ablation=True)
+    s = _settings(root, out=str(root / "ddps"), **kw)
+    markers, seconds, summary = reference("ddps", s)
+    return root, kw, markers, seconds, digest([root / "ddps"])
+
+
+@pytest.mark.slow
+def test_ddps_training_killed_five_times_resumes_to_the_same_weights(ddps_trained, tmp_path):
+    from tests.test_refine_stage import _settings
+
+    root, kw, markers, seconds, ref = ddps_trained
+    out = root / "ddps-killed"
+    s = _settings(root, out=str(out), **kw)
+    kills = choose_kills(markers, seconds, N_KILLS, seed=404)
+    run = kill_then_finish("ddps", s, tmp_path, markers, kills, lambda _k: check_final_files_parse([out]))
+    assert len({k.target for k in run.kills}) >= N_KILLS
+    got = digest([out])
+    ck = sorted(k for k in got if k.endswith(".pt"))
+    # the EMA weights equal the uninterrupted run's bit for bit; model.json as data; the
+    # checkpoints by step and the loss log without its timing column (they hold timing)
+    _assert_same(_renamed(ref, "ddps", out.name), got, ignore=(".pt", ".json", ".csv"))
+    for name in ("loss.csv", "ablation-gt/loss.csv"):
+        a = pd.read_csv(root / "ddps" / name).drop(columns="images_per_s")
+        b = pd.read_csv(out / name).drop(columns="images_per_s")
+        pd.testing.assert_frame_equal(a, b)
+        assert len(a) == kw["steps"]
+    for name in ("model.json", "ablation-gt/model.json"):
+        a, b = json.loads((root / "ddps" / name).read_text()), json.loads((out / name).read_text())
+        assert b["train"].pop("out") == a["train"].pop("out").replace(str(root / "ddps"), str(out), 1)
+        assert a == b, name
+    for rel in ck:
+        rel = rel.split("/", 1)[1]
+        a = torch.load(root / "ddps" / rel, map_location="cpu", weights_only=True)
+        b = torch.load(out / rel, map_location="cpu", weights_only=True)
+        assert a.get("step") == b.get("step"), rel
+    print("leftover temporaries:", temporaries([out]))
