@@ -122,6 +122,7 @@ def generated(project, trained):
     return markers, seconds, digest([root / "generated"]), summary
 
 
+@pytest.mark.slow
 def test_extraction_killed_five_times_resumes_bit_identical(project, extracted, tmp_path):
     root, raw = project
     markers, seconds, ref = extracted
