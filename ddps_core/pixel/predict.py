@@ -139,6 +139,24 @@ def predict_image(
         ensemble.train(was_training)
 
 
+#: Upper bound of the native maps read ahead at once by :func:`predict_store`.
+PREFETCH_BYTES = 256 * 2**20
+
+
+def _prefetched(store: Any, indices: list[int]) -> Iterator[tuple[int, Any]]:
+    """``(i, store.native(i))`` for ``indices`` in order; a feature store's maps are read a
+    run of images at a time (:meth:`FeatureStore.natives`), at most :data:`PREFETCH_BYTES`."""
+    natives = getattr(store, "natives", None)
+    if natives is None:
+        for i in indices:
+            yield i, store.native(i)
+        return
+    run = max(1, min(64, PREFETCH_BYTES // max(1, int(store.native_bytes))))
+    for a in range(0, len(indices), run):
+        batch = indices[a : a + run]
+        yield from zip(batch, natives(batch))
+
+
 def predict_store(
     ensemble: PixelEnsemble,
     store: Any,
@@ -152,10 +170,9 @@ def predict_store(
     ``progress(done, total, image_id)`` is called after each image."""
     if store.feature_dim != ensemble.feature_dim:
         raise ValueError(f"store feature_dim {store.feature_dim} != ensemble feature_dim {ensemble.feature_dim}")
-    indices = range(len(store)) if image_indices is None else [int(i) for i in image_indices]
+    indices = list(range(len(store))) if image_indices is None else [int(i) for i in image_indices]
     total = len(indices)
-    for done, i in enumerate(indices, start=1):
-        native = store.native(i)
+    for done, (i, native) in enumerate(_prefetched(store, indices), start=1):
 
         def feats(ys: np.ndarray, xs: np.ndarray, _i: int = i, _native: Any = native) -> np.ndarray:
             return store.pixels(_i, ys, xs, native=_native)
