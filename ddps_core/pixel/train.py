@@ -329,6 +329,14 @@ def _restore(path: Path, ensemble: PixelEnsemble, opt: MemberAdam, state: _State
 # --------------------------------------------------------------------------------------------
 
 
+def _remove_stale_temporaries(ck_path: Path) -> None:
+    """Delete the temporaries (``.checkpoint.pt.*.tmp``) of checkpoint writes that a killed run
+    left behind: only this trainer writes its checkpoint, and they would otherwise stay in the
+    stage's output folder."""
+    for stale in ck_path.parent.glob(f".{ck_path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def _epoch_batches(sampler: Any, epoch: int) -> Iterator[Batch]:
     """The batches of epoch ``epoch``: ``sampler.set_epoch(epoch)`` then iterate (a
     :class:`~ddps_core.features.sampler.PixelSampler`), or ``sampler(epoch)`` (a factory)."""
@@ -395,6 +403,8 @@ def train_ensemble(
     state = _State(M)
     ck_path = None if checkpoint_path is None else Path(checkpoint_path)
     resumed_from = None
+    if ck_path is not None:
+        _remove_stale_temporaries(ck_path)
     if ck_path is not None and resume and ck_path.exists():
         _restore(ck_path, ensemble, opt, state, rng, settings)
         resumed_from = state.updates
