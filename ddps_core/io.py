@@ -55,6 +55,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def canonical_safetensors(blob: bytes) -> bytes:
+    """``blob`` (a serialized safetensors file) with its JSON header written with sorted keys.
+
+    The safetensors writer emits the ``__metadata__`` entries in hash-map order, which
+    changes from process to process, so the same tensors and metadata gave different bytes
+    (and DVC saw a changed output after every rerun). The tensor data and their offsets are
+    untouched: offsets count from the end of the header, whose length may change; it stays
+    padded with spaces to a multiple of 8 bytes, as the format wants."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n :]
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))

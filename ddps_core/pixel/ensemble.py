@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddps_core.errors import CheckpointError, ConfigError
-from ddps_core.io import atomic_write_bytes
+from ddps_core.io import atomic_write_bytes, canonical_safetensors
 
 __all__ = [
     "ENSEMBLE_FORMAT",
@@ -389,7 +389,7 @@ class PixelEnsemble(nn.Module):
 
         path = Path(path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        atomic_write_bytes(path, save(tensors, metadata=self.metadata()))
+        atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=self.metadata())))
         return path
 
     @classmethod
