@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# make run needs the package and its runtime dependencies; make test adds the test and
+# scale-out extras (pytest, prefect-dask, s3fs, moto)
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
 # Prefect keeps its state inside the checkout (git-ignored), never in ~/.prefect.
@@ -17,17 +20,21 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	@touch $@
+
+$(DEV): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-install: $(STAMP)
+install: $(DEV)
 
 ## make test: the fast suite (everything not marked slow)
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## make test-slow: the long end-to-end tests (CI runs them too)
-test-slow: $(STAMP)
+test-slow: $(DEV)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 ## make run: the whole pipeline on the embedded defaults (dvc repro, flow runs in a local
