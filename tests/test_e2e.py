@@ -61,8 +61,12 @@ def test_make_run_shows_flow_runs_on_its_own_server_and_stops_it(pipeline):
     match = re.search(r"Prefect UI: (http://127\.0\.0\.1:(\d+))", out)
     assert match, out[-2000:]
     ui, port = match.group(1), int(match.group(2))
-    # every stage's flow run reported to that server (not to a temporary one of its own)
-    assert out.count(f"View at {ui}/runs/flow-run/") == 10
+    # every stage's flow run (and sub-flow run) reported to that server, not to a temporary
+    # server of its own (which would show another port)
+    views = re.findall(r"View at (http://[^/\s]+)/runs/flow-run/", out)
+    assert len(views) >= 10 and set(views) == {ui}
+    stages = re.findall(r"Beginning flow run '[^']+' for flow '([^']+)'", out)
+    assert len(stages) == 10, stages
     assert "Test split: final metrics" in out and "Pipeline wall time" in out
     for line in ("ddpm", "student", "ddps (step 9)"):
         assert line in out
