@@ -15,6 +15,7 @@ The exit status is ``dvc repro``'s (130 after Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -219,11 +220,15 @@ class StageClock:
 
 
 def run_dvc(args: Sequence[str], env: dict[str, str], clock: StageClock | None = None) -> int:
-    """``dvc repro ARGS``, its output echoed line by line (and fed to ``clock``). Ctrl-C
-    reaches dvc from the terminal (same process group): wait for it to finish its clean-up,
-    then report 130. SIGTERM of this process is passed on."""
+    """``dvc repro ARGS``, its output echoed line by line (and fed to ``clock``).
+
+    dvc runs in a session of its own, so the stage it runs is stopped the same way whether
+    this process gets Ctrl-C from a terminal or SIGINT / SIGTERM from a scheduler: the signal
+    is passed to dvc's whole process group (dvc and the stage's flow), dvc gets 60 s to
+    record the failure, then the group is killed. Returns dvc's status, 130 after SIGINT."""
     proc = subprocess.Popen(["dvc", "repro", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -233,28 +238,27 @@ def run_dvc(args: Sequence[str], env: dict[str, str], clock: StageClock | None =
             if clock is not None:
                 clock.feed(line)
 
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-
-    def forward(signum: int, _frame: Any) -> None:
-        proc.send_signal(signum)
-
-    old = signal.signal(signal.SIGTERM, forward)
+    old = signal.signal(signal.SIGTERM, lambda signum, _frame: signal_group(signum))
     try:
-        while True:
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            console.print("[yellow]Interrupted: stopping the running stage ...[/]")
+            signal_group(signal.SIGINT)
             try:
-                code = proc.wait()
-                reader.join(10)
-                return code
-            except KeyboardInterrupt:
-                console.print("[yellow]Interrupted: waiting for dvc to stop ...[/]")
-                try:
-                    proc.wait(60)
-                except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                    proc.kill()
-                    proc.wait()
-                reader.join(10)
-                return 130
+                proc.wait(60)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                signal_group(signal.SIGKILL)
+                proc.wait()
+            code = 130
+        reader.join(10)
+        return code
     finally:
         signal.signal(signal.SIGTERM, old)
 

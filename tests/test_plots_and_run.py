@@ -93,3 +93,48 @@ def test_stage_clock_times_each_stage_from_dvc_output():
     assert rows == [{"stage": "data", "seconds": 12.5, "ran": True},
                     {"stage": "train_ddpm", "seconds": 0.0, "ran": False},
                     {"stage": "extract", "seconds": 17.0, "ran": True}]
+
+
+def test_interrupting_make_run_stops_the_running_stage(tmp_path):
+    """SIGINT to the runner (as a scheduler or a terminal sends it) reaches the stage that
+    dvc runs: the stage exits, the runner reports 130 and leaves nothing running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import pathlib, signal, sys, time\n"
+        f"out = pathlib.Path({str(tmp_path)!r})\n"
+        "def stop(*_):\n"
+        "    (out / 'stage-got-sigint').write_text('yes'); sys.exit(1)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "(out / 'stage-started').write_text(str(__import__('os').getpid()))\n"
+        "time.sleep(120)\n")
+    fake = tmp_path / "bin" / "dvc"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"Running stage 'slow':\"\n{sys.executable} {stage}\nexit $?\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.run", "--no-server"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "stage-started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert (tmp_path / "stage-got-sigint").read_text() == "yes"
+    pid = int((tmp_path / "stage-started").read_text())
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive
