@@ -117,3 +117,30 @@ def test_training_learns_selects_and_resumes(tmp_path):
     a = (tmp_path / "a" / "student.safetensors").read_bytes()
     b = (tmp_path / "b" / "student.safetensors").read_bytes()
     assert a == b
+
+
+def test_nan_weights_from_a_finite_loss_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    """An optimiser step that turns weights into NaN (NaN gradients, finite loss) in the
+    second epoch stops training with a clear error; the checkpoint of epoch 1 is kept."""
+    from ddps_core.student.train import StudentTrainingError
+
+    train = ImageSet(_folder(tmp_path / "train", 8), 32)
+    cfg = _cfg(tmp_path, "n", epochs=3)
+    step = torch.optim.AdamW.step
+    calls = {"n": 0}
+    steps_per_epoch = 1  # 8 images, batch 8
+
+    def poisoning_step(self, *a, **kw):
+        out = step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] > steps_per_epoch:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    with pytest.raises(StudentTrainingError, match=r"non-finite student weights .* after epoch 2"):
+        train_student(cfg, train, None, num_classes=4)
+    ckpt = torch.load(tmp_path / "n" / "state.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point())

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddps_core.device import nonfinite_tensors
 from ddps_core.datasets import to_square
 from ddps_core.errors import CheckpointError, DataError, DDPSError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
@@ -254,6 +255,11 @@ def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classe
             if on_batch is not None:
                 on_batch(it + 1, total)
         epoch += 1
+        bad = nonfinite_tensors(model)
+        if bad:  # a finite loss does not prove finite weights (NaN gradients)
+            raise StudentTrainingError(
+                f"non-finite student weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) "
+                f"after epoch {epoch}; the last good checkpoint ({state_path}) is kept. Lower student.lr.")
         val_miou = None
         if select_real:
             val_miou = float(score_set(model, val, num_classes, ignore_index, device=device).miou)
