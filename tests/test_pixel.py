@@ -30,6 +30,7 @@ from ddps_core.pixel import (
     train_ensemble,
 )
 from ddps_core.pixel import train as train_mod
+from ddps_core.pixel.train import CheckpointSettingsChanged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -445,7 +446,7 @@ def test_resume_gives_identical_weights(tmp_path):
     # a finished run resumes to a no-op; other settings are refused
     again, s_again = run(ck)
     assert s_again.updates == s_full.updates
-    with pytest.raises(CheckpointError, match="b.ckpt.*lr"):
+    with pytest.raises(CheckpointSettingsChanged, match="b.ckpt.*lr"):  # a CheckpointError; the stage starts over on it
         train_ensemble(PixelSampler(src, ignore_index=None, min_class_pixels=1),
                        PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1),
                        lr=0.5, patience=4, min_epoch=2, seed=7, checkpoint_path=ck)

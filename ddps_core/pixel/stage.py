@@ -35,7 +35,7 @@ from ddps_core.metrics import ConfusionAccumulator, SegmentationResult
 from ddps_core.pixel.ensemble import PixelEnsemble, source_id_of
 from ddps_core.pixel.predict import predict_store
 from ddps_core.pixel.sources import RGBXYSource
-from ddps_core.pixel.train import TrainSummary, train_ensemble
+from ddps_core.pixel.train import CheckpointSettingsChanged, TrainSummary, train_ensemble
 
 WEIGHTS = "ensemble.safetensors"
 
@@ -83,10 +83,19 @@ def train_method(settings: Settings, method: str,
                              seed=cfg.seed, source_id=source_id_of(source))
     out = Path(cfg.out) / method
     out.mkdir(parents=True, exist_ok=True)
-    summary: TrainSummary = train_ensemble(
-        sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
-        min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, progress=progress,
-        checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
+    def train() -> TrainSummary:
+        return train_ensemble(
+            sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
+            min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, progress=progress,
+            checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
+
+    try:
+        summary = train()
+    except CheckpointSettingsChanged:
+        # the stage owns its folder: a checkpoint of other settings (an experiment with
+        # another ensemble.members, say) is not resumable, so the stage starts over
+        (out / "checkpoint.pt").unlink()
+        summary = train()
     ensemble.save(out / WEIGHTS)
     record = {"method": method, "n_train_images": n, "feature_dim": source.feature_dim,
               "source_id": source_id_of(source), **summary.to_dict()}

@@ -305,13 +305,17 @@ def _save_checkpoint(path: Path, ensemble: PixelEnsemble, opt: MemberAdam, state
         torch.save(ck, tmp)
 
 
+class CheckpointSettingsChanged(CheckpointError):
+    """The checkpoint to resume from was made with other settings (the caller may start over)."""
+
+
 def _restore(path: Path, ensemble: PixelEnsemble, opt: MemberAdam, state: _State, rng: torch.Generator,
              settings: dict[str, Any]) -> None:
     ck = load_checkpoint(path)
     have = ck.get("settings", {})
     diffs = [f"{k}: checkpoint {have.get(k)!r}, now {v!r}" for k, v in settings.items() if have.get(k) != v]
     if diffs:
-        raise CheckpointError(
+        raise CheckpointSettingsChanged(
             f"pixel training checkpoint {path}: made with other settings ({'; '.join(diffs)}); "
             "delete it to start over"
         )
