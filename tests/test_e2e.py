@@ -127,6 +127,13 @@ def test_plot_tables_and_an_experiment_with_a_changed_param(pipeline):
     assert len(per_class) == 7 and list(per_class.columns) == ["class_id", "class_name", "iou", "biou"]
     steps = pd.read_csv(work / "reports/plots/ddps_steps/ddps.csv")
     assert steps["step"].tolist() == [0, 5, 9]
+    # dvc renders every declared plot offline: tables as vega specs, PNGs as images
+    shown = json.loads(_sh(["dvc", "plots", "show", "--json"], work, env).stdout)["data"]
+    assert shown["reports/plots/per_class_iou/ddpm.csv"][0]["type"] == "vega"
+    assert shown["reports/plots/ddps_steps/ddps.csv"][0]["type"] == "vega"
+    assert shown["data/models/ddpm/loss.csv"][0]["type"] == "vega"
+    assert shown["data/models/ddpm/samples.png"][0]["type"] == "image"
+    assert sum(k.startswith("reports/figures/overlays/") for k in shown) == 8
     # commit the run, then an experiment with another ensemble size; metrics diff sees it
     _sh(["git", "add", "-A"], work, env)
     _sh(["git", "commit", "-qm", "baseline"], work, env)
