@@ -31,7 +31,7 @@ from ddps_core.features import FeatureExtractor, extract_to_store, open_or_creat
 def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_size: int = 16,
         repeats: int = 5, overrides: dict | None = None) -> list[dict]:
     """One row; ``overrides`` change the preset (e.g. ``{"num_channels": 64}``: a wider UNet,
-    4x the forward FLOPs for 2x the feature bytes, to show how the overhead scales)."""
+    4x the forward FLOPs for 2x the feature bytes, to see how the overhead scales)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         make_synthetic(tmp / "ds", n_unlabeled=0, n_labeled=n_images, n_test=1)

@@ -53,8 +53,8 @@ def _unet(device: str) -> list[dict]:
 def _extract(device: str) -> list[dict]:
     from benchmarks import bench_extract
 
-    # the default preset, and a 2x wider one (4x the FLOPs, 2x the bytes): the store's cost
-    # is per byte, so its share falls as the model grows
+    # the default preset, and a 2x wider one (4x the FLOPs, 2x the bytes): does the store's
+    # per-byte cost shrink relative to the forwards as the model grows? (README: not at 2x)
     return bench_extract.run() + bench_extract.run(n_images=64, overrides={"num_channels": 64})
 
 
