@@ -39,6 +39,16 @@ def test_every_stage_ran_is_said_in_the_total_row(tmp_path):
     assert total["ratio"] > 1
 
 
+def test_reads_what_make_run_writes(tmp_path):
+    from flows.run import write_times
+
+    stages = [{"stage": "data", "seconds": 12.0, "ran": True}, {"stage": "train_ddpm", "seconds": 0.0, "ran": False}]
+    path = write_times(tmp_path, stages, total_s=20.0, server_s=3.0)
+    rows = bench_pipeline.rows(path)
+    assert [r["name"] for r in rows] == ["pipeline/data", "pipeline/total"]
+    assert rows[0]["ratio"] == pytest.approx(0.6) and rows[-1]["settings"]["server_start_s"] == 3.0
+
+
 def test_missing_file_names_the_command_to_run(tmp_path):
     with pytest.raises(bench_pipeline.NoRunTimes, match="make run"):
         bench_pipeline.rows(tmp_path / "nope.json")
