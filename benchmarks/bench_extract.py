@@ -10,8 +10,11 @@ Target: (a) / (b) <= 1.15.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +29,17 @@ from ddps_core.datasets import DDPMSegFolder, make_synthetic  # noqa: E402
 from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.features import FeatureExtractor, extract_to_store, open_or_create, preprocess  # noqa: E402
+from ddps_core.runtime import tune_malloc  # noqa: E402
 
 
 def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_size: int = 16,
         repeats: int = 5, overrides: dict | None = None) -> list[dict]:
     """One row; ``overrides`` change the preset (e.g. ``{"num_channels": 64}``: a wider UNet,
-    4x the forward FLOPs for 2x the feature bytes, to see how the overhead scales)."""
+    4x the forward FLOPs for 2x the feature bytes, to see how the overhead scales).
+
+    Both sides run with the pipeline's allocator settings (:func:`tune_malloc`, as every
+    stage does) unless ``DDPS_MALLOC_TUNING=0`` is set (:func:`run_glibc_defaults`)."""
+    tuned = tune_malloc()
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         make_synthetic(tmp / "ds", n_unlabeled=0, n_labeled=n_images, n_test=1)
@@ -86,9 +94,25 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
         "baseline": "bare UNet forwards, same images and steps", "baseline_value": base,
         "ratio": ratio, "target": "<= 1.15x",
         "settings": {"n_images": n_images, "steps": list(steps), "batch_size": batch_size,
-                     "overrides": overrides or {},
+                     "overrides": overrides or {}, "malloc_tuning": tuned,
                      "blocks": "all", "images_per_s": n_images / ours, "repeats": repeats},
     }]
+
+
+def run_glibc_defaults(**kwargs) -> list[dict]:
+    """:func:`run` in a child process with glibc's default allocator heuristic
+    (``DDPS_MALLOC_TUNING=0``): the effect of :func:`tune_malloc` on both sides."""
+    code = ("import json, sys; from benchmarks import bench_extract; "
+            "print(json.dumps(bench_extract.run(**json.loads(sys.argv[1]))))")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DDPS_MALLOC_TUNING": "0"}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=repo, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out.strip().splitlines()[-1])
+    for row in rows:
+        assert row["settings"]["malloc_tuning"] is False
+        row["name"] += "-glibc-defaults"
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ddps_core.io import atomic_path
+from ddps_core.runtime import tune_malloc
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["name", "figure", "value", "unit", "baseline", "baseline_value", "ratio", "target",
@@ -54,8 +55,10 @@ def _extract(device: str) -> list[dict]:
     from benchmarks import bench_extract
 
     # the default preset, and a 2x wider one (4x the FLOPs, 2x the bytes): does the store's
-    # per-byte cost shrink relative to the forwards as the model grows? (README: not at 2x)
-    return bench_extract.run() + bench_extract.run(n_images=64, overrides={"num_channels": 64})
+    # per-byte cost shrink relative to the forwards as the model grows? (README: not at 2x);
+    # and the default preset with glibc's default allocator heuristic (ddps_core.runtime)
+    return (bench_extract.run() + bench_extract.run(n_images=64, overrides={"num_channels": 64})
+            + bench_extract.run_glibc_defaults())
 
 
 def _ensemble(device: str) -> list[dict]:
@@ -102,6 +105,7 @@ def _commit() -> str:
 
 
 def run(only: list[str] | None, device: str, out: Path) -> pd.DataFrame:
+    tune_malloc()  # the stages' runtime settings (flows and tasks apply them on import)
     names = only or list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
