@@ -1,8 +1,9 @@
 """Benchmark: feature extraction into the store against bare UNet forwards, same images.
 
 (a) the store path: store creation, read + square + preprocess the images, hooked forwards
-    at every step, float16 conversion, whole-shard writes with fsync, completion flags
-    (deleting the store afterwards is not timed);
+    at every step, float16 conversion, whole-shard writes (past the page cache where the
+    file system allows: ``shardio.DirectIO``) with fsync, completion flags (deleting the
+    store afterwards is not timed);
 (b) the baseline: the bare UNet forward (full network, ``out`` head included) on the same
     preprocessed batches at the same steps, nothing else.
 Target: (a) / (b) <= 1.15.
@@ -29,6 +30,7 @@ from ddps_core.datasets import DDPMSegFolder, make_synthetic  # noqa: E402
 from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.features import FeatureExtractor, extract_to_store, open_or_create, preprocess  # noqa: E402
+from ddps_core.features.shardio import direct_io_default  # noqa: E402
 from ddps_core.runtime import tune_malloc  # noqa: E402
 
 
@@ -95,7 +97,9 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
         "ratio": ratio, "target": "<= 1.15x",
         "settings": {"n_images": n_images, "steps": list(steps), "batch_size": batch_size,
                      "overrides": overrides or {}, "malloc_tuning": tuned,
-                     "blocks": "all", "images_per_s": n_images / ours, "repeats": repeats},
+                     "blocks": "all", "images_per_s": n_images / ours, "repeats": repeats,
+                     "direct_io": direct_io_default(),
+                     "pair_ratios": sorted(round(a / b, 3) for a, b in pairs)},
     }]
 
 

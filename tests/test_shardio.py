@@ -203,9 +203,9 @@ def test_unsupported_metadata_by_hand(tmp_path):
 
 
 @pytest.mark.parametrize("keys", ["flat", "nested"])
-def test_store_writes_features_itself_and_labels_through_zarr(tmp_path, monkeypatch, keys):
+def test_store_writes_its_own_shard_files_unless_compressed(tmp_path, monkeypatch, keys):
     """The store's shard files equal zarr's for the same data: fast path for the float16
-    features, zarr for the zstd labels, zarr for every array of a compressed store; with the
+    features and the uint8 labels, zarr for every array of a compressed store; with the
     flat chunk keys of new stores and the nested ones of stores made before them."""
     if keys == "nested":
         monkeypatch.setattr(store_module, "FLAT_KEYS", {"name": "default", "separator": "/"})
@@ -230,7 +230,7 @@ def test_store_writes_features_itself_and_labels_through_zarr(tmp_path, monkeypa
                 np.testing.assert_array_equal(np.asarray(reopened._arrays[name][i]).view("u2"),
                                               feats[name][i].view("u2"))
         assert not list(store.path.rglob("*.partial"))
-    assert sorted(stores[False]._layouts) == sorted(shapes) and list(stores[False].zarr_written) == ["labels"]
+    assert sorted(stores[False]._layouts) == sorted([*shapes, "labels"]) and not stores[False].zarr_written
     if keys == "flat":  # shard files sit in the array's folder: no folders per shard
         assert sorted(os.listdir(stores[False].path / "t5_b0")) == ["c.0.0.0.0", "c.1.0.0.0", "c.2.0.0.0", "zarr.json"]
     assert sorted(stores[True].zarr_written) == sorted([*shapes, "labels"]) and not stores[True]._layouts
@@ -246,3 +246,12 @@ def test_store_writes_features_itself_and_labels_through_zarr(tmp_path, monkeypa
             ref[a:b] = feats[name][a:b]
             assert stores[False]._chunk_file(name, (k, 0, 0, 0)).read_bytes() == \
                 _shard_file(ref, tmp_path / f"ref_{name}", k).read_bytes()
+    ref = zarr.create_array(str(tmp_path / "ref_labels"), shape=(n, S, S), chunks=(1, S, S), shards=(3, S, S),
+                            dtype="uint8", fill_value=255, compressors=None, dimension_names=("image", "y", "x"),
+                            zarr_format=3, chunk_key_encoding=store_module.FLAT_KEYS)
+    assert json.loads((tmp_path / "ref_labels" / "zarr.json").read_text()) == \
+        json.loads((stores[False].path / "labels" / "zarr.json").read_text())
+    for k, a, b in shard_ranges(stores[False]):
+        ref[a:b] = labels[a:b]
+        assert stores[False]._chunk_file("labels", (k, 0, 0)).read_bytes() == \
+            _shard_file(ref, tmp_path / "ref_labels", k).read_bytes()

@@ -24,6 +24,7 @@ from ddps_core.datasets import to_square
 from ddps_core.errors import ConfigError, DataError
 
 from .extract import FeatureExtractor, preprocess
+from .shardio import aligned_empty
 from .store import FeatureStore, shard_ranges
 
 __all__ = ["check_compatible", "extract_to_store", "shard_ranges"]
@@ -159,7 +160,8 @@ def extract_to_store(
                 raise
             if j + 1 < len(ranges_todo):
                 next_inputs = reader.submit(inputs, *ranges_todo[j + 1][1:])
-            feats = {n: np.empty((b - a, *store.shapes[n]), dtype=np.float16) for n in store.names}
+            # page-aligned, so that the shard files are written from these buffers directly
+            feats = {n: aligned_empty((b - a, *store.shapes[n]), np.float16) for n in store.names}
             b0 = 0
             for x in batches:
                 extractor.extract_into(x, feats, b0)

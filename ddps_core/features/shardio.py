@@ -41,11 +41,23 @@ folder (named like zarr's own temporary files, ``<key>.<hex>.partial``, so the s
 clean-up of a killed writer's leftovers covers both), fsyncs it and renames it over the key,
 so a reader never sees a partial shard under its final name; :func:`fsync_dirs`, called once
 for all the files of a shard, makes the renames (and new folders) durable too.
+
+Past the page cache: for a store too large to stay cached (:func:`direct_io_default`; or
+with ``DDPS_DIRECT_IO=1``) and where the OS has ``O_DIRECT`` (Linux), the page-aligned run
+of a piece that starts on a page boundary (the image data of a shard buffer from
+:func:`aligned_empty`) is written with it, straight from the buffer; the rest (the index)
+goes through the cache. A file system that refuses ``O_DIRECT`` (``EINVAL``) turns it off
+for that store, silently. The files are byte-identical either way (tested). Measured on
+this project's 2-core machine (``tiny32``, 128 MB of shard files per 128 images, A/B
+interleaved): writing them took 0.26 s of CPU with ``O_DIRECT`` against 0.30 s through the
+cache, whose cost also varied more with its state (0.24-0.39 s); reading them back took
+0.70 s from the disk against 0.52 s from the cache, hence the size rule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import uuid
@@ -57,6 +69,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no O_DIRECT either
+    fcntl = None
+
 try:  # the CRC32C implementation zarr's own ``crc32c`` codec uses (a dependency of zarr 3)
     from google_crc32c import value as _crc32c
 except ImportError:  # pragma: no cover - zarr 3 requires it; without it we fall back to zarr
@@ -64,8 +81,13 @@ except ImportError:  # pragma: no cover - zarr 3 requires it; without it we fall
 
 __all__ = [
     "ABSENT",
+    "DIRECT_ALIGN",
+    "DirectIO",
     "ShardLayout",
     "UnsupportedLayout",
+    "aligned_empty",
+    "available_memory",
+    "direct_io_default",
     "fsync_dirs",
     "write_files_atomic",
 ]
@@ -316,34 +338,179 @@ def fsync_dirs(files: Iterable[Path], root: Path) -> None:
             _fsync_path(folder)
 
 
+_HAS_DIRECT = hasattr(os, "O_DIRECT") and fcntl is not None
+
+#: Alignment of buffers, lengths and file offsets that O_DIRECT writes use (the page size,
+#: a multiple of every common logical block size).
+DIRECT_ALIGN = 4096
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def direct_io_default(nbytes: int | None = None) -> bool:
+    """Whether a store of ``nbytes`` gets its shard files written past the page cache.
+
+    ``DDPS_DIRECT_IO=1`` / ``0`` decides; otherwise (``auto``) only a store larger than half
+    of the memory available now: such a store cannot stay in the page cache until the next
+    stage reads it, so caching its pages buys nothing and costs CPU (copying, writeback,
+    reclaim, and the eviction of everything else). A smaller store is written through the
+    cache: its next reader then finds it in memory (reading 128 ``tiny32`` images' features
+    back took 0.52 s from the cache against 0.70 s from the disk, more than O_DIRECT saves
+    on writing them). Never where the OS has no ``O_DIRECT``.
+    """
+    if not _HAS_DIRECT:
+        return False
+    flag = os.environ.get("DDPS_DIRECT_IO", "auto").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    avail = available_memory()
+    return nbytes is not None and avail is not None and nbytes > avail // 2
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = DIRECT_ALIGN) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary,
+    so that :func:`write_files_atomic` can hand its bytes to the disk without a copy."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _fsync_fd(job: tuple[int, Path]) -> None:
+    fd, path = job
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.filename is None:  # os.fsync does not name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class DirectIO:
+    """Whether writes may still try ``O_DIRECT``: on until a file system refuses it once
+    (``EINVAL``: tmpfs before Linux 6.6, some FUSE and network file systems), then off for
+    the rest of this object's life. One per store; thread-safe (a flag only ever cleared)."""
+
+    def __init__(self, enabled: bool | None = None, nbytes: int | None = None):
+        """``enabled`` None: :func:`direct_io_default` for a store of ``nbytes``."""
+        self.enabled = direct_io_default(nbytes) if enabled is None else bool(enabled) and _HAS_DIRECT
+
+    def refused(self) -> None:
+        self.enabled = False
+
+
+def _set_direct(fd: int, on: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+
+
+def _write_file(tmp: Path, pieces: Iterable[memoryview | bytes], direct: DirectIO | None) -> int:
+    """Create ``tmp`` (a new name) holding the pieces one after the other; return its open
+    descriptor (the caller fsyncs and closes it).
+
+    With ``direct`` enabled, each piece's largest aligned run (the shard's image data, which
+    starts at offset 0 in a buffer from :func:`aligned_empty`) goes to the disk with
+    ``O_DIRECT``, from the buffer itself; the rest (the index, an unaligned tail) is written
+    through the page cache, the flag being switched on the same descriptor. The two never
+    share a page. Skipping the page cache saves most of the CPU time of a write (no copy into
+    the cache, nothing left for writeback or reclaim), which on a machine whose cores run
+    the forwards is time taken from them. The bytes on disk are the same either way.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    use_direct = direct is not None and direct.enabled
+    if use_direct:
+        try:
+            fd = os.open(tmp, flags | os.O_DIRECT, 0o666)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            direct.refused()  # the failed open may have created the file: no O_EXCL now
+            use_direct = False
+            fd = os.open(tmp, (flags & ~os.O_EXCL) | os.O_TRUNC, 0o666)
+    else:
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        is_direct, offset = use_direct, 0
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            n, head = len(view), 0
+            if (use_direct and offset % DIRECT_ALIGN == 0 and n >= DIRECT_ALIGN
+                    and np.frombuffer(view, dtype=np.uint8).ctypes.data % DIRECT_ALIGN == 0):
+                head = n - n % DIRECT_ALIGN
+                try:
+                    if not is_direct:
+                        _set_direct(fd, True)
+                        is_direct = True
+                    _pwrite_all(fd, view[:head], offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    direct.refused()  # the buffered write below covers the whole piece
+                    use_direct, head = False, 0
+            if head < n:
+                if is_direct:
+                    _set_direct(fd, False)
+                    is_direct = False
+                _pwrite_all(fd, view[head:], offset + head)
+            offset += n
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError) and exc.filename is None:  # os.pwrite does not name the file
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
+        raise
+    return fd
+
+
 def write_files_atomic(files: Iterable[tuple[Path, Iterable[memoryview | bytes]]],
-                       executor: Executor | None = None) -> None:
+                       executor: Executor | None = None, direct: DirectIO | None = None) -> None:
     """Write each ``(path, pieces)`` (the pieces concatenated) atomically, its content durably.
 
     Every file is first written to a temporary sibling ``<name>.<hex>.partial``, in this
-    thread, one after the other (a memory copy each, which more threads would only make
-    compete for the CPU); then the temporary files are fsynced, on ``executor``'s threads
-    when given, so that the waits for the disk overlap; then each is renamed over its path.
-    After a crash a path is either its old content (or absent) or the new content, never a
-    mix; stray ``.partial`` files may be left, which are the caller's to remove. On an error
-    the temporary files are removed. The new directory entries are durable only once
-    :func:`fsync_dirs` has been called for the paths.
+    thread, one after the other (more threads would only compete for the CPU), past the page
+    cache where ``direct`` allows (:func:`_write_file`); then the temporary files are
+    fsynced, on ``executor``'s threads when given, so that the waits for the disk overlap;
+    then each is renamed over its path. After a crash a path is either its old content (or
+    absent) or the new content, never a mix; stray ``.partial`` files may be left, which are
+    the caller's to remove. On an error the temporary files are removed. The new directory
+    entries are durable only once :func:`fsync_dirs` has been called for the paths.
     """
     staged: list[tuple[Path, Path]] = []
+    fds: list[int] = []
     try:
         for path, pieces in files:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
             staged.append((tmp, path))
-            with open(tmp, "xb") as f:
-                for piece in pieces:
-                    f.write(piece)
-        temps = [tmp for tmp, _ in staged]
-        list(map(_fsync_path, temps) if executor is None else executor.map(_fsync_path, temps))
+            fds.append(_write_file(tmp, pieces, direct))
+        jobs = list(zip(fds, (tmp for tmp, _ in staged)))
+        list(map(_fsync_fd, jobs) if executor is None else executor.map(_fsync_fd, jobs))
+        while fds:
+            os.close(fds.pop())
         for tmp, path in staged:
             os.replace(tmp, path)
     except BaseException:
+        for fd in fds:
+            os.close(fd)
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise

@@ -42,12 +42,15 @@ to 1 (its own file, also fsynced). Hence:
   flags), so they may run concurrently; never give one shard to two writers;
 * the resume granularity is one shard (at most ``shard_images`` images are recomputed).
 
-Shard files of the uncompressed feature arrays are encoded by :mod:`.shardio` (numpy, no
-per-chunk Python) and written with its own temp-file + fsync + rename; the result is the
+Shard files of the uncompressed arrays (the float16 features and the labels) are encoded by
+:mod:`.shardio` (numpy, no per-chunk Python) and written with its own temp-file + fsync +
+rename (the image data of a store too large to stay in the page cache past it, with
+O_DIRECT from the page-aligned shard buffers: :func:`.shardio.direct_io_default`); the result is the
 byte-identical file zarr would write. Arrays whose metadata that encoder does not reproduce
-exactly (the zstd-compressed labels, ``compress=True`` features) are written through zarr as
-above; :attr:`FeatureStore.zarr_written` names them with the reason. Either way the folders
-holding a shard file are fsynced before the shard is marked done.
+exactly (every array of a ``compress=True`` store; the zstd labels of stores made before
+2026-12-03) are written through zarr as above; :attr:`FeatureStore.zarr_written` names them
+with the reason. Either way the folders holding a shard file are fsynced before the shard
+is marked done.
 
 The store's metadata is written once, at creation, into a temporary sibling folder that is
 renamed into place, so a store folder that exists is always a complete, openable group.
@@ -92,7 +95,7 @@ from zarr.storage import LocalStore
 from ddps_core import storage
 from ddps_core.errors import ConfigError, DataError
 
-from .shardio import ShardLayout, UnsupportedLayout, fsync_dirs, write_files_atomic
+from .shardio import DirectIO, ShardLayout, UnsupportedLayout, fsync_dirs, write_files_atomic
 
 __all__ = [
     "FORMAT",
@@ -282,6 +285,10 @@ class FeatureStore:
             raise DataError(f"{self.path}: feature store is missing array {exc}") from None
         self._layouts, self.zarr_written = self._shard_layouts()
         self._strays: dict[Path, list[Path]] | None = None
+        # Shard files of a local store too large to stay in the page cache skip it, where
+        # the OS and file system allow (shardio.direct_io_default; DDPS_DIRECT_IO=0/1).
+        per_image = sum(math.prod(shape) for shape in self.shapes.values()) * 2
+        self._direct = DirectIO(nbytes=per_image * len(self.image_ids))
 
     def _shard_layouts(self) -> tuple[dict[str, ShardLayout], dict[str, str]]:
         """Per array, the layout :mod:`.shardio` encodes shard files of, read from the
@@ -337,7 +344,9 @@ class FeatureStore:
         ``shapes`` maps every name ``t{t}_b{block}`` (timestep-major, blocks ascending) to its
         native ``(C, h, w)``. ``num_classes`` (None: no labels) adds a ``labels`` array with
         ``ignore_index`` (or None) as its fill value. ``compress`` stores chunks with zstd
-        level 1 (float16 activations compress little; off by default for fast reads).
+        level 1 (float16 activations compress little; off by default for fast reads and
+        writes). Labels are uncompressed too unless ``compress``: at most 2 bytes per pixel,
+        a fraction of a percent of an image's features, and written without zarr's encoder.
         """
         if storage.is_remote(path):
             settings = cls._settings(
@@ -455,7 +464,7 @@ class FeatureStore:
                 group.create_array(
                     "labels", shape=(n, S, S), chunks=(1, S, S), shards=(k, S, S), dtype=lab["dtype"],
                     fill_value=lab["ignore_index"] if lab["ignore_index"] is not None else 0,
-                    compressors=[ZstdCodec(level=1)], dimension_names=("image", "y", "x"),
+                    compressors=compressors, dimension_names=("image", "y", "x"),
                     chunk_key_encoding=FLAT_KEYS,
                 )
             group.create_array(
@@ -658,9 +667,9 @@ class FeatureStore:
                 stray.unlink(missing_ok=True)
         # One whole-shard write per array. Arrays whose metadata shardio reproduces exactly
         # (the uncompressed features) get their shard file encoded by numpy and written here,
-        # one after the other (a memory copy each: more threads would only compete with the
-        # forwards for the CPU), then fsynced on the pool, where the waits for the disk
-        # overlap. The others (the zstd labels; every array of a compressed store) go through
+        # one after the other, past the page cache where allowed (more threads would only
+        # compete with the forwards for the CPU), then fsynced on the pool, where the waits for the disk
+        # overlap. The others (every array of a compressed store, older stores' zstd labels) go through
         # zarr on the pool meanwhile (its encoder costs ~0.5 ms per image per array) and are
         # fsynced after. Then the folders holding the files are fsynced, all at once, so the
         # renames are durable too before the shard is marked done.
@@ -682,7 +691,7 @@ class FeatureStore:
         by_zarr = [(name, path) for name, path in zip(names, files) if name not in self._layouts]
         with ThreadPoolExecutor(max_workers=8) as pool:
             jobs = [pool.submit(put_zarr, name, path) for name, path in by_zarr]
-            write_files_atomic(by_numpy, pool)
+            write_files_atomic(by_numpy, pool, self._direct)
             for job in jobs:
                 job.result()
         fsync_dirs(files, self.path)
