@@ -30,7 +30,6 @@ from ddps_core.datasets import DDPMSegFolder, make_synthetic  # noqa: E402
 from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.features import FeatureExtractor, extract_to_store, open_or_create, preprocess  # noqa: E402
-from ddps_core.features.shardio import direct_io_default  # noqa: E402
 from ddps_core.runtime import tune_malloc  # noqa: E402
 
 
@@ -52,6 +51,7 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
         diffusion = GaussianDiffusion.from_name("linear", 1000)
         ext = FeatureExtractor(model, diffusion, list(steps), None, model_id="bench")
         S = cfg.image_size
+        direct: list[bool] = []  # each store's write mode (shardio.direct_io_default)
 
         def store_path() -> Path:
             path = tmp / f"store-{time.perf_counter_ns()}.zarr"
@@ -59,6 +59,7 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
                                    shard_images=batch_size, num_classes=reader.num_classes,
                                    ignore_index=255)
             extract_to_store(reader, ext, store, batch_size=batch_size)
+            direct.append(store.direct_io)
             return path
 
         batches = [torch.stack([preprocess(reader[i].image, S)
@@ -98,7 +99,7 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
         "settings": {"n_images": n_images, "steps": list(steps), "batch_size": batch_size,
                      "overrides": overrides or {}, "malloc_tuning": tuned,
                      "blocks": "all", "images_per_s": n_images / ours, "repeats": repeats,
-                     "direct_io": direct_io_default(),
+                     "direct_io": all(direct),
                      "pair_ratios": sorted(round(a / b, 3) for a, b in pairs)},
     }]
 

@@ -14,5 +14,6 @@ def test_rows_record_the_allocator_settings():
     assert tuned["name"] == "extract/tiny32" and defaults["name"] == "extract/tiny32-glibc-defaults"
     assert tuned["settings"]["malloc_tuning"] is GLIBC
     assert defaults["settings"]["malloc_tuning"] is False
+    assert tuned["settings"]["direct_io"] is False  # 8 small images: written through the cache
     for row in (tuned, defaults):
         assert row["value"] > 0 and row["baseline_value"] > 0 and row["ratio"] > 0

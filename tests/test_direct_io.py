@@ -147,7 +147,7 @@ def test_store_follows_the_size_rule(tmp_path, monkeypatch):
         monkeypatch.setattr(shardio, "available_memory", lambda avail=avail: avail)
         store = FeatureStore.create(tmp_path / f"s{avail}", model_id="m", steps=[5], blocks=[0], image_size=8,
                                     image_ids=[str(i) for i in range(10)], shapes=shapes, shard_images=2)
-        assert store._direct.enabled is expect
+        assert store.direct_io is expect
 
 
 def test_store_files_are_the_same_bytes_direct_or_not(tmp_path, monkeypatch, pwrites):

@@ -431,9 +431,10 @@ def _write_file(tmp: Path, pieces: Iterable[memoryview | bytes], direct: DirectI
     starts at offset 0 in a buffer from :func:`aligned_empty`) goes to the disk with
     ``O_DIRECT``, from the buffer itself; the rest (the index, an unaligned tail) is written
     through the page cache, the flag being switched on the same descriptor. The two never
-    share a page. Skipping the page cache saves most of the CPU time of a write (no copy into
-    the cache, nothing left for writeback or reclaim), which on a machine whose cores run
-    the forwards is time taken from them. The bytes on disk are the same either way.
+    share a page. Skipping the page cache saves the copy into it and the later writeback
+    and reclaim (in isolation, 128 MB in 1 MB files: 0.03 s of CPU against 0.3-0.5 s),
+    which on a machine whose cores run the forwards is time taken from them. The bytes on
+    disk are the same either way.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     use_direct = direct is not None and direct.enabled

@@ -44,9 +44,9 @@ to 1 (its own file, also fsynced). Hence:
 
 Shard files of the uncompressed arrays (the float16 features and the labels) are encoded by
 :mod:`.shardio` (numpy, no per-chunk Python) and written with its own temp-file + fsync +
-rename (the image data of a store too large to stay in the page cache past it, with
-O_DIRECT from the page-aligned shard buffers: :func:`.shardio.direct_io_default`); the result is the
-byte-identical file zarr would write. Arrays whose metadata that encoder does not reproduce
+rename (for a store too large to stay in the page cache, the image data goes past it with
+O_DIRECT, from the page-aligned shard buffers: :func:`.shardio.direct_io_default`); the
+result is the byte-identical file zarr would write. Arrays whose metadata that encoder does not reproduce
 exactly (every array of a ``compress=True`` store; the zstd labels of stores made before
 2026-12-03) are written through zarr as above; :attr:`FeatureStore.zarr_written` names them
 with the reason. Either way the folders holding a shard file are fsynced before the shard
@@ -289,6 +289,11 @@ class FeatureStore:
         # the OS and file system allow (shardio.direct_io_default; DDPS_DIRECT_IO=0/1).
         per_image = sum(math.prod(shape) for shape in self.shapes.values()) * 2
         self._direct = DirectIO(nbytes=per_image * len(self.image_ids))
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether this store's shard files are (still) written past the page cache."""
+        return self._direct.enabled
 
     def _shard_layouts(self) -> tuple[dict[str, ShardLayout], dict[str, str]]:
         """Per array, the layout :mod:`.shardio` encodes shard files of, read from the
