@@ -137,7 +137,16 @@ def test_only_stores_too_large_for_the_cache_go_direct_unless_told(monkeypatch):
 
 def test_available_memory_reads_meminfo():
     avail = shardio.available_memory()
-    assert avail is None or 0 < avail < 1 << 50
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert avail is not None and 0 < avail <= total  # Linux has MemAvailable since 3.14
+
+
+def test_read_only_opens_do_not_decide_the_write_mode(tmp_path, monkeypatch):
+    store = FeatureStore.create(tmp_path / "s", model_id="m", steps=[5], blocks=[0], image_size=8,
+                                image_ids=["a", "b"], shapes={"t5_b0": (32, 8, 8)}, shard_images=2)
+    monkeypatch.setattr(shardio, "available_memory", lambda: pytest.fail("asked without writing"))
+    reopened = FeatureStore.open(store.path, read_only=True)
+    assert reopened.n_done() == 0
 
 
 def test_store_follows_the_size_rule(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ while the library alone does not."""
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import textwrap
@@ -44,8 +45,6 @@ _CYCLES = textwrap.dedent("""
 
 
 def _faults(mode: str, **env: str) -> tuple[str, float]:
-    import os
-
     out = subprocess.run([sys.executable, "-c", _CYCLES, mode], capture_output=True, text=True, check=True,
                          env={**os.environ, **env}).stdout.split()
     return out[0], float(out[1])

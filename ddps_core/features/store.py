@@ -285,15 +285,21 @@ class FeatureStore:
             raise DataError(f"{self.path}: feature store is missing array {exc}") from None
         self._layouts, self.zarr_written = self._shard_layouts()
         self._strays: dict[Path, list[Path]] | None = None
-        # Shard files of a local store too large to stay in the page cache skip it, where
-        # the OS and file system allow (shardio.direct_io_default; DDPS_DIRECT_IO=0/1).
-        per_image = sum(math.prod(shape) for shape in self.shapes.values()) * 2
-        self._direct = DirectIO(nbytes=per_image * len(self.image_ids))
+        self._direct: DirectIO | None = None  # decided at the first write (_direct_io)
+
+    def _direct_io(self) -> DirectIO:
+        """Shard files of a local store too large to stay in the page cache skip it, where
+        the OS and file system allow (shardio.direct_io_default; DDPS_DIRECT_IO=0/1).
+        Decided once, when first needed: read-only opens never ask."""
+        if self._direct is None:
+            size = footprint(self.shapes, self.image_size, len(self))["native_float16_bytes"]
+            self._direct = DirectIO(nbytes=size)
+        return self._direct
 
     @property
     def direct_io(self) -> bool:
         """Whether this store's shard files are (still) written past the page cache."""
-        return self._direct.enabled
+        return self._direct_io().enabled
 
     def _shard_layouts(self) -> tuple[dict[str, ShardLayout], dict[str, str]]:
         """Per array, the layout :mod:`.shardio` encodes shard files of, read from the
@@ -696,7 +702,7 @@ class FeatureStore:
         by_zarr = [(name, path) for name, path in zip(names, files) if name not in self._layouts]
         with ThreadPoolExecutor(max_workers=8) as pool:
             jobs = [pool.submit(put_zarr, name, path) for name, path in by_zarr]
-            write_files_atomic(by_numpy, pool, self._direct)
+            write_files_atomic(by_numpy, pool, self._direct_io())
             for job in jobs:
                 job.result()
         fsync_dirs(files, self.path)
