@@ -1,5 +1,7 @@
 """``python -m benchmarks run [--only NAME] [--device cuda]``: every figure beside its baseline.
 
+``gpu`` (:mod:`benchmarks.bench_gpu`) runs only with ``--device cuda``.
+
 Each benchmark measures its figure and its baseline in the same process (so the ratio holds on
 a noisy machine), as the median of several repeats after a warm-up. Results go to
 ``reports/benchmarks.parquet`` (one row per figure) and are printed as a table.
@@ -96,6 +98,16 @@ def _pipeline(device: str) -> list[dict]:
 BENCHMARKS["pipeline"] = _pipeline
 
 
+def _gpu(device: str) -> list[dict]:
+    from benchmarks import bench_gpu
+
+    return bench_gpu.run(device=device)
+
+
+BENCHMARKS["gpu"] = _gpu
+GPU_ONLY = {"gpu"}  # not part of a CPU run; asking for one without --device cuda is an error
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
@@ -106,10 +118,12 @@ def _commit() -> str:
 
 def run(only: list[str] | None, device: str, out: Path) -> pd.DataFrame:
     tune_malloc()  # the stages' runtime settings (flows and tasks apply them on import)
-    names = only or list(BENCHMARKS)
+    names = only or [n for n in BENCHMARKS if device == "cuda" or n not in GPU_ONLY]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+    if device != "cuda" and GPU_ONLY & set(names):
+        raise SystemExit(f"benchmark(s) {sorted(GPU_ONLY & set(names))} need --device cuda")
     machine = (torch.cuda.get_device_name() if device == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     rows = []
@@ -129,13 +143,17 @@ def run(only: list[str] | None, device: str, out: Path) -> pd.DataFrame:
     return df
 
 
+def _fmt(value, spec: str) -> str:
+    return "" if value is None or pd.isna(value) else format(value, spec)
+
+
 def print_table(df: pd.DataFrame) -> None:
     table = Table(title="benchmarks")
     for col in ("name", "value", "unit", "baseline", "baseline_value", "ratio", "target", "device"):
         table.add_column(col)
     for r in df.itertuples():
-        table.add_row(r.name, f"{r.value:.4g}", r.unit, r.baseline, f"{r.baseline_value:.4g}",
-                      f"{r.ratio:.3g}", "" if pd.isna(r.target) else str(r.target), r.device)
+        table.add_row(r.name, _fmt(r.value, ".4g"), _fmt(r.unit, ""), _fmt(r.baseline, ""),
+                      _fmt(r.baseline_value, ".4g"), _fmt(r.ratio, ".3g"), _fmt(r.target, ""), r.device)
     Console(width=200).print(table)
 
 

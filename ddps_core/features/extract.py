@@ -15,6 +15,7 @@ and keeps working normally outside the extractor (hooks are registered only duri
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ from torch import nn
 from ddps_core.datasets import to_square
 from ddps_core.device import autocast, memory_format
 from ddps_core.errors import ConfigError
+
+from .shardio import DIRECT_ALIGN, aligned_empty
 
 __all__ = ["FeatureExtractor", "array_name", "preprocess", "shared_noise"]
 
@@ -121,6 +124,7 @@ class FeatureExtractor:
             self.model.to(self.device)
         self._model_id: str | None = model_id
         self._shapes: dict[str, tuple[int, int, int]] | None = None
+        self._copy_stream = None  # CUDA side stream of extract_into's copies (made on first use)
 
     # -- names, shapes, identity --------------------------------------------------------------
 
@@ -255,17 +259,66 @@ class FeatureExtractor:
             array_name(t, b), out.to("cpu", torch.float32).contiguous()))
         return {name: got[name] for name in self.names}
 
+    def shard_buffers(self, shapes: dict[str, tuple[int, int, int]], n: int) -> dict[str, np.ndarray]:
+        """Uninitialised float16 buffers ``{name: [n, C, h, w]}`` for :meth:`extract_into`.
+
+        Each starts on a page boundary, so that the shard files are written from them without
+        a copy (:func:`~ddps_core.features.shardio.aligned_empty`). On CUDA they are carved
+        from one pinned (page-locked) block, so that :meth:`extract_into` copies the features
+        off the GPU asynchronously while the forward goes on; where pinning fails (not enough
+        lockable memory), they are ordinary memory and the copies are synchronous.
+        """
+        if self.device.type != "cuda":
+            return {name: aligned_empty((n, *shape), np.float16) for name, shape in shapes.items()}
+        sizes = {name: n * math.prod(shape) * 2 for name, shape in shapes.items()}
+        total = sum(-(-size // DIRECT_ALIGN) * DIRECT_ALIGN for size in sizes.values())
+        try:
+            block = torch.empty(total + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True).numpy()
+        except RuntimeError:  # page-locked memory exhausted: ordinary (pageable) buffers
+            return {name: aligned_empty((n, *shape), np.float16) for name, shape in shapes.items()}
+        at = -block.ctypes.data % DIRECT_ALIGN
+        out = {}
+        for name, shape in shapes.items():
+            out[name] = block[at:at + sizes[name]].view(np.float16).reshape(n, *shape)
+            at += -(-sizes[name] // DIRECT_ALIGN) * DIRECT_ALIGN
+        return out
+
     def extract_into(self, x: torch.Tensor, buffers: dict[str, np.ndarray], offset: int) -> None:
         """Features of batch ``x`` written as float16 into ``buffers[name][offset:offset+B]``
         (the store's shard buffers) while the forward runs: the same values as
-        ``__call__`` followed by a float16 cast, without holding float32 copies."""
+        ``__call__`` followed by a float16 cast, without holding float32 copies.
+
+        On CUDA each block's output is cast on the GPU; into pinned buffers
+        (:meth:`shard_buffers`) it is then copied on a side stream, overlapping the rest of
+        the forward, and the call returns once every copy has landed. Into ordinary memory
+        each copy waits for the GPU."""
         n = x.shape[0]
+        stream = None
+        if self.device.type == "cuda" and buffers:
+            if torch.from_numpy(next(iter(buffers.values()))).is_pinned():
+                if self._copy_stream is None:
+                    self._copy_stream = torch.cuda.Stream(device=self.device)
+                stream = self._copy_stream
 
         def sink(t: int, b: int, out: torch.Tensor) -> None:
             dst = torch.from_numpy(buffers[array_name(t, b)][offset:offset + n])
-            dst.copy_(out.to(torch.float16) if out.device.type != "cpu" else out)
+            if out.device.type == "cpu":
+                dst.copy_(out)
+                return
+            half = out.to(torch.float16, memory_format=torch.contiguous_format)
+            if stream is None:
+                dst.copy_(half)
+                return
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                dst.copy_(half, non_blocking=True)
+            half.record_stream(stream)  # not reused by the forward before the copy is done
 
-        self._run_steps(x, sink)
+        try:
+            self._run_steps(x, sink)
+        finally:
+            if stream is not None:
+                stream.synchronize()
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """The reference layout: every feature upsampled to S x S (bilinear, align_corners

@@ -24,7 +24,6 @@ from ddps_core.datasets import to_square
 from ddps_core.errors import ConfigError, DataError
 
 from .extract import FeatureExtractor, preprocess
-from .shardio import aligned_empty
 from .store import FeatureStore, shard_ranges
 
 __all__ = ["check_compatible", "extract_to_store", "shard_ranges"]
@@ -160,8 +159,8 @@ def extract_to_store(
                 raise
             if j + 1 < len(ranges_todo):
                 next_inputs = reader.submit(inputs, *ranges_todo[j + 1][1:])
-            # page-aligned, so that the shard files are written from these buffers directly
-            feats = {n: aligned_empty((b - a, *store.shapes[n]), np.float16) for n in store.names}
+            # page-aligned (the shard files are written from them directly); pinned on CUDA
+            feats = extractor.shard_buffers({n: store.shapes[n] for n in store.names}, b - a)
             b0 = 0
             for x in batches:
                 extractor.extract_into(x, feats, b0)
