@@ -20,6 +20,7 @@ Target: extraction >= 70% of the forward-only rate at the same settings.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -311,7 +312,10 @@ def run(device: str = "cuda", log: Callable[[str], None] = print) -> list[dict]:
     for name, part in (("extraction", lambda: extraction(device=device, log=log)),
                        ("ensemble", lambda: ensemble(device=device)), ("ddps", lambda: ddps(device=device))):
         try:
-            rows += part()
+            got = part()
+            for row in got:  # in the log too, should the run be cut short before the table
+                log("row " + json.dumps(row, default=str))
+            rows += got
         except Exception as exc:  # noqa: BLE001
             import traceback
 
