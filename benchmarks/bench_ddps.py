@@ -41,12 +41,14 @@ def _sync(device: torch.device) -> None:
 
 
 def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tuple[int, ...] | None = None,
-        repeats: int = 7, device: str = "cpu", params: Path | None = REPO / "params.yaml") -> list[dict]:
+        repeats: int = 7, device: str = "cpu", params: Path | None = REPO / "params.yaml",
+        generator: str = "cpu") -> list[dict]:
     """One row per n in ``ns`` (default: ``ddps.refine_steps`` and n = T, every step
     collected, where the sampler's own work weighs most against the forwards). Images are
     the student's input size (``student.image_size``, else the diffusion model's), and the
     guidance is ``ddps.guidance``: a guided step is one forward of the doubled batch, in the
-    baseline too."""
+    baseline too. ``generator``: where the sampler's random draws are made, ``cpu`` (what the
+    refine stage does: the same draws on any device) or ``device``."""
     from ddps_core.diffusion.presets import get_preset
 
     settings = load_settings(params if params is not None and params.exists() else None)
@@ -68,8 +70,8 @@ def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tupl
         steps = refinement_steps(schedule.num_timesteps, n)
 
         def ours(steps=steps) -> None:
-            refine_images(base, denoiser, schedule, images, steps=steps, guidance=w,
-                          generator=torch.Generator().manual_seed(2))
+            gen = torch.Generator(device=dev if generator == "device" else "cpu").manual_seed(2)
+            refine_images(base, denoiser, schedule, images, steps=steps, guidance=w, generator=gen)
 
         def bare(steps=steps) -> None:
             with torch.inference_mode(), autocast(dev):
@@ -92,14 +94,14 @@ def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tupl
         t_ours = statistics.median(p[0] for p in pairs)
         t_bare = statistics.median(p[1] for p in pairs)
         rows.append({
-            "name": f"ddps/refine-{settings.ddps.preset}-n{n}",
+            "name": f"ddps/refine-{settings.ddps.preset}-n{n}" + ("-devicegen" if generator == "device" else ""),
             "figure": f"seconds per batch of {batch} at {size} px ({len(steps)} denoiser steps, w = {w})",
             "value": t_ours, "unit": "s",
             "baseline": f"1 bare student forward + {len(steps)} bare denoiser forwards"
                         + ("" if w == 0 else " (doubled batch: guidance)"), "baseline_value": t_bare,
             "ratio": statistics.median(a / b for a, b in pairs), "target": "<= 1.1x",
             "settings": {"batch": batch, "size": size, "num_classes": num_classes, "n": n, "steps": steps,
-                         "guidance": w,
+                         "guidance": w, "generator": generator,
                          "num_timesteps": schedule.num_timesteps, "denoiser": config.to_dict(),
                          "student": f"{settings.student.arch}/{settings.student.encoder}",
                          "images_per_s": batch / t_ours, "repeats": len(pairs)},

@@ -116,9 +116,12 @@ def largest_batch(fwd: Callable[[int], object], dev: torch.device, start: int,
 def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 150, 250),
                blocks=(5, 6, 7, 8, 12), batch: int | None = 64, max_batch: int = 256,
                n_batches: int = 2, repeats: int = 5, store_repeats: int = 2,
+               variants: tuple[str, ...] = ("hooked", "into-pageable", "into-pinned", "store"),
                log: Callable[[str], None] = print) -> list[dict]:
     """The extraction rows (see the module docstring). ``batch``: the extraction batch and
-    shard size (None: the largest batch that fits), capped by the largest that fits."""
+    shard size (None: the largest batch that fits), capped by the largest that fits;
+    ``n_batches``: batches (= shards) per timed run; ``variants``: which extraction paths are
+    timed besides the bare forwards."""
     dev = torch.device(device)
     fmt = memory_format(dev)
     cfg = get_preset(preset, use_fp16=False)
@@ -207,16 +210,18 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
             direct.append(store.direct_io)
             shutil.rmtree(path)  # (inside the timing: a few ms against seconds of writes)
 
-        variants: dict[str, list[float]] = {}
+        timed: dict[str, list[float]] = {}
         for name, fn, reps in (("forward", forward, repeats), ("hooked", hooked, repeats),
                                ("into-pageable", into("into-pageable"), repeats),
                                ("into-pinned", into("into-pinned"), repeats), ("store", store_path, store_repeats)):
+            if name != "forward" and name not in variants:
+                continue
             if name == "store":
                 bufs.clear()  # the store path allocates its own shard buffers
             try:
-                variants[name] = _times(fn, dev, reps)
-                log(f"{name}: {n_images / statistics.median(variants[name]):.1f} img/s "
-                    f"({[round(t, 3) for t in variants[name]]} s)")
+                timed[name] = _times(fn, dev, reps)
+                log(f"{name}: {n_images / statistics.median(timed[name]):.1f} img/s "
+                    f"({[round(t, 3) for t in timed[name]]} s)")
             except Exception as exc:  # noqa: BLE001 - report the others
                 log(f"{name} FAILED: {type(exc).__name__}: {exc}")
         disk = disk_write_rate(tmp)
@@ -224,7 +229,7 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    base_s = statistics.median(variants["forward"])
+    base_s = statistics.median(timed["forward"])
     fwd_rate = n_images / base_s
     common = {"preset": preset, "steps": list(steps), "blocks": list(blocks), "batch": B,
               "largest_batch": b_max, "forward_img_s_by_batch": curve, "n_images": n_images,
@@ -239,13 +244,16 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
         "baseline_value": peak or measured_peak,
         "ratio": full_flops * n_images * len(steps) / base_s / (peak or measured_peak),
         "settings": common | {"fraction_of_measured_matmul": full_flops * n_images * len(steps) / base_s / measured_peak,
-                              "times_s": variants["forward"]},
+                              "times_s": timed["forward"]},
     })
     for name in ("hooked", "into-pageable", "into-pinned", "store"):
-        if name not in variants:
+        if name not in timed:
             continue
-        sec = statistics.median(variants[name])
-        extra = {"times_s": variants[name],
+        sec = statistics.median(timed[name])
+        extra = {"times_s": timed[name],
+                 # the FLOPs the extractor does (it stops after the last hooked block) ...
+                 "fraction_of_peak": hooked_flops * n_images * len(steps) / sec / (peak or measured_peak),
+                 # ... and those of as many full forwards
                  "fraction_of_peak_in_forward_flops": full_flops * n_images * len(steps) / sec / (peak or measured_peak)}
         if name.startswith("into"):
             extra |= {"pinned": is_pinned if name == "into-pinned" else False, "same_bytes_as_pageable": same}
