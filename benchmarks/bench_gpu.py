@@ -117,20 +117,23 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
                blocks=(5, 6, 7, 8, 12), batch: int | None = 64, max_batch: int = 256,
                n_batches: int = 2, repeats: int = 5, store_repeats: int = 2,
                variants: tuple[str, ...] = ("hooked", "into-pageable", "into-pinned", "store"),
-               log: Callable[[str], None] = print) -> list[dict]:
+               channels_last: bool | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """The extraction rows (see the module docstring). ``batch``: the extraction batch and
     shard size (None: the largest batch that fits), capped by the largest that fits;
     ``n_batches``: batches (= shards) per timed run; ``variants``: which extraction paths are
-    timed besides the bare forwards."""
+    timed besides the bare forwards; ``channels_last``: the UNet's layout (None: the
+    extractor's default), for both sides."""
     dev = torch.device(device)
-    fmt = memory_format(dev)
+    fmt = memory_format(dev) if channels_last is None else (
+        torch.channels_last if channels_last else torch.contiguous_format)
     cfg = get_preset(preset, use_fp16=False)
     torch.manual_seed(0)
     with torch.device(dev):  # initialise on the device: the 256 model has 553 M parameters
         model = cfg.build()
     model = model.eval().to(memory_format=fmt)
     diffusion = GaussianDiffusion.from_name("linear", 1000)
-    ext = FeatureExtractor(model, diffusion, list(steps), list(blocks), device=dev, model_id="bench")
+    ext = FeatureExtractor(model, diffusion, list(steps), list(blocks), device=dev, model_id="bench",
+                           channels_last=fmt == torch.channels_last)
     S = cfg.image_size
 
     one = torch.randn(1, 3, S, S, device=dev).contiguous(memory_format=fmt)

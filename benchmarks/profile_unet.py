@@ -1,5 +1,6 @@
 """Where a UNet forward spends its time, and what two settings change:
-``python -m benchmarks.profile_unet [--preset adm-256-lsun] [--batch 64] [--device cuda] [--out F.json]``.
+``python -m benchmarks.profile_unet [--preset adm-256-lsun] [--batch 64] [--device cuda]
+[--memory-format default|channels_last|contiguous|both] [--out F.json]``.
 
 1. ``torch.profiler``: one forward (bf16 autocast and channels-last on CUDA, as the
    extractor runs it) after a warm-up; the operators by device time, top ``--top``.
@@ -54,9 +55,12 @@ def _settings(cudnn_benchmark: bool, sdpa: bool):
         torch.backends.cudnn.benchmark, unet_module._attend = old_bench, old_attend
 
 
-def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top: int = 25) -> dict:
+def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top: int = 25,
+        channels_last: bool | None = None) -> dict:
+    """``channels_last``: the layout of the model and input (None: the device default)."""
     dev = torch.device(device)
-    fmt = memory_format(dev)
+    fmt = memory_format(dev) if channels_last is None else (
+        torch.channels_last if channels_last else torch.contiguous_format)
     torch.manual_seed(0)
     with torch.device(dev):
         model = get_preset(preset, use_fp16=False).build()
@@ -103,6 +107,7 @@ def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top
                          "max_abs_diff_vs_default": float((out - ref).abs().max()),
                          "rel_rms_diff_vs_default": float((out - ref).norm() / ref.norm())}
     return {"preset": preset, "batch": batch, "device": str(dev), "profile_table": table,
+            "memory_format": "channels_last" if fmt == torch.channels_last else "contiguous",
             "timings": timings,
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "torch": torch.__version__}
@@ -114,15 +119,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--memory-format", choices=["default", "channels_last", "contiguous", "both"],
+                   default="default", help="both: channels-last, then contiguous")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    res = run(args.preset, args.batch, args.device, args.top)
-    print(res["profile_table"])
-    for name, r in res["timings"].items():
-        print(f"{name:>16}: {r['images_per_s']:8.2f} img/s  ({r['seconds']:.3f} s; max |diff| "
-              f"{r['max_abs_diff_vs_default']:.3g}, rel RMS {r['rel_rms_diff_vs_default']:.3g})")
+    layouts = {"default": [None], "channels_last": [True], "contiguous": [False],
+               "both": [True, False]}[args.memory_format]
+    results = []
+    for cl in layouts:
+        res = run(args.preset, args.batch, args.device, args.top, channels_last=cl)
+        print(f"== {res['memory_format']}")
+        print(res["profile_table"])
+        for name, r in res["timings"].items():
+            print(f"{res['memory_format']:>14} {name:>16}: {r['images_per_s']:8.2f} img/s  ({r['seconds']:.3f} s; "
+                  f"max |diff| {r['max_abs_diff_vs_default']:.3g}, rel RMS {r['rel_rms_diff_vs_default']:.3g})")
+        results.append(res)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     if args.out:
-        args.out.write_text(json.dumps(res, indent=1, default=str))
+        args.out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -43,20 +43,49 @@ def _images(n: int = 6) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
 
 
+def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 @needs_cuda
-def test_cuda_features_match_the_cpu_within_bf16_rounding():
+def test_cuda_float32_features_equal_the_cpu_s(monkeypatch):
+    """The CUDA path (channels-last, the hooks, the early stop, the copies) computes what the
+    CPU computes: in float32 without TF32 the features agree to float32 rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # convolutions
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # matrix products (the attention)
+    try:
+        _check_float32_features()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _check_float32_features() -> None:
+    x = _images()
+    cpu = _extractor("cpu")(x)
+    for channels_last in (True, False):
+        ext = FeatureExtractor(_model(), GaussianDiffusion.from_name("linear", 1000), STEPS, BLOCKS,
+                               device="cuda", model_id="t", mixed_precision=False, channels_last=channels_last)
+        gpu = ext(x)
+        assert list(gpu) == list(cpu)
+        for name in cpu:
+            assert gpu[name].shape == cpu[name].shape and gpu[name].dtype == torch.float32
+            assert _rel_rms(gpu[name], cpu[name]) < 1e-4, (channels_last, name, _rel_rms(gpu[name], cpu[name]))
+
+
+@needs_cuda
+def test_cuda_bf16_features_follow_the_cpu_s():
+    """Under bf16 autocast (the default on CUDA) the features follow the float32 ones to bf16's
+    8 significant bits compounded over the blocks: on the H200 the relative RMS error of
+    this random UNet's features reached 2.1% (block 1 at t = 10)."""
     x = _images()
     cpu, gpu = _extractor("cpu")(x), _extractor("cuda")(x)
     assert list(gpu) == list(cpu)
     for name in cpu:
         a, b = gpu[name], cpu[name]
         assert a.shape == b.shape and a.dtype == torch.float32 and a.device.type == "cpu"
-        # bf16 keeps 8 significant bits (relative rounding 2^-9 per operation), compounded
-        # over the blocks: a relative RMS error of a few 1e-3 (on the H200: the largest
-        # single error was 3% of the largest activation, so that is not the measure)
-        rel_rms = float((a - b).norm() / b.norm())
-        assert rel_rms < 1e-2, (name, rel_rms)
-        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.999
+        assert _rel_rms(a, b) < 5e-2, (name, _rel_rms(a, b))
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.995
 
 
 @needs_cuda

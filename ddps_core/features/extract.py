@@ -80,7 +80,10 @@ class FeatureExtractor:
     :param noise_seed: seed of the shared noise (ignored when ``noise`` is given).
     :param noise: an explicit ``(1, 3, S, S)`` (or ``(3, S, S)``) noise tensor.
     :param device: where the UNet runs; on CUDA the model is moved there in channels-last
-        layout and run under bf16 autocast.
+        layout and run under bf16 autocast (see the next two).
+    :param mixed_precision: bf16 autocast on CUDA (default); False computes in float32.
+    :param channels_last: the UNet's memory layout on CUDA (None: the device default,
+        :func:`~ddps_core.device.memory_format`).
     :param model_id: the checkpoint's id recorded in feature stores (default: the
         :func:`~ddps_core.diffusion.state_dict_hash` of the model's weights as float32; pass
         the hash of the checkpoint file's state dict for fp16 models).
@@ -96,8 +99,15 @@ class FeatureExtractor:
         noise: torch.Tensor | None = None,
         device: str | torch.device = "cpu",
         model_id: str | None = None,
+        mixed_precision: bool = True,
+        channels_last: bool | None = None,
     ):
         self.device = torch.device(device)
+        self.mixed_precision = bool(mixed_precision)
+        if channels_last is None:
+            self.memory_format = memory_format(self.device)
+        else:
+            self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         n_blocks = len(model.output_blocks)
         if blocks is None:
             blocks = list(range(n_blocks))
@@ -119,7 +129,7 @@ class FeatureExtractor:
         self.diffusion = diffusion
         self.model = model.eval()
         if self.device.type == "cuda":
-            self.model.to(self.device, memory_format=memory_format(self.device))
+            self.model.to(self.device, memory_format=self.memory_format)
         else:
             self.model.to(self.device)
         self._model_id: str | None = model_id
@@ -247,8 +257,8 @@ class FeatureExtractor:
                 tt = torch.full((x.shape[0],), t, dtype=torch.long, device=dev)
                 xt = self.diffusion.q_sample(x, tt, noise=eps)
                 if dev.type == "cuda":
-                    xt = xt.contiguous(memory_format=memory_format(dev))
-                with autocast(dev):
+                    xt = xt.contiguous(memory_format=self.memory_format)
+                with autocast(dev, enabled=self.mixed_precision):
                     self._hooked(lambda: self.model(xt, tt), lambda b, out, t=t: sink(t, b, out))
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
