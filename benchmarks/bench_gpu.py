@@ -1,8 +1,9 @@
 """Benchmark (CUDA): the 256 configuration's extraction against its bare forwards and the
 GPU's bf16 peak; ensemble training pixels/s; DDPS refinement images/s.
 
-Extraction, ``adm-256-lsun`` with random weights, bf16 autocast, channels-last, the
-configuration's features (blocks 5, 6, 7, 8, 12; steps 50, 150, 250; METHODS §3):
+Extraction, ``adm-256-lsun`` with random weights, bf16 autocast, the pipeline's memory layout
+(contiguous; channels-last too, for the comparison), the configuration's features (blocks 5,
+6, 7, 8, 12; steps 50, 150, 250; METHODS §3):
 
 - ``forward``: the bare UNet (full network, ``out`` head included) on the same batches at the
   same steps. Its rate is the baseline of every extraction row. Its FLOPs
@@ -70,7 +71,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def disk_write_rate(folder: Path, nbytes: int = 2 << 30) -> float:
     """Sequential write rate (bytes/s) of ``folder``'s file system, fsync included."""
-    buf = os.urandom(64 << 20)
+    buf = os.urandom(min(64 << 20, nbytes))
     path = folder / "disk-probe.bin"
     t0 = time.perf_counter()
     with open(path, "wb", buffering=0) as fh:
@@ -117,12 +118,14 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
                blocks=(5, 6, 7, 8, 12), batch: int | None = 64, max_batch: int = 256,
                n_batches: int = 2, repeats: int = 5, store_repeats: int = 2,
                variants: tuple[str, ...] = ("hooked", "into-pageable", "into-pinned", "store"),
-               channels_last: bool | None = None, log: Callable[[str], None] = print) -> list[dict]:
+               channels_last: bool | None = None, probe_bytes: int = 2 << 30, matmul_n: int | None = None,
+               log: Callable[[str], None] = print) -> list[dict]:
     """The extraction rows (see the module docstring). ``batch``: the extraction batch and
     shard size (None: the largest batch that fits), capped by the largest that fits;
     ``n_batches``: batches (= shards) per timed run; ``variants``: which extraction paths are
     timed besides the bare forwards; ``channels_last``: the UNet's layout (None: the
-    extractor's default), for both sides."""
+    extractor's default), for both sides; ``probe_bytes``: the disk probe's size;
+    ``matmul_n``: the size of the matmul that measures the attainable rate."""
     dev = torch.device(device)
     fmt = memory_format(dev) if channels_last is None else (
         torch.channels_last if channels_last else torch.contiguous_format)
@@ -164,7 +167,7 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
     B = b_max if batch is None else min(batch, b_max)
     log(f"largest batch {b_max}; img/s by batch {curve}; extraction batch {B}")
     peak = next((v for k, v in GPU_BF16_PEAK.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
-    measured_peak = matmul_rate(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    measured_peak = matmul_rate(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, n=matmul_n)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     rows: list[dict] = []
@@ -227,21 +230,22 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
                     f"({[round(t, 3) for t in timed[name]]} s)")
             except Exception as exc:  # noqa: BLE001 - report the others
                 log(f"{name} FAILED: {type(exc).__name__}: {exc}")
-        disk = disk_write_rate(tmp)
+        disk = disk_write_rate(tmp, probe_bytes)
         log(f"disk write rate with fsync: {disk / 1e9:.2f} GB/s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    layout = "channels_last" if fmt == torch.channels_last else "contiguous"
     base_s = statistics.median(timed["forward"])
     fwd_rate = n_images / base_s
     common = {"preset": preset, "steps": list(steps), "blocks": list(blocks), "batch": B,
               "largest_batch": b_max, "forward_img_s_by_batch": curve, "n_images": n_images,
-              "dtype": "bf16 autocast", "memory_format": "channels_last" if fmt == torch.channels_last else "contiguous",
+              "dtype": "bf16 autocast", "memory_format": layout,
               "gflops_forward": full_flops / 1e9, "gflops_hooked_per_step": hooked_flops / 1e9,
               "datasheet_bf16_peak": peak, "measured_matmul_rate": measured_peak,
               "feature_mb_per_image": per_image_bytes / 1e6}
     rows.append({
-        "name": f"gpu/unet_forward-{preset}", "figure": "images_per_s (one forward each)",
+        "name": f"gpu/unet_forward-{preset}-{layout}", "figure": "images_per_s (one forward each)",
         "value": B / (base_s / (n_batches * len(steps))), "unit": "img/s",
         "baseline": "dense bf16 peak (datasheet)" if peak else "dense matmul rate (measured)",
         "baseline_value": peak or measured_peak,
@@ -264,7 +268,7 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
             extra |= {"disk_write_gb_s": disk / 1e9, "direct_io": all(direct),
                       "feature_gb_s": per_image_bytes * n_images / sec / 1e9}
         rows.append({
-            "name": f"gpu/extract-{name}-{preset}", "figure": "images_per_s (3 steps each)",
+            "name": f"gpu/extract-{name}-{preset}-{layout}", "figure": "images_per_s (3 steps each)",
             "value": n_images / sec, "unit": "img/s",
             "baseline": "bare UNet forwards, same batches and steps", "baseline_value": fwd_rate,
             "ratio": (n_images / sec) / fwd_rate, "target": ">= 0.7x" if name in ("into-pinned", "store") else None,
@@ -321,6 +325,8 @@ def run(device: str = "cuda", log: Callable[[str], None] = print) -> list[dict]:
     """Every part; a part that fails is reported and the others still run."""
     rows: list[dict] = []
     for name, part in (("extraction", lambda: extraction(device=device, log=log)),
+                       ("extraction-channels-last", lambda: extraction(device=device, log=log, channels_last=True,
+                                                                       variants=("into-pinned",))),
                        ("ensemble", lambda: ensemble(device=device)), ("ddps", lambda: ddps(device=device))):
         try:
             got = part()

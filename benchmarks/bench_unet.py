@@ -3,8 +3,8 @@
 For each preset the forward FLOPs are counted with ``torch.utils.flop_counter`` (a
 multiply-add = 2 FLOPs). The baseline is a dense matrix multiply with the same dtype on the
 same device, so ``ratio`` = the fraction of the attainable matmul rate the UNet achieves. On
-CUDA the model runs in bf16 autocast with channels-last; the GPU's dense bf16 peak (when known
-for the device) is reported too.
+CUDA the model runs in bf16 autocast in the pipeline's layout (``ddps_core.device.memory_format``);
+the GPU's dense bf16 peak (when known for the device) is reported too.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> i
     return int(counter.get_total_flops())
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Attainable dense matmul FLOP/s on ``device`` (the baseline)."""
-    n = 8192 if device.type == "cuda" else 4096
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5, n: int | None = None) -> float:
+    """Attainable dense matmul FLOP/s on ``device`` (the baseline), from n x n products
+    (default n: 8192 on CUDA, 4096 on the CPU)."""
+    n = n or (8192 if device.type == "cuda" else 4096)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     dt = _median_time(lambda: a @ b, device, repeats)

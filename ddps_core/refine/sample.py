@@ -13,7 +13,9 @@ features zeroed is the unconditional, mask-prior-only prediction; w > 0 pushes a
 Both branches run in one batched forward. w = 0 runs the conditional branch only.
 
 Everything runs under ``torch.inference_mode`` and, on CUDA only, bf16 autocast; randomness
-comes from an optional CPU :class:`torch.Generator` (same draws on any device).
+comes from an optional :class:`torch.Generator`, drawn on its device (a CPU generator gives
+the same draws on any device; the refine stage uses one on the masks' device, which is
+faster on a GPU).
 """
 
 from __future__ import annotations
