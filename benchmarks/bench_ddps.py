@@ -42,13 +42,13 @@ def _sync(device: torch.device) -> None:
 
 def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tuple[int, ...] | None = None,
         repeats: int = 7, device: str = "cpu", params: Path | None = REPO / "params.yaml",
-        generator: str = "cpu") -> list[dict]:
+        generator: str = "device") -> list[dict]:
     """One row per n in ``ns`` (default: ``ddps.refine_steps`` and n = T, every step
     collected, where the sampler's own work weighs most against the forwards). Images are
     the student's input size (``student.image_size``, else the diffusion model's), and the
     guidance is ``ddps.guidance``: a guided step is one forward of the doubled batch, in the
-    baseline too. ``generator``: where the sampler's random draws are made, ``cpu`` (what the
-    refine stage does: the same draws on any device) or ``device``."""
+    baseline too. ``generator``: where the sampler's random draws are made, ``device`` (what
+    the refine stage does) or ``cpu`` (the same draws on any device; slower on a GPU)."""
     from ddps_core.diffusion.presets import get_preset
 
     settings = load_settings(params if params is not None and params.exists() else None)
@@ -94,7 +94,7 @@ def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tupl
         t_ours = statistics.median(p[0] for p in pairs)
         t_bare = statistics.median(p[1] for p in pairs)
         rows.append({
-            "name": f"ddps/refine-{settings.ddps.preset}-n{n}" + ("-devicegen" if generator == "device" else ""),
+            "name": f"ddps/refine-{settings.ddps.preset}-n{n}" + ("-cpugen" if generator == "cpu" else ""),
             "figure": f"seconds per batch of {batch} at {size} px ({len(steps)} denoiser steps, w = {w})",
             "value": t_ours, "unit": "s",
             "baseline": f"1 bare student forward + {len(steps)} bare denoiser forwards"

@@ -309,13 +309,18 @@ def ensemble(device: str = "cuda", feature_dim: int = 8448, num_classes: int = 2
     return rows
 
 
-def ddps(device: str = "cuda", sizes=((32, 32), (32, 256))) -> list[dict]:
-    """DDPS refinement images/s (:mod:`benchmarks.bench_ddps`) at (batch, size) pairs."""
+def ddps(device: str = "cuda", sizes=((32, 32), (32, 256)), cpu_draws: tuple[int, int] | None = (32, 256)) -> list[dict]:
+    """DDPS refinement images/s (:mod:`benchmarks.bench_ddps`) at (batch, size) pairs, with
+    the stage's draws on the device; ``cpu_draws``: one (batch, size) also with the draws
+    on the CPU (the stage's way before 2026-12-04, for the comparison)."""
     from benchmarks import bench_ddps
 
+    runs = [(batch, size, "device") for batch, size in sizes]
+    if cpu_draws is not None:
+        runs.append((*cpu_draws, "cpu"))
     rows = []
-    for batch, size in sizes:
-        for row in bench_ddps.run(batch=batch, size=size, device=device):
+    for batch, size, generator in runs:
+        for row in bench_ddps.run(batch=batch, size=size, device=device, generator=generator):
             row["name"] = "gpu/" + row["name"] + f"-{size}px"
             rows.append(row)
     return rows
