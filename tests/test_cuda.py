@@ -142,7 +142,7 @@ def test_cuda_store_holds_what_the_extractor_computes(tmp_path):
             assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max() + 1e-3, (i, name)
 
 
-def _tiny_params(root, device: str) -> dict:
+def _tiny_params(device: str) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["device"] = device
     params["data"]["synthetic"].update(n_unlabeled=32, n_labeled=4, n_test=4)
@@ -174,7 +174,7 @@ def test_every_stage_runs_in_process_on_the_device(tmp_path, monkeypatch, device
     from ddps_core.student.stage import run_stage as train_student
 
     monkeypatch.chdir(tmp_path)
-    s = parse_settings(_tiny_params(tmp_path, device))
+    s = parse_settings(_tiny_params(device))
     prepare_dataset(s.data)
     train_ddpm(s)
     model, _ = load_trained(s.ddpm.out)
