@@ -124,6 +124,8 @@ def run(only: list[str] | None, device: str, out: Path) -> pd.DataFrame:
         raise SystemExit(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
     if device != "cuda" and GPU_ONLY & set(names):
         raise SystemExit(f"benchmark(s) {sorted(GPU_ONLY & set(names))} need --device cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
     machine = (torch.cuda.get_device_name() if device == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     rows = []

@@ -70,3 +70,12 @@ def test_runner_keeps_gpu_benchmarks_out_of_cpu_runs(tmp_path, monkeypatch):
     assert called == []
     runner.run(None, "cpu", tmp_path / "b.parquet")
     assert "gpu" not in called and set(called) == set(fake) - runner.GPU_ONLY
+
+
+def test_runner_says_so_when_cuda_is_missing(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device is available"):
+        runner.run(["gpu"], "cuda", tmp_path / "b.parquet")
+    assert not (tmp_path / "b.parquet").exists()
