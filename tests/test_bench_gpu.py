@@ -79,3 +79,24 @@ def test_runner_says_so_when_cuda_is_missing(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no CUDA device is available"):
         runner.run(["gpu"], "cuda", tmp_path / "b.parquet")
     assert not (tmp_path / "b.parquet").exists()
+
+
+def test_profile_unet_reports_the_variants_and_their_differences(monkeypatch):
+    from benchmarks import profile_unet
+
+    calls = []
+    sdpa = profile_unet._sdpa_attend
+    monkeypatch.setattr(profile_unet, "_sdpa_attend", lambda *a: calls.append(1) or sdpa(*a))
+    res = profile_unet.run("tiny32", batch=2, device="cpu", top=3, channels_last=False)
+    assert calls  # the SDPA variants did run through it
+    assert res["memory_format"] == "contiguous" and "aten::" in res["profile_table"]
+    assert set(res["timings"]) == {"default", "cudnn_benchmark", "sdpa", "both"}
+    for name, r in res["timings"].items():
+        assert r["images_per_s"] == pytest.approx(2 / r["seconds"])
+        # the same model and input: cuDNN's flag changes nothing on the CPU, and SDPA computes
+        # the same attention up to float32 rounding
+        assert r["rel_rms_diff_vs_default"] < (1e-5 if "sdpa" in name or name == "both" else 1e-12), name
+    # the patch is undone afterwards
+    from ddps_core.diffusion import unet
+
+    assert unet._attend is not profile_unet._sdpa_attend
