@@ -45,12 +45,7 @@ from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.features import FeatureExtractor, extract_to_store, open_or_create, preprocess  # noqa: E402
 
-from benchmarks.bench_unet import GPU_BF16_PEAK, matmul_rate  # noqa: E402
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from benchmarks.bench_unet import GPU_BF16_PEAK, _sync, matmul_rate  # noqa: E402
 
 
 def _times(fn: Callable[[], object], dev: torch.device, repeats: int) -> list[float]:
@@ -127,8 +122,7 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
     extractor's default), for both sides; ``probe_bytes``: the disk probe's size;
     ``matmul_n``: the size of the matmul that measures the attainable rate."""
     dev = torch.device(device)
-    fmt = memory_format(dev) if channels_last is None else (
-        torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = memory_format(dev, channels_last)
     cfg = get_preset(preset, use_fp16=False)
     torch.manual_seed(0)
     with torch.device(dev):  # initialise on the device: the 256 model has 553 M parameters
@@ -136,7 +130,7 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
     model = model.eval().to(memory_format=fmt)
     diffusion = GaussianDiffusion.from_name("linear", 1000)
     ext = FeatureExtractor(model, diffusion, list(steps), list(blocks), device=dev, model_id="bench",
-                           channels_last=fmt == torch.channels_last)
+                           channels_last=channels_last)
     S = cfg.image_size
 
     one = torch.randn(1, 3, S, S, device=dev).contiguous(memory_format=fmt)

@@ -36,6 +36,8 @@ from ddps_core.diffusion import unet as unet_module  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.diffusion.unet import randomize_zero_init_  # noqa: E402
 
+from benchmarks.bench_unet import _sync  # noqa: E402
+
 
 def _sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch: int) -> torch.Tensor:
     # (B', ch, T) in and out, like unet._attend; SDPA's default scale is ch^-1/2
@@ -59,8 +61,7 @@ def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top
         channels_last: bool | None = None) -> dict:
     """``channels_last``: the layout of the model and input (None: the device default)."""
     dev = torch.device(device)
-    fmt = memory_format(dev) if channels_last is None else (
-        torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = memory_format(dev, channels_last)
     torch.manual_seed(0)
     with torch.device(dev):
         model = get_preset(preset, use_fp16=False).build()
@@ -70,22 +71,18 @@ def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top
     x = torch.randn(batch, 3, S, S, device=dev).contiguous(memory_format=fmt)
     t = torch.full((batch,), 50, device=dev, dtype=torch.long)
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     def forward() -> torch.Tensor:
         with torch.inference_mode(), autocast(dev):
             return model(x, t)
 
     forward()
-    sync()
+    _sync(dev)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         forward()
-        sync()
+        _sync(dev)
     sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=top)
 
@@ -95,12 +92,12 @@ def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top
                               ("sdpa", False, True), ("both", True, True)):
         with _settings(bench, sdpa):
             out = forward().float()  # warm-up (cuDNN's search happens here)
-            sync()
+            _sync(dev)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 forward()
-                sync()
+                _sync(dev)
                 times.append(time.perf_counter() - t0)
         sec = statistics.median(times)
         timings[name] = {"seconds": sec, "images_per_s": batch / sec,

@@ -26,8 +26,9 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """The diffusion UNet's memory layout: contiguous (NCHW) on every device.
+def memory_format(device: torch.device, channels_last: bool | None = None) -> torch.memory_format:
+    """The diffusion UNet's memory layout: contiguous (NCHW) on every device unless
+    ``channels_last`` asks otherwise (None: the default; True / False: that layout).
 
     channels-last was the CUDA default until measured: on an H200 (torch 2.11, bf16
     autocast, batch 64) the ``adm-256-lsun`` forward ran at 63.7 img/s channels-last and
@@ -37,7 +38,7 @@ def memory_format(device: torch.device) -> torch.memory_format:
     transposes around the convolutions cost 101 of 765 ms (``benchmarks/profile_unet.py``).
     The extractor's ``channels_last=True`` keeps the other layout available.
     """
-    return torch.contiguous_format
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @contextlib.contextmanager

@@ -103,10 +103,7 @@ class FeatureExtractor:
     ):
         self.device = torch.device(device)
         self.mixed_precision = bool(mixed_precision)
-        if channels_last is None:
-            self.memory_format = memory_format(self.device)
-        else:
-            self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(self.device, channels_last)
         n_blocks = len(model.output_blocks)
         if blocks is None:
             blocks = list(range(n_blocks))
@@ -277,14 +274,17 @@ class FeatureExtractor:
         off the GPU asynchronously while the forward goes on; where pinning fails (not enough
         lockable memory), they are ordinary memory and the copies are synchronous.
         """
-        if self.device.type != "cuda":
+        def pageable() -> dict[str, np.ndarray]:
             return {name: aligned_empty((n, *shape), np.float16) for name, shape in shapes.items()}
+
+        if self.device.type != "cuda":
+            return pageable()
         sizes = {name: n * math.prod(shape) * 2 for name, shape in shapes.items()}
         total = sum(-(-size // DIRECT_ALIGN) * DIRECT_ALIGN for size in sizes.values())
         try:
             block = torch.empty(total + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True).numpy()
         except RuntimeError:  # page-locked memory exhausted: ordinary (pageable) buffers
-            return {name: aligned_empty((n, *shape), np.float16) for name, shape in shapes.items()}
+            return pageable()
         at = -block.ctypes.data % DIRECT_ALIGN
         out = {}
         for name, shape in shapes.items():
