@@ -34,7 +34,7 @@ from ddps_core.runtime import tune_malloc  # noqa: E402
 
 
 def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_size: int = 16,
-        repeats: int = 5, overrides: dict | None = None) -> list[dict]:
+        repeats: int = 7, overrides: dict | None = None) -> list[dict]:
     """One row; ``overrides`` change the preset (e.g. ``{"num_channels": 64}``: a wider UNet,
     4x the forward FLOPs for 2x the feature bytes, to see how the overhead scales).
 
@@ -82,10 +82,18 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
                 shutil.rmtree(out)
             return seconds
 
-        # Interleaved (ours, bare, ours, bare, ...) after a warm-up of each, so that a noisy
-        # neighbour slows both alike; the ratio is the median of the per-pair ratios.
+        # Interleaved pairs after a warm-up of each, so that a noisy neighbour slows both
+        # alike, and in alternating order (ours first, then bare first), so that a drift of
+        # the machine's speed (on this project's 2-core machine the same forwards went from
+        # 2.1 s to 2.8 s within a minute of full load) does not always favour one side. The ratio is the median of the pair ratios.
         timed(store_path), bare()
-        pairs = [(timed(store_path), timed(bare)) for _ in range(repeats)]
+        pairs = []
+        for i in range(repeats):
+            if i % 2:
+                base_s = timed(bare)
+                pairs.append((timed(store_path), base_s))
+            else:
+                pairs.append((timed(store_path), timed(bare)))
         ours = statistics.median(p[0] for p in pairs)
         base = statistics.median(p[1] for p in pairs)
         ratio = statistics.median(a / b for a, b in pairs)
