@@ -84,8 +84,9 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
 
         # Interleaved pairs after a warm-up of each, so that a noisy neighbour slows both
         # alike, and in alternating order (ours first, then bare first), so that a drift of
-        # the machine's speed (on this project's 2-core machine the same forwards went from
-        # 2.1 s to 2.8 s within a minute of full load) does not always favour one side. The ratio is the median of the pair ratios.
+        # the machine's speed does not always favour one side (on this project's 2-core
+        # machine the same forwards went from 2.1 s to 2.8 s within a minute of full load).
+        # The ratio is the median of the pair ratios.
         timed(store_path), bare()
         pairs = []
         for i in range(repeats):

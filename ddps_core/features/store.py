@@ -460,8 +460,9 @@ class FeatureStore:
         """The store's metadata documents, ``{relative path: bytes}``, as zarr writes them.
 
         The group is built by zarr in memory and its documents are then written (or uploaded)
-        in one go: creating 20 arrays through zarr on a local folder took 3 ms each (its
-        event-loop round trips and file writes), the same in memory under 1 ms each."""
+        in one go. zarr creating each array on a local folder costs an event-loop round trip
+        and a file write per array: a ``tiny32`` store (20 arrays) took 66-71 ms to create
+        that way, 21-53 ms this way."""
         docs: dict[str, Any] = {}
         group = zarr.create_group(MemoryStore(docs), attributes=settings, zarr_format=3)
         n, k, S = len(settings["image_ids"]), settings["shard_images"], settings["image_size"]
