@@ -45,19 +45,7 @@ from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.features import FeatureExtractor, extract_to_store, open_or_create, preprocess  # noqa: E402
 
-from benchmarks.bench_unet import GPU_BF16_PEAK, _sync, matmul_rate  # noqa: E402
-
-
-def _times(fn: Callable[[], object], dev: torch.device, repeats: int) -> list[float]:
-    fn()  # warm-up
-    _sync(dev)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        out.append(time.perf_counter() - t0)
-    return out
+from benchmarks.bench_unet import GPU_BF16_PEAK, _sync, _times, matmul_rate  # noqa: E402
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -122,7 +110,7 @@ def extraction(device: str = "cuda", preset: str = "adm-256-lsun", steps=(50, 15
     extractor's default), for both sides; ``probe_bytes``: the disk probe's size;
     ``matmul_n``: the size of the matmul that measures the attainable rate."""
     dev = torch.device(device)
-    fmt = memory_format(dev, channels_last)
+    fmt = memory_format(channels_last)
     cfg = get_preset(preset, use_fp16=False)
     torch.manual_seed(0)
     with torch.device(dev):  # initialise on the device: the 256 model has 553 M parameters

@@ -32,16 +32,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, device, repeats: int, min_repeats: int = 5) -> float:
+def _times(fn, device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after one warm-up call, the device
+    synchronised around each."""
     fn()
     _sync(device)
     times = []
-    for _ in range(max(repeats, min_repeats)):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, device, repeats: int, min_repeats: int = 5) -> float:
+    return statistics.median(_times(fn, device, max(repeats, min_repeats)))
 
 
 def forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
@@ -69,9 +75,9 @@ def run(presets=("small32-spec", "tiny32", "adm-256-lsun"), batch: int = 1, repe
     for name in presets:
         cfg = get_preset(name, use_fp16=False)
         torch.manual_seed(0)
-        model = cfg.build().eval().to(dev, memory_format=memory_format(dev))
-        x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=dev)
-        x = x.contiguous(memory_format=memory_format(dev))
+        fmt = memory_format()  # the pipeline's layout
+        model = cfg.build().eval().to(dev, memory_format=fmt)
+        x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=dev).contiguous(memory_format=fmt)
         t = torch.full((batch,), 100, device=dev, dtype=torch.long)
         flops = forward_flops(model, x, t)
 

@@ -2,8 +2,9 @@
 ``python -m benchmarks.profile_unet [--preset adm-256-lsun] [--batch 64] [--device cuda]
 [--memory-format default|channels_last|contiguous|both] [--out F.json]``.
 
-1. ``torch.profiler``: one forward (bf16 autocast and channels-last on CUDA, as the
-   extractor runs it) after a warm-up; the operators by device time, top ``--top``.
+1. ``torch.profiler``: one forward (bf16 autocast on CUDA, in the pipeline's layout unless
+   ``--memory-format`` says otherwise) after a warm-up; the operators by device time, top
+   ``--top``.
 2. Forward time (median of 3 after a warm-up) with:
    - ``default``: the settings the pipeline uses;
    - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark = True`` (cuDNN times its
@@ -22,7 +23,6 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from ddps_core.diffusion import unet as unet_module  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.diffusion.unet import randomize_zero_init_  # noqa: E402
 
-from benchmarks.bench_unet import _sync  # noqa: E402
+from benchmarks.bench_unet import _sync, _times  # noqa: E402
 
 
 def _sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top
         channels_last: bool | None = None) -> dict:
     """``channels_last``: the layout of the model and input (None: the device default)."""
     dev = torch.device(device)
-    fmt = memory_format(dev, channels_last)
+    fmt = memory_format(channels_last)
     torch.manual_seed(0)
     with torch.device(dev):
         model = get_preset(preset, use_fp16=False).build()
@@ -91,15 +91,8 @@ def run(preset: str = "adm-256-lsun", batch: int = 64, device: str = "cuda", top
     for name, bench, sdpa in (("default", False, False), ("cudnn_benchmark", True, False),
                               ("sdpa", False, True), ("both", True, True)):
         with _settings(bench, sdpa):
-            out = forward().float()  # warm-up (cuDNN's search happens here)
-            _sync(dev)
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                forward()
-                _sync(dev)
-                times.append(time.perf_counter() - t0)
-        sec = statistics.median(times)
+            out = forward().float()  # cuDNN's search happens here
+            sec = statistics.median(_times(forward, dev, 3))
         timings[name] = {"seconds": sec, "images_per_s": batch / sec,
                          "max_abs_diff_vs_default": float((out - ref).abs().max()),
                          "rel_rms_diff_vs_default": float((out - ref).norm() / ref.norm())}

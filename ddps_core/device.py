@@ -26,7 +26,7 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def memory_format(device: torch.device, channels_last: bool | None = None) -> torch.memory_format:
+def memory_format(channels_last: bool | None = None) -> torch.memory_format:
     """The diffusion UNet's memory layout: contiguous (NCHW) on every device unless
     ``channels_last`` asks otherwise (None: the default; True / False: that layout).
 

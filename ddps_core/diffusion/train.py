@@ -37,7 +37,7 @@ import torch
 
 from ddps_core.config import DDPMSettings, Settings
 from ddps_core.datasets import DDPMSegFolder, to_square
-from ddps_core.device import autocast, memory_format, nonfinite_tensors, resolve_device, torch_threads
+from ddps_core.device import autocast, nonfinite_tensors, resolve_device, torch_threads
 from ddps_core.diffusion.checkpoint import load_unet, save_unet, state_dict_hash
 from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
@@ -211,7 +211,6 @@ def train_ddpm(
                         f"expects {unet_cfg.image_size}x{unet_cfg.image_size}")
     diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.num_timesteps)
     digest = settings_digest(cfg, images.shape[0], seed)
-    fmt = memory_format(device)
 
     torch.manual_seed(seed)
     model = unet_cfg.build()
@@ -234,8 +233,8 @@ def train_ddpm(
         else:
             say(f"{state_path} was trained with other settings: starting over")
 
-    model.to(device, memory_format=fmt).train()
-    ema.to(device, memory_format=fmt).eval()
+    model.to(device).train()
+    ema.to(device).eval()
     for group in opt.state.values():  # optimiser state follows the model's device
         for k, v in group.items():
             if torch.is_tensor(v) and k != "step":
@@ -264,9 +263,9 @@ def train_ddpm(
         lr = _lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        x0 = _batch(images, cfg.batch_size, cfg.hflip, gen).to(device, memory_format=fmt)
+        x0 = _batch(images, cfg.batch_size, cfg.hflip, gen).to(device)
         t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device, memory_format=fmt)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         with autocast(device):
             terms = diffusion.training_losses(forward, x0, t, noise)
         loss = terms["loss"].float().mean()

@@ -103,7 +103,7 @@ class FeatureExtractor:
     ):
         self.device = torch.device(device)
         self.mixed_precision = bool(mixed_precision)
-        self.memory_format = memory_format(self.device, channels_last)
+        self.memory_format = memory_format(channels_last)
         n_blocks = len(model.output_blocks)
         if blocks is None:
             blocks = list(range(n_blocks))
@@ -280,16 +280,17 @@ class FeatureExtractor:
         if self.device.type != "cuda":
             return pageable()
         sizes = {name: n * math.prod(shape) * 2 for name, shape in shapes.items()}
-        total = sum(-(-size // DIRECT_ALIGN) * DIRECT_ALIGN for size in sizes.values())
+        padded = {name: -(-size // DIRECT_ALIGN) * DIRECT_ALIGN for name, size in sizes.items()}
         try:
-            block = torch.empty(total + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True).numpy()
+            block = torch.empty(sum(padded.values()) + DIRECT_ALIGN, dtype=torch.uint8,
+                                pin_memory=True).numpy()
         except RuntimeError:  # page-locked memory exhausted: ordinary (pageable) buffers
             return pageable()
         at = -block.ctypes.data % DIRECT_ALIGN
         out = {}
         for name, shape in shapes.items():
             out[name] = block[at:at + sizes[name]].view(np.float16).reshape(n, *shape)
-            at += -(-sizes[name] // DIRECT_ALIGN) * DIRECT_ALIGN
+            at += padded[name]
         return out
 
     def extract_into(self, x: torch.Tensor, buffers: dict[str, np.ndarray], offset: int) -> None:

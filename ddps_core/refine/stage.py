@@ -343,7 +343,7 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
             blocks[(method, i)] = accumulator()
     # The sampler's draws are made where the masks live. A CPU generator would give the same
     # draws on any device, but on an H200 drawing them on the CPU made refinement of 32
-    # images at 256 px 1.37-1.78x its forwards instead of 1.07-1.14x (benchmarks/bench_ddps.py
+    # images at 256 px 1.33-1.78x its forwards instead of 1.07-1.14x (benchmarks/bench_ddps.py
     # generator=cpu|device), and a GPU's masks differ from the CPU's anyway (bf16, cuDNN).
     gens = {m: torch.Generator(device=device).manual_seed(cfg.seed) for m in denoisers}
     n_fig = min(cfg.figures, len(data))
