@@ -9,7 +9,7 @@
 
 The base is a randomly initialised student (``student.arch`` / ``student.encoder`` of
 ``params.yaml``, SegFormer-B0 by default) and the denoiser the configured preset
-(``ddps.preset`` and its overrides) for the synthetic domain's K = 7, on a batch of 32 x 32
+(``refiner.preset`` and its overrides) for the synthetic domain's K = 7, on a batch of 32 x 32
 images (speed does not depend on the weights). Target: (a) / (b) <= 1.1.
 """
 
@@ -27,9 +27,9 @@ if __package__ in (None, ""):
 
 from ddps_core.config import load_settings  # noqa: E402
 from ddps_core.device import autocast  # noqa: E402
-from ddps_core.refine.multinomial import MultinomialDiffusion, uniform_mask  # noqa: E402
-from ddps_core.refine.sample import refine_images, refinement_steps  # noqa: E402
-from ddps_core.refine.stage import _denoiser_config, train_config  # noqa: E402
+from ddps_core.refiner.multinomial import MultinomialDiffusion, uniform_mask  # noqa: E402
+from ddps_core.refiner.sample import refine_images, refinement_steps  # noqa: E402
+from ddps_core.refiner.stage import _denoiser_config, train_config  # noqa: E402
 from ddps_core.student.model import Student  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,17 +43,17 @@ def _sync(device: torch.device) -> None:
 def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tuple[int, ...] | None = None,
         repeats: int = 7, device: str = "cpu", params: Path | None = REPO / "params.yaml",
         generator: str = "device") -> list[dict]:
-    """One row per n in ``ns`` (default: ``ddps.refine_steps`` and n = T, every step
+    """One row per n in ``ns`` (default: ``refiner.refine_steps`` and n = T, every step
     collected, where the sampler's own work weighs most against the forwards). Images are
     the student's input size (``student.image_size``, else the diffusion model's), and the
-    guidance is ``ddps.guidance``: a guided step is one forward of the doubled batch, in the
+    guidance is ``refiner.guidance``: a guided step is one forward of the doubled batch, in the
     baseline too. ``generator``: where the sampler's random draws are made, ``device`` (what
     the refine stage does) or ``cpu`` (the same draws on any device; slower on a GPU)."""
     from ddps_core.diffusion.presets import get_preset
 
     settings = load_settings(params if params is not None and params.exists() else None)
     size = size or settings.student.image_size or get_preset(settings.ddpm.preset).image_size
-    w = settings.ddps.guidance
+    w = settings.refiner.guidance
     dev = torch.device(device)
     torch.manual_seed(0)
     base = Student(settings.student.arch, settings.student.encoder, num_classes).to(dev).eval()
@@ -61,7 +61,7 @@ def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tupl
     config = _denoiser_config(tc, num_classes, base.feature_channels)
     denoiser = config.build().to(dev).eval()
     schedule = MultinomialDiffusion(num_classes, tc.num_timesteps, tc.schedule)
-    ns = (settings.ddps.refine_steps, schedule.num_timesteps) if ns is None else ns
+    ns = (settings.refiner.refine_steps, schedule.num_timesteps) if ns is None else ns
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
     h = -(-size // 4)
     mask = uniform_mask((batch, h, h), num_classes, torch.Generator().manual_seed(1), dev)
@@ -94,7 +94,7 @@ def run(batch: int = 32, size: int | None = None, num_classes: int = 7, ns: tupl
         t_ours = statistics.median(p[0] for p in pairs)
         t_bare = statistics.median(p[1] for p in pairs)
         rows.append({
-            "name": f"ddps/refine-{settings.ddps.preset}-n{n}" + ("-cpugen" if generator == "cpu" else ""),
+            "name": f"ddps/refine-{settings.refiner.preset}-n{n}" + ("-cpugen" if generator == "cpu" else ""),
             "figure": f"seconds per batch of {batch} at {size} px ({len(steps)} denoiser steps, w = {w})",
             "value": t_ours, "unit": "s",
             "baseline": f"1 bare student forward + {len(steps)} bare denoiser forwards"

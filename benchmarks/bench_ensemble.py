@@ -31,8 +31,8 @@ from ddps_core.datasets import DDPMSegFolder, make_synthetic  # noqa: E402
 from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.features import FeatureExtractor, FeatureStore, PixelSampler, extract_to_store, open_or_create  # noqa: E402
-from ddps_core.pixel import PixelEnsemble  # noqa: E402
-from ddps_core.pixel.train import train_ensemble  # noqa: E402
+from ddps_core.teacher import PixelEnsemble  # noqa: E402
+from ddps_core.teacher.train import train_ensemble  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

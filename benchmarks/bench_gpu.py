@@ -264,8 +264,8 @@ def ensemble(device: str = "cuda", feature_dim: int = 8448, num_classes: int = 2
     """Pixel-MLP ensemble (10 members) training updates/s x batch = pixels/s, from batches
     already on the device (the trainer's own rate: no feature reads; 8 distinct batches
     cycled). The reference's batch is 64 pixels."""
-    from ddps_core.pixel import PixelEnsemble
-    from ddps_core.pixel.train import train_ensemble
+    from ddps_core.teacher import PixelEnsemble
+    from ddps_core.teacher.train import train_ensemble
 
     dev = torch.device(device)
     rows = []

@@ -28,8 +28,8 @@ from ddps_core.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from ddps_core.diffusion.presets import get_preset  # noqa: E402
 from ddps_core.features import FeatureExtractor  # noqa: E402
 from ddps_core.features.store import upsample_pixels  # noqa: E402
-from ddps_core.pixel.ensemble import PixelEnsemble  # noqa: E402
-from ddps_core.pixel.predict import predict_image  # noqa: E402
+from ddps_core.teacher.ensemble import PixelEnsemble  # noqa: E402
+from ddps_core.teacher.predict import predict_image  # noqa: E402
 from ddps_core.student.model import build_student  # noqa: E402
 from ddps_core.student.train import predict_labels  # noqa: E402
 
@@ -45,7 +45,7 @@ def run(n_images: int = 64, batch_size: int = 32, num_classes: int = 7, repeats:
     unet = cfg.build().eval()
     ext = FeatureExtractor(unet, GaussianDiffusion.from_name("linear", 1000), s.features.steps, None,
                            model_id="bench", device=device)
-    teacher = PixelEnsemble(ext.feature_dim, num_classes, members=s.ensemble.members).to(device).eval()
+    teacher = PixelEnsemble(ext.feature_dim, num_classes, members=s.teacher.members).to(device).eval()
     student = build_student(s.student, num_classes).to(device).eval()
     images = torch.rand(n_images, 3, size, size)
 
@@ -82,7 +82,7 @@ def run(n_images: int = 64, batch_size: int = 32, num_classes: int = 7, repeats:
         "name": f"student/{s.student.arch}-{s.student.encoder}-{student_size}",
         "figure": f"images/s ({size}x{size} images, student input {student_size})", "value": n_images / ours, "unit": "img/s",
         "baseline": f"teacher: {s.ddpm.preset} features at steps {s.features.steps} + "
-                    f"{s.ensemble.members}-member pixel MLPs",
+                    f"{s.teacher.members}-member pixel MLPs",
         "baseline_value": n_images / base, "ratio": ratio, "target": ">= 20x",
         "settings": {"n_images": n_images, "batch_size": batch_size, "num_classes": num_classes,
                      "student_size": student_size,

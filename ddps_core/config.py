@@ -148,7 +148,7 @@ class FeaturesSettings(Section):
     _check_out = field_validator("out")(_known_location)
 
 
-class EnsembleSettings(Section):
+class TeacherSettings(Section):
     """Stage ``train_ensemble``: the DDPM-Seg pixel-MLP ensemble (METHODS.md §4).
 
     ``methods`` are trained the same way on different pixel features: ``ddpm`` (the trained
@@ -260,10 +260,10 @@ class StudentSettings(Section):
         return self
 
 
-class DDPSSettings(Section):
+class RefinerSettings(Section):
     """Stages ``train_ddps`` and ``refine``: the DDPS mask prior on the frozen student
     (METHODS.md §6). The denoiser fields are those of
-    :class:`~ddps_core.refine.train.DDPSTrainConfig` (``preset`` plus optional overrides of its
+    :class:`~ddps_core.refiner.train.DDPSTrainConfig` (``preset`` plus optional overrides of its
     width, channel_mult and num_res_blocks).
     """
 
@@ -303,9 +303,9 @@ class DDPSSettings(Section):
     figures: int = Field(8, ge=0, description="Images in the refinement picture.")
 
     @model_validator(mode="after")
-    def _check_steps(self) -> DDPSSettings:
+    def _check_steps(self) -> RefinerSettings:
         if self.refine_steps > self.num_timesteps:
-            raise ValueError(f"ddps.refine_steps ({self.refine_steps}) must be <= ddps.num_timesteps ({self.num_timesteps})")
+            raise ValueError(f"refiner.refine_steps ({self.refine_steps}) must be <= refiner.num_timesteps ({self.num_timesteps})")
         return self
 
 
@@ -357,10 +357,10 @@ class Settings(Section):
     data: DataSettings = DataSettings()
     ddpm: DDPMSettings = DDPMSettings()
     features: FeaturesSettings = FeaturesSettings()
-    ensemble: EnsembleSettings = EnsembleSettings()
+    teacher: TeacherSettings = TeacherSettings()
     generate: GenerateSettings = GenerateSettings()
     student: StudentSettings = StudentSettings()
-    ddps: DDPSSettings = DDPSSettings()
+    refiner: RefinerSettings = RefinerSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
 
 

@@ -330,20 +330,20 @@ def _print_store_info(info: dict[str, Any], title: str) -> None:
 
 
 # --------------------------------------------------------------------------- ensemble
-MethodOpt = Annotated[list[str] | None, typer.Option("--method", help="ddpm | random_unet | rgbxy (repeatable) [params: ensemble.methods].")]
+MethodOpt = Annotated[list[str] | None, typer.Option("--method", help="ddpm | random_unet | rgbxy (repeatable) [params: teacher.methods].")]
 
 
 @ensemble_app.command("train")
 def ensemble_train(
     method: MethodOpt = None,
-    members: Annotated[int | None, typer.Option(help="Ensemble size [params: ensemble.members].")] = None,
+    members: Annotated[int | None, typer.Option(help="Ensemble size [params: teacher.members].")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Train the pixel-MLP ensemble on each method's features (resumes when it can)."""
-    from ddps_core.pixel.stage import run_train
+    from ddps_core.teacher.stage import run_train
 
-    s = settings_from(params, set_, **{"ensemble.methods": method, "ensemble.members": members})
+    s = settings_from(params, set_, **{"teacher.methods": method, "teacher.members": members})
 
     def progress(epoch: int, batches: int, active: int, loss: float) -> None:
         err_console.print(f"epoch {epoch} batch {batches}: {active} members active, loss {loss:.4f}")
@@ -356,10 +356,10 @@ def ensemble_train(
 def ensemble_predict(method: MethodOpt = None, params: ParamsOpt = Path("params.yaml"),
                      set_: SetOpt = None) -> None:
     """Label the test split (every method) and the unlabelled pool (ddpm): label PNGs,
-    uncertainty maps, scores.parquet under ensemble.labels_out."""
-    from ddps_core.pixel.stage import run_label
+    uncertainty maps, scores.parquet under teacher.labels_out."""
+    from ddps_core.teacher.stage import run_label
 
-    s = settings_from(params, set_, **{"ensemble.methods": method})
+    s = settings_from(params, set_, **{"teacher.methods": method})
     bars: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         def progress(name: str, done: int, total: int) -> None:
@@ -374,7 +374,7 @@ def ensemble_predict(method: MethodOpt = None, params: ParamsOpt = Path("params.
 @ensemble_app.command("report")
 def ensemble_report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Score every method's test labels: reports/ddpm_seg.parquet, metrics JSON, figures."""
-    from ddps_core.pixel.stage import run_evaluate
+    from ddps_core.teacher.stage import run_evaluate
 
     df = run_evaluate(settings_from(params, set_), student=False)
     for method in df["method"].unique():

@@ -20,39 +20,39 @@ from flows.cli import ParamsOpt, SetOpt, _pct, console, err_console, progress_ba
 
 
 def _shape_options(preset: str | None, width: int | None, timesteps: int | None) -> dict[str, Any]:
-    return {"ddps.preset": preset, "ddps.width": width, "ddps.num_timesteps": timesteps}
+    return {"refiner.preset": preset, "refiner.width": width, "refiner.num_timesteps": timesteps}
 
 
 @ddps_app.command("train")
 def ddps_train(
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps [params: ddps.steps].")] = None,
-    preset: Annotated[str | None, typer.Option(help="Denoiser preset [params: ddps.preset].")] = None,
-    width: Annotated[int | None, typer.Option(help="Denoiser width [params: ddps.width].")] = None,
-    timesteps: Annotated[int | None, typer.Option("--timesteps", help="T [params: ddps.num_timesteps].")] = None,
-    data: Annotated[str | None, typer.Option(help="generated | real [params: ddps.data].")] = None,
-    x0_source: Annotated[str | None, typer.Option(help="first_prediction | gt [params: ddps.x0_source].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps [params: refiner.steps].")] = None,
+    preset: Annotated[str | None, typer.Option(help="Denoiser preset [params: refiner.preset].")] = None,
+    width: Annotated[int | None, typer.Option(help="Denoiser width [params: refiner.width].")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", help="T [params: refiner.num_timesteps].")] = None,
+    data: Annotated[str | None, typer.Option(help="generated | real [params: refiner.data].")] = None,
+    x0_source: Annotated[str | None, typer.Option(help="first_prediction | gt [params: refiner.x0_source].")] = None,
     ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation",
-                                                  help="Also train x0 = gt [params: ddps.ablation].")] = None,
+                                                  help="Also train x0 = gt [params: refiner.ablation].")] = None,
     time_budget: Annotated[float | None, typer.Option(help="Stop after this many seconds per model.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder [params: ddps.out].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [params: refiner.out].")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Train the DDPS denoiser on the frozen student (Diffusion-on-First-Prediction) and, with
     the ablation, its x0 = ground-truth twin; resumes from the last checkpoint."""
-    from ddps_core.refine.stage import run_train
+    from ddps_core.refiner.stage import run_train
 
     s = settings_from(params, set_, **_shape_options(preset, width, timesteps),
-                      **{"ddps.steps": steps, "ddps.data": data, "ddps.x0_source": x0_source,
-                         "ddps.ablation": ablation, "ddps.time_budget_s": time_budget,
-                         "ddps.out": str(out) if out else None})
+                      **{"refiner.steps": steps, "refiner.data": data, "refiner.x0_source": x0_source,
+                         "refiner.ablation": ablation, "refiner.time_budget_s": time_budget,
+                         "refiner.out": str(out) if out else None})
     bars: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         def on_step(method: str, info: Any) -> None:
             if method not in bars:
                 bars[method] = stack.enter_context(progress_bar(method, info.total))
             bars[method](info.step)
-            if info.step % (s.ddps.log_every * 10) == 0 or info.step == info.total:
+            if info.step % (s.refiner.log_every * 10) == 0 or info.step == info.total:
                 err_console.print(f"{method} step {info.step} ({info.stage}): loss {info.loss:.4f} "
                                   f"lr {info.lr:.2e} {info.images_per_s:.1f} img/s")
 
@@ -71,9 +71,9 @@ def ddps_train(
 @ddps_app.command("refine")
 def ddps_refine(
     steps: Annotated[int | None,
-                     typer.Option("--steps", help="n refinement steps [params: ddps.refine_steps].")] = None,
-    guidance: Annotated[float | None, typer.Option(help="w [params: ddps.guidance].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Label PNG folder [params: ddps.refined_out].")] = None,
+                     typer.Option("--steps", help="n refinement steps [params: refiner.refine_steps].")] = None,
+    guidance: Annotated[float | None, typer.Option(help="w [params: refiner.guidance].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Label PNG folder [params: refiner.refined_out].")] = None,
     report: Annotated[Path, typer.Option(help="Parquet report to write.")] = Path("reports/ddps.parquet"),
     metrics: Annotated[Path, typer.Option(help="DVC metrics JSON to write.")] = Path("reports/metrics/ddps.json"),
     figures: Annotated[Path, typer.Option(help="Folder of the refinement picture.")] = Path("reports/figures"),
@@ -82,19 +82,19 @@ def ddps_refine(
 ) -> None:
     """Refine the real test split with Free-Re-noising and score the student alone and every
     step of each DDPS model: label PNGs, the report, metrics and the refinement picture."""
-    from ddps_core.refine.stage import run_refine, step_table
+    from ddps_core.refiner.stage import run_refine, step_table
 
-    s = settings_from(params, set_, **{"ddps.refine_steps": steps, "ddps.guidance": guidance,
-                                       "ddps.refined_out": str(out) if out else None})
+    s = settings_from(params, set_, **{"refiner.refine_steps": steps, "refiner.guidance": guidance,
+                                       "refiner.refined_out": str(out) if out else None})
     with progress_bar("refine", None) as update:
         df = run_refine(s, progress=lambda d, _n: update(d), log=err_console.print, report=report,
                         metrics=metrics, figures=figures)
-    print_step_table(step_table(df), title=f"DDPS refinement (n = {s.ddps.refine_steps}, w = {s.ddps.guidance})")
-    console.print(f"report: {report}; labels: {s.ddps.refined_out}")
+    print_step_table(step_table(df), title=f"DDPS refinement (n = {s.refiner.refine_steps}, w = {s.refiner.guidance})")
+    console.print(f"report: {report}; labels: {s.refiner.refined_out}")
 
 
 def print_step_table(table: Any, title: str = "DDPS refinement") -> None:
-    """The step table (:func:`ddps_core.refine.stage.step_table`) as a rich table."""
+    """The step table (:func:`ddps_core.refiner.stage.step_table`) as a rich table."""
 
     t = Table(title=title)
     for col in table.columns:
@@ -106,15 +106,15 @@ def print_step_table(table: Any, title: str = "DDPS refinement") -> None:
 
 @ddps_app.command("info")
 def ddps_info(
-    preset: Annotated[str | None, typer.Option(help="Denoiser preset [params: ddps.preset].")] = None,
-    width: Annotated[int | None, typer.Option(help="Denoiser width [params: ddps.width].")] = None,
-    timesteps: Annotated[int | None, typer.Option("--timesteps", help="T [params: ddps.num_timesteps].")] = None,
+    preset: Annotated[str | None, typer.Option(help="Denoiser preset [params: refiner.preset].")] = None,
+    width: Annotated[int | None, typer.Option(help="Denoiser width [params: refiner.width].")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", help="T [params: refiner.num_timesteps].")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Describe the configured denoiser on our data and the DDPS-SegFormer-B2 reference
     preset (K = 150, C = 256): shape and parameter counts by part."""
-    from ddps_core.refine.stage import info
+    from ddps_core.refiner.stage import info
 
     s = settings_from(params, set_, **_shape_options(preset, width, timesteps))
     entries = info(s)

@@ -8,7 +8,7 @@ from prefect import flow
 
 from ddps_core import storage
 from ddps_core.metrics import plots
-from ddps_core.pixel.stage import report_locations
+from ddps_core.teacher.stage import report_locations
 from flows.common import settings_for
 from tasks.ensemble import evaluate_task
 from tasks.reports import plot_table_task

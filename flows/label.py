@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 
 from ddps_core.config import Settings
-from ddps_core.pixel.stage import label_jobs
+from ddps_core.teacher.stage import label_jobs
 from flows.common import settings_for, tasks_per_split, with_runner
 from tasks.ensemble import finish_label_task, label_parts_task, plan_label_task
 
@@ -33,7 +33,7 @@ def label_parts_flow(settings: Settings) -> list[str]:
 
 @flow(name="label", log_prints=True)
 def label_flow(ensemble: dict[str, Any] | None = None, params_path: str = "params.yaml") -> list[str]:
-    settings = settings_for(params_path, {"ensemble": ensemble})
+    settings = settings_for(params_path, {"teacher": ensemble})
     return with_runner(label_parts_flow, settings)(settings)
 
 

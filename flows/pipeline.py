@@ -36,12 +36,12 @@ STAGES: tuple[tuple[str, str, str | None], ...] = (
     ("data", "data_flow", "data"),
     ("train_ddpm", "train_ddpm_flow", "ddpm"),
     ("extract", "extract_features_flow", "features"),
-    ("train_ensemble", "train_ensemble_flow", "ensemble"),
-    ("label", "label_flow", "ensemble"),
+    ("train_ensemble", "train_ensemble_flow", "teacher"),
+    ("label", "label_flow", "teacher"),
     ("generate", "generate_flow", "generate"),
     ("train_student", "train_student_flow", "student"),
-    ("train_ddps", "train_ddps_flow", "ddps"),
-    ("refine", "refine_flow", "ddps"),
+    ("train_ddps", "train_ddps_flow", "refiner"),
+    ("refine", "refine_flow", "refiner"),
     ("evaluate", "evaluate_flow", None),
 )
 
@@ -67,8 +67,8 @@ def pipeline_flow(
 ) -> dict[str, Any]:
     """All stages, ``data`` to ``evaluate``. Each section parameter holds partial overrides
     of that section of ``params_path``; returns each stage flow's result by stage."""
-    overrides = {"data": data, "ddpm": ddpm, "features": features, "ensemble": ensemble,
-                 "generate": generate, "student": student, "ddps": ddps, "evaluate": evaluate}
+    overrides = {"data": data, "ddpm": ddpm, "features": features, "teacher": ensemble,
+                 "generate": generate, "student": student, "refiner": ddps, "evaluate": evaluate}
     given = {section: values for section, values in overrides.items() if values}
     settings = settings_for(params_path, given)  # a bad key fails here, before any stage
     results: dict[str, Any] = {}

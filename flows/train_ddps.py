@@ -13,7 +13,7 @@ from tasks.ddps import train_ddps_task
 @flow(name="train_ddps", log_prints=True)
 def train_ddps_flow(ddps: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
     """Stage ``train_ddps``. ``ddps`` holds partial overrides of its section."""
-    settings = settings_for(params_path, {"ddps": ddps})
+    settings = settings_for(params_path, {"refiner": ddps})
     summary = train_ddps_task(settings)
     for method, m in summary["models"].items():
         print(f"{method} (x0 = {m['x0_source']}): {m['steps']} steps, final loss {m['final_loss']} -> {m['out']}")

@@ -14,8 +14,8 @@ from tasks.ensemble import train_ensemble_task
 def train_ensemble_flow(ensemble: dict[str, Any] | None = None,
                         params_path: str = "params.yaml") -> dict[str, Any]:
     """Stage ``train_ensemble``. ``ensemble`` holds partial overrides of its section."""
-    settings = settings_for(params_path, {"ensemble": ensemble})
-    futures = {m: train_ensemble_task.submit(settings, m) for m in settings.ensemble.methods}
+    settings = settings_for(params_path, {"teacher": ensemble})
+    futures = {m: train_ensemble_task.submit(settings, m) for m in settings.teacher.methods}
     return {m: f.result() for m, f in futures.items()}
 
 

@@ -19,11 +19,11 @@ from tasks.common import every, retry_unless_user_error
 @task(name="train-ddps", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_user_error, tags=["gpu"])
 def train_ddps_task(settings: Settings) -> dict[str, Any]:
-    """Train (or resume) the DDPS denoiser and, with ``ddps.ablation``, its ``x0 = gt`` twin."""
-    from ddps_core.refine.stage import run_train
+    """Train (or resume) the DDPS denoiser and, with ``refiner.ablation``, its ``x0 = gt`` twin."""
+    from ddps_core.refiner.stage import run_train
 
     logger = get_run_logger()
-    stride = every(settings.ddps.steps)
+    stride = every(settings.refiner.steps)
 
     def on_step(method: str, info: Any) -> None:
         if info.step % stride == 0 or info.step == info.total:
@@ -37,7 +37,7 @@ def train_ddps_task(settings: Settings) -> dict[str, Any]:
       retry_condition_fn=retry_unless_user_error, tags=["gpu"])
 def refine_task(settings: Settings) -> list[dict[str, Any]]:
     """Refine and score the test split; returns the step table (one record per method)."""
-    from ddps_core.refine.stage import run_refine, step_table
+    from ddps_core.refiner.stage import run_refine, step_table
 
     logger = get_run_logger()
 

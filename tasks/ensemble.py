@@ -8,7 +8,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ddps_core.config import Settings
-from ddps_core.pixel.stage import (finish_label_split, label_split, label_split_parts, plan_label_split,
+from ddps_core.teacher.stage import (finish_label_split, label_split, label_split_parts, plan_label_split,
                                    run_evaluate, train_method)
 from tasks.common import every, retry_unless_user_error
 
@@ -28,7 +28,7 @@ def label_split_task(settings: Settings, method: str, split: str) -> int:
     """Majority-vote labels, uncertainty maps and scores of ``split`` with ``method``;
     returns the number of images labelled."""
     done = {"n": 0}
-    label_split(settings, method, split, settings.ensemble.labels_out,
+    label_split(settings, method, split, settings.teacher.labels_out,
                 progress=lambda d, _n: done.__setitem__("n", d))
     get_run_logger().info("%s/%s: %d images labelled", method, split, done["n"])
     return done["n"]

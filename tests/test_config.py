@@ -12,15 +12,15 @@ REPO = Path(__file__).resolve().parents[1]
 # params.yaml spells out every default. Where it differs from the embedded (reference)
 # defaults, the README documents why: (section, key) -> (params.yaml value, embedded value).
 DOCUMENTED = {
-    ("ensemble", "min_class_pixels"): (1, 20),  # the reference's 20 drops every mouth at 32 px
+    ("teacher", "min_class_pixels"): (1, 20),  # the reference's 20 drops every mouth at 32 px
     ("student", "image_size"): (64, None),  # 2x the 32 px domain; None = the export's size
     # the make-run profile's budgets, cut to fit 15 minutes (README: How long)
     ("ddpm", "steps"): (500, 700),
     ("student", "epochs"): (10, 40),  # 40 meets the 3-point goal
-    ("ddps", "steps"): (600, 2000),
-    ("ddps", "single_step_steps"): (150, 400),
-    ("ddps", "num_timesteps"): (10, 20),  # the reference's T = 20 refined less here
-    ("ddps", "guidance"): (0.5, 0.0),  # w >= 0.5 makes the refinement steps pay here
+    ("refiner", "steps"): (600, 2000),
+    ("refiner", "single_step_steps"): (150, 400),
+    ("refiner", "num_timesteps"): (10, 20),  # the reference's T = 20 refined less here
+    ("refiner", "guidance"): (0.5, 0.0),  # w >= 0.5 makes the refinement steps pay here
 }
 
 

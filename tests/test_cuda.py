@@ -149,10 +149,10 @@ def _tiny_params(device: str) -> dict:
     params["ddpm"].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3, sample_count=4,
                           sample_steps=5, log_every=1)
     params["features"].update(shard_images=4, batch_size=4, steps=[10, 50])
-    params["ensemble"].update(members=2, max_epochs=2, figures=2)
+    params["teacher"].update(members=2, max_epochs=2, figures=2)
     params["generate"].update(drop_certain=4, contact_sheet=2)
     params["student"].update(epochs=2, batch_size=8, warmup_steps=2)
-    params["ddps"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
+    params["refiner"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
                           log_every=1, figures=2)
     return params
 
@@ -168,9 +168,9 @@ def test_every_stage_runs_in_process_on_the_device(tmp_path, monkeypatch, device
     from ddps_core.diffusion.train import run_stage as train_ddpm
     from ddps_core.features.stage import run_stage as extract
     from ddps_core.generate.stage import run_stage as generate
-    from ddps_core.pixel.stage import run_evaluate, run_label, run_train
-    from ddps_core.refine.stage import run_refine
-    from ddps_core.refine.stage import run_train as train_ddps
+    from ddps_core.teacher.stage import run_evaluate, run_label, run_train
+    from ddps_core.refiner.stage import run_refine
+    from ddps_core.refiner.stage import run_train as train_ddps
     from ddps_core.student.stage import run_stage as train_student
 
     monkeypatch.chdir(tmp_path)

@@ -24,7 +24,7 @@ def project(tmp_path_factory):
     raw = tiny_project(root, {"n_unlabeled": 9, "n_labeled": 5, "n_test": 3},
                        features={"steps": [10, 100], "blocks": [1, 2, 3], "shard_images": 2, "batch_size": 2,
                                  "random_unet": False, "out": str(root / "features")},
-                       ensemble={"methods": ["ddpm"], "members": 2, "max_epochs": 1, "out": str(root / "ens"),
+                       teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 1, "out": str(root / "ens"),
                                  "labels_out": str(root / "labels")})
     return root, raw
 
@@ -69,16 +69,16 @@ def test_tasks_and_their_arguments_pickle():
 
 
 def test_labelling_parts_in_disjoint_tasks_equal_one_task(project, tmp_path, monkeypatch):
-    import ddps_core.pixel.stage as stage
+    import ddps_core.teacher.stage as stage
 
     root, raw = project
     s = parse_settings(raw)
     run_stage(s)
     stage.train_method(s, "ddpm")
     monkeypatch.setattr(stage, "PART_IMAGES", 2)  # 9 pool images: 5 parts
-    one = parse_settings({**raw, "ensemble": {**raw["ensemble"], "labels_out": str(tmp_path / "one")}})
-    many = parse_settings({**raw, "ensemble": {**raw["ensemble"], "labels_out": str(tmp_path / "many")}})
-    stage.label_split(one, "ddpm", "unlabeled", one.ensemble.labels_out)
+    one = parse_settings({**raw, "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "one")}})
+    many = parse_settings({**raw, "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "many")}})
+    stage.label_split(one, "ddpm", "unlabeled", one.teacher.labels_out)
     groups = stage.plan_label_split(many, "ddpm", "unlabeled", 3)
     assert groups == [[0, 3], [1, 4], [2]]  # disjoint, every part once
     for parts in reversed(groups):  # any order of the tasks
@@ -120,7 +120,7 @@ def test_extract_flow_on_a_local_dask_cluster_equals_the_thread_pool(project, tm
 def test_label_and_generate_flows_on_a_local_dask_cluster_equal_the_library(project, tmp_path, prefect_harness):
     """The label flow and the generate flow (sampling batches and sample shards fanned out
     over two worker processes) write what the in-process library path writes."""
-    import ddps_core.pixel.stage as stage
+    import ddps_core.teacher.stage as stage
     from ddps_core.generate.stage import run_stage as generate
     from flows.generate import generate_flow
     from flows.label import label_flow
@@ -129,16 +129,16 @@ def test_label_and_generate_flows_on_a_local_dask_cluster_equal_the_library(proj
     raw = {**raw, "features": {**raw["features"], "out": str(tmp_path / "features")},
            "generate": {"source": "both", "n_samples": 5, "sample_steps": 2, "batch_size": 2,
                         "drop_certain": 1, "drop_uncertain": 0.2, "contact_sheet": 1}}
-    lib = parse_settings({**raw, "ensemble": {**raw["ensemble"], "labels_out": str(tmp_path / "lib" / "labels")},
+    lib = parse_settings({**raw, "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "lib" / "labels")},
                           "generate": {**raw["generate"], "out": str(tmp_path / "lib" / "out"),
                                        "work": str(tmp_path / "lib" / "work")}})
     run_stage(lib)
     stage.train_method(lib, "ddpm")
     for split in ("test", "unlabeled"):
-        stage.label_split(lib, "ddpm", split, lib.ensemble.labels_out)
+        stage.label_split(lib, "ddpm", split, lib.teacher.labels_out)
     lib_stats = generate(lib)
     dask_raw = {**raw, "runner": "dask", "dask": {"n_workers": 2, "tasks_per_split": 2},
-                "ensemble": {**raw["ensemble"], "labels_out": str(tmp_path / "dask" / "labels")},
+                "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "dask" / "labels")},
                 "generate": {**raw["generate"], "out": str(tmp_path / "dask" / "out"),
                              "work": str(tmp_path / "dask" / "work")}}
     params = tmp_path / "params.yaml"

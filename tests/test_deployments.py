@@ -102,7 +102,7 @@ def stub_stages(monkeypatch):
             own = {_section: kwargs.get(_section)} if _section else {}
             s = settings_for(kwargs["params_path"], own)
             calls.append({"stage": _stage, "kwargs": kwargs, "features_out": s.features.out,
-                          "data_out": s.data.out, "ddps_steps": s.ddps.steps})
+                          "data_out": s.data.out, "ddps_steps": s.refiner.steps})
             return f"{_stage} done"
 
         monkeypatch.setattr(pipeline, name, stub)

@@ -82,9 +82,9 @@ def test_every_stage_depends_on_the_code_it_runs():
 
 def test_every_stage_lists_its_params_section():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    own = {"train_ddpm": "ddpm", "extract": "features", "train_ensemble": "ensemble",
-           "label": "ensemble", "generate": "generate", "train_student": "student",
-           "train_ddps": "ddps", "refine": "ddps", "evaluate": "evaluate", "data": "data"}
+    own = {"train_ddpm": "ddpm", "extract": "features", "train_ensemble": "teacher",
+           "label": "teacher", "generate": "generate", "train_student": "student",
+           "train_ddps": "refiner", "refine": "refiner", "evaluate": "evaluate", "data": "data"}
     for name, stage in STAGES.items():
         listed = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
         assert own[name] in listed, f"stage {name} does not list its section {own[name]!r}"

@@ -137,14 +137,14 @@ def test_plot_tables_and_an_experiment_with_a_changed_param(pipeline):
     # commit the run, then an experiment with another ensemble size; metrics diff sees it
     _sh(["git", "add", "-A"], work, env)
     _sh(["git", "commit", "-qm", "baseline"], work, env)
-    _sh(["dvc", "exp", "run", "-S", "ensemble.members=3"], work, env)
+    _sh(["dvc", "exp", "run", "-S", "teacher.members=3"], work, env)
     params = yaml.safe_load((work / "params.yaml").read_text())
     assert params["ensemble"]["members"] == 3
     diff = json.loads(_sh(["dvc", "metrics", "diff", "--json"], work, env).stdout)
     changed = diff["reports/metrics/ddpm_seg.json"]
     assert "ddpm.miou" in changed and changed["ddpm.miou"]["old"] != changed["ddpm.miou"]["new"]
     exps = _sh(["dvc", "exp", "show", "--json"], work, env).stdout
-    assert "ensemble.members" in exps or '"members": 3' in exps
+    assert "teacher.members" in exps or '"members": 3' in exps
 
 
 def test_cli_reads_pipeline_outputs(pipeline):

@@ -100,11 +100,11 @@ def test_ensemble_stage_trains_labels_and_scores(project, tmp_path):
     import pandas as pd
 
     from ddps_core.metrics import evaluate_dirs
-    from ddps_core.pixel.stage import label_split, train_method
+    from ddps_core.teacher.stage import label_split, train_method
 
     root, raw = project
     raw = {**raw, "features": {**raw["features"], "out": str(tmp_path / "f"), "random_unet": False},
-           "ensemble": {"members": 2, "max_epochs": 2, "batch_size": 64, "out": str(tmp_path / "ens")}}
+           "teacher": {"members": 2, "max_epochs": 2, "batch_size": 64, "out": str(tmp_path / "ens")}}
     s = parse_settings(raw)
     run_stage(s)
     gt = tmp_path / "gt"

@@ -15,7 +15,7 @@ from ddps_core.features.stage import run_stage as extract
 from ddps_core.generate.stage import run_stage as generate
 from ddps_core.metrics import ConfusionAccumulator
 from ddps_core.metrics.files import load_label_map
-from ddps_core.pixel.stage import label_split, run_evaluate, train_method
+from ddps_core.teacher.stage import label_split, run_evaluate, train_method
 
 from tests.helpers import tiny_project
 
@@ -29,7 +29,7 @@ def project(tmp_path_factory):
         root, {"n_unlabeled": 12, "n_labeled": 4, "n_test": 3},
         features={"steps": [10], "blocks": [1, 2], "shard_images": 4, "batch_size": 4,
                   "out": str(root / "features"), "random_unet": False},
-        ensemble={"methods": ["ddpm"], "members": 2, "max_epochs": 1, "out": str(root / "ens"),
+        teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 1, "out": str(root / "ens"),
                   "labels_out": str(root / "labels"), "min_class_pixels": 1, "figures": 1},
         generate={"source": "both", "n_samples": 5, "sample_steps": 2, "batch_size": 2,
                   "drop_certain": 2, "drop_uncertain": 0.2, "out": str(root / "generated"),
@@ -39,7 +39,7 @@ def project(tmp_path_factory):
     extract(s)
     train_method(s, "ddpm")
     for split in ("test", "unlabeled"):
-        label_split(s, "ddpm", split, s.ensemble.labels_out)
+        label_split(s, "ddpm", split, s.teacher.labels_out)
     return root, raw
 
 
@@ -81,7 +81,7 @@ def test_generate_refuses_a_pool_labelled_by_another_teacher(project, tmp_path):
 
     shutil.copytree(root / "labels", labels)
     (labels / "ddpm" / "unlabeled" / "teacher.txt").write_text("0123456789abcdef")
-    raw2 = {**raw, "ensemble": {**raw["ensemble"], "labels_out": str(labels)},
+    raw2 = {**raw, "teacher": {**raw["teacher"], "labels_out": str(labels)},
             "generate": {**raw["generate"], "source": "pool", "out": str(tmp_path / "g")}}
     with pytest.raises(DataError, match="another teacher"):
         generate(parse_settings(raw2))
@@ -117,10 +117,10 @@ def test_student_stage_is_scored_next_to_the_teacher(project, tmp_path):
 def test_labelling_resumes_by_part_to_the_same_files(project, tmp_path, monkeypatch):
     """A labelling killed after its first part redoes only the parts after it and ends with
     the same PNGs and scores as an uninterrupted run."""
-    import ddps_core.pixel.stage as stage
+    import ddps_core.teacher.stage as stage
     from ddps_core.features.stage import store_path
     from ddps_core.features.store import FeatureStore
-    from ddps_core.pixel.stage import label_images, load_method
+    from ddps_core.teacher.stage import label_images, load_method
 
     root, raw = project
     s = parse_settings(raw)

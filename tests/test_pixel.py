@@ -13,7 +13,7 @@ import torch
 
 from ddps_core.errors import CheckpointError, DDPSError
 from ddps_core.features.sampler import PixelSampler
-from ddps_core.pixel import (
+from ddps_core.teacher import (
     ArraySource,
     MemberAdam,
     NonFiniteLossError,
@@ -29,8 +29,8 @@ from ddps_core.pixel import (
     reference_mlp,
     train_ensemble,
 )
-from ddps_core.pixel import train as train_mod
-from ddps_core.pixel.train import CheckpointSettingsChanged
+from ddps_core.teacher import train as train_mod
+from ddps_core.teacher.train import CheckpointSettingsChanged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -538,7 +538,7 @@ def test_rgbxy_source_on_a_dataset_reader(tmp_path):
 
 def test_predict_store_on_a_feature_store(tmp_path):
     from ddps_core.features.store import FeatureStore
-    from ddps_core.pixel import source_id_of
+    from ddps_core.teacher import source_id_of
 
     rng = np.random.default_rng(0)
     store = FeatureStore.create(

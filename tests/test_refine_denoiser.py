@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddps_core.refine.denoiser import (
+from ddps_core.refiner.denoiser import (
     DENOISER_PRESETS,
     DenoiserConfig,
     MaskDenoiser,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddps_core.refine.multinomial import (
+from ddps_core.refiner.multinomial import (
     A1,
     AT,
     MultinomialDiffusion,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddps_core.refine.denoiser import DenoiserConfig
-from ddps_core.refine.multinomial import MultinomialDiffusion, uniform_mask
-from ddps_core.refine.sample import RefineResult, refine, refinement_picture, refinement_steps
+from ddps_core.refiner.denoiser import DenoiserConfig
+from ddps_core.refiner.multinomial import MultinomialDiffusion, uniform_mask
+from ddps_core.refiner.sample import RefineResult, refine, refinement_picture, refinement_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

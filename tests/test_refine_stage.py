@@ -15,8 +15,8 @@ from ddps_core.datasets import DDPMSegFolder
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.errors import DataError
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, evaluate_arrays, load_label_map, report_frame
-from ddps_core.refine.denoiser import denoiser_preset, parameter_counts
-from ddps_core.refine.stage import (
+from ddps_core.refiner.denoiser import denoiser_preset, parameter_counts
+from ddps_core.refiner.stage import (
     TrainBatches,
     format_step_table,
     info,
@@ -86,7 +86,7 @@ def _settings(root, **ddps):
                 warmup_steps=1, checkpoint_every=2, log_every=1, out=str(root / "ddps"), ablation=True,
                 refine_steps=2, refined_out=str(root / "refined"), figures=2, threads=1)
     base.update(ddps)
-    over.update({f"ddps.{k}": v for k, v in base.items()})
+    over.update({f"refiner.{k}": v for k, v in base.items()})
     return load_settings(None, over)
 
 
@@ -254,7 +254,7 @@ def test_refine_is_reproducible_and_scores_at_the_model_size(refined, tmp_path):
     from ddps_core.student.stage import predict_split
 
     s64 = settings.model_copy(update={"ddpm": settings.ddpm.model_copy(update={"preset": "tiny64"}),
-                                      "ddps": settings.ddps.model_copy(update={"refined_out": str(tmp_path / "r64"),
+                                      "refiner": settings.refiner.model_copy(update={"refined_out": str(tmp_path / "r64"),
                                                                                "ablation": False, "figures": 0})})
     df64 = run_refine(s64, report=tmp_path / "r64.parquet", metrics=tmp_path / "m64.json", figures=tmp_path / "f64")
     assert set(df64["method"]) == {"student", "ddps"}

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ddps_core.refine import multinomial as mn
-from ddps_core.refine.base import SmpBase, probe_features
-from ddps_core.refine.denoiser import MaskDenoiser
-from ddps_core.refine.sample import refine_images
-from ddps_core.refine.train import (
+from ddps_core.refiner import multinomial as mn
+from ddps_core.refiner.base import SmpBase, probe_features
+from ddps_core.refiner.denoiser import MaskDenoiser
+from ddps_core.refiner.sample import refine_images
+from ddps_core.refiner.train import (
     DDPSTrainConfig,
     RefineTrainingError,
     downsample_labels,

@@ -28,7 +28,7 @@ def test_header_order_no_longer_depends_on_metadata_order(tmp_path):
 
 def test_ensemble_files_of_two_processes_are_identical(tmp_path):
     code = (
-        "import sys, torch; from ddps_core.pixel.ensemble import PixelEnsemble;"
+        "import sys, torch; from ddps_core.teacher.ensemble import PixelEnsemble;"
         "torch.manual_seed(0); PixelEnsemble(feature_dim=4, num_classes=3, members=2, source_id='x')"
         ".save(sys.argv[1])"
     )

@@ -167,20 +167,20 @@ def s3(monkeypatch):
 def test_extraction_and_ensemble_on_s3_equal_the_local_run(project, tmp_path, s3):
     """Extraction, teacher training, labelling and the evaluate report with the stores and the
     reports on S3 (moto on loopback) give the local run's arrays, report and metrics."""
-    from ddps_core.pixel.stage import label_split, run_evaluate, train_method
+    from ddps_core.teacher.stage import label_split, run_evaluate, train_method
 
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
     root, raw = project
     runs = {}
     for name, out, reports in (("local", tmp_path / "f", tmp_path / "reports"),
                                ("s3", f"{s3}/features", f"{s3}/reports")):
-        s = _settings(raw, out, ensemble={"methods": ["ddpm"], "members": 2, "max_epochs": 2,
+        s = _settings(raw, out, teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 2,
                                           "out": str(tmp_path / name / "ens"), "figures": 1,
                                           "labels_out": str(tmp_path / name / "labels")},
                       evaluate={"reports": str(reports), "student": False})
         run_stage(s)
         train_method(s, "ddpm")
-        label_split(s, "ddpm", "test", s.ensemble.labels_out)
+        label_split(s, "ddpm", "test", s.teacher.labels_out)
         run_evaluate(s)
         runs[name] = s
     local, remote = runs["local"], runs["s3"]

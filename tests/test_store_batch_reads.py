@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from ddps_core.features.store import FeatureStore
-from ddps_core.pixel import predict
-from ddps_core.pixel.ensemble import PixelEnsemble
+from ddps_core.teacher import predict
+from ddps_core.teacher.ensemble import PixelEnsemble
 
 SHAPES = {"t10_b0": (3, 4, 4), "t10_b1": (2, 8, 8)}
 

@@ -8,7 +8,7 @@ Sources (``generate.source``):
 * ``generated``: ``generate.n_samples`` images sampled from the trained DDPM
   (:mod:`.sample`), their features extracted into a feature store with the extract stage's
   settings and shared noise (:func:`~ddps_core.features.stage.fill_store`) and labelled by the
-  ``ddpm`` teacher (:func:`~ddps_core.pixel.stage.label_images`), all under ``generate.work``
+  ``ddpm`` teacher (:func:`~ddps_core.teacher.stage.label_images`), all under ``generate.work``
   and each step resumable (sampling per batch, extraction per shard, labelling per part);
 * ``both``.
 
@@ -45,9 +45,9 @@ Progress = Callable[[str, int, int], Any] | None
 
 
 def _teacher(settings: Settings) -> str:
-    from ddps_core.pixel.stage import WEIGHTS, teacher_id
+    from ddps_core.teacher.stage import WEIGHTS, teacher_id
 
-    path = Path(settings.ensemble.out) / "ddpm" / WEIGHTS
+    path = Path(settings.teacher.out) / "ddpm" / WEIGHTS
     if not path.is_file():
         raise DataError(f"{path}: no trained ddpm teacher; run the train_ensemble stage with method ddpm")
     return teacher_id(path)
@@ -72,13 +72,13 @@ def _labels_loader(image_fn: Callable[[], np.ndarray], label_path: Path, size: i
 
 def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candidate]:
     """The unlabelled pool as labelled by the ``label`` stage."""
-    folder = Path(settings.ensemble.labels_out) / "ddpm" / "unlabeled"
+    folder = Path(settings.teacher.labels_out) / "ddpm" / "unlabeled"
     scores_path, marker = folder / "scores.parquet", folder / "teacher.txt"
     if not scores_path.is_file():
         raise DataError(f"{scores_path}: the unlabelled pool has no teacher labels; run the label stage "
                         "(features.splits must include unlabeled)")
     if not marker.is_file() or marker.read_text().strip() != teacher:
-        raise DataError(f"{folder}: labelled by another teacher than {Path(settings.ensemble.out) / 'ddpm'}; "
+        raise DataError(f"{folder}: labelled by another teacher than {Path(settings.teacher.out) / 'ddpm'}; "
                         "rerun the label stage")
     scores = pd.read_parquet(scores_path, columns=["image_id", "score"])
     reader = DDPMSegFolder(settings.data.out, "unlabeled", ignore_index=settings.data.ignore_index)
@@ -263,7 +263,7 @@ def _sample_store(settings: Settings):
 def plan_sample_labels(settings: Settings, n_tasks: int = 1) -> list[list[int]]:
     """Step 3 (after extraction): start labelling the samples with the ``ddpm`` teacher; the
     unfinished parts in at most ``n_tasks`` disjoint groups (none once they are labelled)."""
-    from ddps_core.pixel.stage import pending_parts, start_labels
+    from ddps_core.teacher.stage import pending_parts, start_labels
 
     if not _uses_samples(settings) or _labels_done(settings) is not None:
         return []
@@ -274,7 +274,7 @@ def plan_sample_labels(settings: Settings, n_tasks: int = 1) -> list[list[int]]:
 
 def label_sample_parts(settings: Settings, parts: list[int], progress: Progress = None) -> int:
     """Label ``parts`` of the samples (one task's group); images predicted."""
-    from ddps_core.pixel.stage import label_parts, load_method
+    from ddps_core.teacher.stage import label_parts, load_method
 
     return label_parts(load_method(settings, "ddpm"), _sample_store(settings), Path(settings.generate.work) / "labels",
                        "generated", parts, progress=(lambda d, n: progress("label", d, n)) if progress else None)
@@ -283,7 +283,7 @@ def label_sample_parts(settings: Settings, parts: list[int], progress: Progress 
 def finish_sample_labels(settings: Settings) -> pd.DataFrame | None:
     """Step 4: the samples' ``scores.parquet`` (written once every part is labelled);
     None when the source draws no samples."""
-    from ddps_core.pixel.stage import finish_labels
+    from ddps_core.teacher.stage import finish_labels
 
     if not _uses_samples(settings):
         return None

@@ -35,11 +35,11 @@ def test_params_wrong_type(tmp_path, cli, synthetic_out):
     before = snapshot(synthetic_out)
     params = tmp_path / "params.yaml"
     params.write_text(f"data:\n  out: {synthetic_out}\n  synthetic:\n    n_test: many\n"
-                      "ensemble:\n  members: [10]\n")
+                      "teacher:\n  members: [10]\n")
     res = run_script("data", "prepare", "--params", params)
     assert res.code == 2
     msg = assert_clear_error(res, f"{params}: data.synthetic.n_test: Input should be a valid integer",
-                             "(got 'many')", f"{params}: ensemble.members")
+                             "(got 'many')", f"{params}: teacher.members")
     assert len(msg.strip().splitlines()) == 3  # the header line, then one line per bad key
     assert snapshot(synthetic_out) == before
 

@@ -94,7 +94,7 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
 
 
 def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
-    from ddps_core.refine import train as refine_train
+    from ddps_core.refiner import train as refine_train
     from tests.test_refine_train import _cfg, _train
 
     real = refine_train._ema_update
@@ -115,8 +115,8 @@ def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatc
 
 def test_pixel_ensemble_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
     from ddps_core.errors import DDPSError
-    from ddps_core.pixel import PixelEnsemble
-    from ddps_core.pixel import train as pixel_train
+    from ddps_core.teacher import PixelEnsemble
+    from ddps_core.teacher import train as pixel_train
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((128, 4)).astype(np.float32)

@@ -23,7 +23,7 @@ def run(stage: str, settings: Any, emit: Callable[[str], None]) -> dict[str, Any
 
         return run_stage(settings, progress=lambda name, done, _n: emit(f"{name} {done}"))
     if stage == "ensemble":
-        from ddps_core.pixel.stage import run_train
+        from ddps_core.teacher.stage import run_train
 
         return run_train(settings, progress=lambda epoch, updates, *_: emit(f"epoch {epoch} updates {updates}"))
     if stage == "generate":
@@ -31,7 +31,7 @@ def run(stage: str, settings: Any, emit: Callable[[str], None]) -> dict[str, Any
 
         return run_stage(settings, progress=lambda step, done, _n: emit(f"{step} {done}"))
     if stage == "ddps":
-        from ddps_core.refine.stage import run_train
+        from ddps_core.refiner.stage import run_train
 
         return run_train(settings, on_step=lambda method, info: emit(f"{method} {info.step}"))
     raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")

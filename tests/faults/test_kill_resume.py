@@ -41,7 +41,7 @@ def project(tmp_path_factory):
         root, {"n_unlabeled": 12, "n_labeled": 4, "n_test": 3},
         features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
                   "out": str(root / "features"), "random_unet": False},
-        ensemble={"methods": ["ddpm"], "members": 2, "max_epochs": 8, "patience": 100, "checkpoint_every": 3,
+        teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 8, "patience": 100, "checkpoint_every": 3,
                   "out": str(root / "ens"), "labels_out": str(root / "labels"), "min_class_pixels": 1,
                   "figures": 1},
         generate={"source": "both", "n_samples": 8, "sample_steps": 2, "batch_size": 1,
@@ -112,12 +112,12 @@ def trained(project, extracted):
 
 @pytest.fixture(scope="module")
 def generated(project, trained):
-    from ddps_core.pixel.stage import label_split
+    from ddps_core.teacher.stage import label_split
 
     root, raw = project
     s = parse_settings(raw)
     for split in ("test", "unlabeled"):
-        label_split(s, "ddpm", split, s.ensemble.labels_out)
+        label_split(s, "ddpm", split, s.teacher.labels_out)
     markers, seconds, summary = reference("generate", s)
     return markers, seconds, digest([root / "generated"]), summary
 
@@ -145,12 +145,12 @@ def test_extraction_killed_five_times_resumes_bit_identical(project, extracted, 
 
 @pytest.mark.slow
 def test_ensemble_training_killed_five_times_resumes_to_the_same_weights(project, trained, tmp_path):
-    from ddps_core.pixel.train import load_checkpoint
+    from ddps_core.teacher.train import load_checkpoint
 
     root, raw = project
     markers, seconds, ref, summary = trained
     out = root / "ens-killed"
-    s = _with(raw, ensemble={"out": str(out)})
+    s = _with(raw, teacher={"out": str(out)})
     kills = choose_kills(markers, seconds, N_KILLS, seed=202)
     run = kill_then_finish("ensemble", s, tmp_path, markers, kills, lambda _k: check_final_files_parse([out]))
     assert len({k.target for k in run.kills}) == len({(k.seen, k.delay) for k in run.kills}) == N_KILLS

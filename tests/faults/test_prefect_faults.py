@@ -31,7 +31,7 @@ def project(tmp_path):
         tmp_path, {"n_unlabeled": 2, "n_labeled": 4, "n_test": 2},
         features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
                   "out": str(tmp_path / "features"), "random_unet": False},
-        ensemble={"methods": ["ddpm"], "members": 2, "max_epochs": 2, "out": str(tmp_path / "ens"),
+        teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 2, "out": str(tmp_path / "ens"),
                   "labels_out": str(tmp_path / "labels"), "min_class_pixels": 1})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))

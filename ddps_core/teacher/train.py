@@ -1,7 +1,7 @@
 """Training the pixel classifier ensemble: all members in one pass over the data.
 
 :func:`train_ensemble` reads every batch ONCE for all ``M`` members (one wide matmul for the
-first layer of all of them, see :class:`~ddps_core.pixel.ensemble.PixelEnsemble`) and trains
+first layer of all of them, see :class:`~ddps_core.teacher.ensemble.PixelEnsemble`) and trains
 each member with Adam (lr 1e-3) on the cross-entropy, with the reference stopping rule applied
 to each member separately (METHODS §4).
 

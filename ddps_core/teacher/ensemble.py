@@ -20,7 +20,7 @@ defaults (weight 1, bias 0: the reference's init only touches ``BatchNorm2d``).
   theirs bit for bit).
 
 Every parameter and buffer has the member axis first after ``.view(M, -1)``, which is what the
-member-masked optimiser of :mod:`ddps_core.pixel.train` relies on.
+member-masked optimiser of :mod:`ddps_core.teacher.train` relies on.
 
 :func:`reference_mlp` builds one member with the reference's module layout (state-dict keys
 ``layers.0.*`` ... ``layers.6.*``); :meth:`PixelEnsemble.export_member` /

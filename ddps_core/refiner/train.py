@@ -76,9 +76,9 @@ from ddps_core.device import autocast, nonfinite_tensors
 from ddps_core.diffusion.checkpoint import load_state_dict, save_unet, state_dict_hash
 from ddps_core.errors import CheckpointError, ConfigError, DataError, DDPSError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
-from ddps_core.refine.base import SegmentationBase, freeze
-from ddps_core.refine.denoiser import DenoiserConfig, MaskDenoiser, denoiser_preset
-from ddps_core.refine.multinomial import MultinomialDiffusion, uniform_mask
+from ddps_core.refiner.base import SegmentationBase, freeze
+from ddps_core.refiner.denoiser import DenoiserConfig, MaskDenoiser, denoiser_preset
+from ddps_core.refiner.multinomial import MultinomialDiffusion, uniform_mask
 
 __all__ = [
     "DDPSTrainConfig",
@@ -213,7 +213,7 @@ def make_training_input(
             raise DataError(f"label values {int(x0.min())}..{int(x0.max())} outside 0..{schedule.num_classes - 1} "
                             f"(and not the ignore index {ignore_index})")
     else:
-        raise ConfigError(f"ddps.x0_source: {x0_source!r} is not 'first_prediction' or 'gt'")
+        raise ConfigError(f"refiner.x0_source: {x0_source!r} is not 'first_prediction' or 'gt'")
     x_t = x_t.clone()
     x_t[idx] = schedule.q_sample(x0, schedule.s_from_t(t[idx]), generator)
     return x_t
@@ -323,7 +323,7 @@ def train_denoiser(
     """Train (or resume) the denoiser of ``cfg`` on a frozen ``base`` over ``data``.
 
     :param cfg: a :class:`DDPSTrainConfig` or any object with its fields.
-    :param base: frozen in place (:func:`~ddps_core.refine.base.freeze`) and moved to ``device``.
+    :param base: frozen in place (:func:`~ddps_core.refiner.base.freeze`) and moved to ``device``.
     :param data: batches ``(images [B, 3, H, W], labels long [B, H, W])``, see the module doc.
     :param num_classes: K.
     :param feature_channels: C of ``base.decoder_features``; probed on the first batch if None.
@@ -381,7 +381,7 @@ def train_denoiser(
         if bad:
             raise RefineTrainingError(
                 f"non-finite DDPS weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) "
-                f"after step {step}; the last good checkpoint ({state_path}) is kept. Lower ddps.lr.")
+                f"after step {step}; the last good checkpoint ({state_path}) is kept. Lower refiner.lr.")
         _save_state(state_path, {
             "digest": digest, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -426,7 +426,7 @@ def train_denoiser(
             if not torch.isfinite(loss):
                 raise RefineTrainingError(
                     f"non-finite DDPS loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
-                    f"({state_path}) is kept. Lower ddps.lr or check the labels.")
+                    f"({state_path}) is kept. Lower refiner.lr or check the labels.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -32,10 +32,10 @@ from ddps_core.features.sampler import PixelSampler
 from ddps_core.features.stage import open_store, store_exists, store_path
 from ddps_core.io import atomic_path, atomic_write_bytes, atomic_write_text
 from ddps_core.metrics import ConfusionAccumulator, SegmentationResult
-from ddps_core.pixel.ensemble import PixelEnsemble, source_id_of
-from ddps_core.pixel.predict import predict_store
-from ddps_core.pixel.sources import RGBXYSource
-from ddps_core.pixel.train import CheckpointSettingsChanged, TrainSummary, train_ensemble
+from ddps_core.teacher.ensemble import PixelEnsemble, source_id_of
+from ddps_core.teacher.predict import predict_store
+from ddps_core.teacher.sources import RGBXYSource
+from ddps_core.teacher.train import CheckpointSettingsChanged, TrainSummary, train_ensemble
 
 WEIGHTS = "ensemble.safetensors"
 
@@ -73,7 +73,7 @@ def _num_classes(settings: Settings) -> int:
 def train_method(settings: Settings, method: str,
                  progress: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Train (or resume) the ensemble of ``method`` on the labelled training split."""
-    cfg = settings.ensemble
+    cfg = settings.teacher
     source = feature_source(settings, method, "train")
     n = len(source) if cfg.n_train is None else min(cfg.n_train, len(source))
     sampler = PixelSampler(source, batch_size=cfg.batch_size, buffer_images=cfg.buffer_images,
@@ -104,7 +104,7 @@ def train_method(settings: Settings, method: str,
 
 
 def load_method(settings: Settings, method: str) -> PixelEnsemble:
-    path = Path(settings.ensemble.out) / method / WEIGHTS
+    path = Path(settings.teacher.out) / method / WEIGHTS
     if not path.is_file():
         raise DataError(f"{path}: no trained ensemble for method {method!r}; run train_ensemble")
     return PixelEnsemble.load(path)
@@ -265,28 +265,28 @@ def label_split(settings: Settings, method: str, split: str, labels_out: str | P
             acc.update(labels, source.label(i), ids[i])
 
     label_images(ensemble, source, Path(labels_out) / method / split, split,
-                 teacher_id(Path(settings.ensemble.out) / method / WEIGHTS), progress, score)
+                 teacher_id(Path(settings.teacher.out) / method / WEIGHTS), progress, score)
     return acc.result() if acc is not None else None
 
 
 def label_jobs(settings: Settings) -> list[tuple[str, str]]:
     """(method, split) pairs of stage ``label``: the test split with every method, the
     unlabelled pool with ``ddpm`` (when its features are extracted)."""
-    jobs = [(m, "test") for m in settings.ensemble.methods]
-    if "ddpm" in settings.ensemble.methods and "unlabeled" in settings.features.splits:
+    jobs = [(m, "test") for m in settings.teacher.methods]
+    if "ddpm" in settings.teacher.methods and "unlabeled" in settings.features.splits:
         jobs.append(("ddpm", "unlabeled"))
     return jobs
 
 
 def _label_folder(settings: Settings, method: str, split: str) -> Path:
-    return Path(settings.ensemble.labels_out) / method / split
+    return Path(settings.teacher.labels_out) / method / split
 
 
 def plan_label_split(settings: Settings, method: str, split: str, n_tasks: int) -> list[list[int]]:
     """Start labelling ``split`` with ``method`` (:func:`start_labels`) and deal its
     unfinished parts round-robin into at most ``n_tasks`` disjoint groups, one per task."""
     folder = _label_folder(settings, method, split)
-    start_labels(folder, teacher_id(Path(settings.ensemble.out) / method / WEIGHTS))
+    start_labels(folder, teacher_id(Path(settings.teacher.out) / method / WEIGHTS))
     todo = pending_parts(feature_source(settings, method, split), folder)
     return [todo[i::n_tasks] for i in range(max(1, n_tasks)) if todo[i::n_tasks]]
 
@@ -301,7 +301,7 @@ def label_split_parts(settings: Settings, method: str, split: str, parts: list[i
 def finish_label_split(settings: Settings, method: str, split: str) -> int:
     """Write ``split``'s ``scores.parquet`` once every part is labelled; its image count."""
     source = feature_source(settings, method, split)
-    teacher = teacher_id(Path(settings.ensemble.out) / method / WEIGHTS)
+    teacher = teacher_id(Path(settings.teacher.out) / method / WEIGHTS)
     return len(finish_labels(source, _label_folder(settings, method, split), teacher,
                              _num_classes(settings)))
 
@@ -337,7 +337,7 @@ def run_train(settings: Settings, progress: Callable[..., Any] | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Stage ``train_ensemble``: one ensemble per method (resumes where it stopped)."""
     out: dict[str, Any] = {}
-    for method in settings.ensemble.methods:
+    for method in settings.teacher.methods:
         rec = train_method(settings, method, progress)
         if log:
             log(f"{method}: {rec['epochs']} epochs ({rec['reason']}), {rec['seconds']:.0f} s")
@@ -350,15 +350,15 @@ def run_label(settings: Settings, progress: Callable[[str, int, int], Any] | Non
     """Stage ``label``: the test split with every method; the unlabelled pool with ``ddpm``
     (when its features were extracted)."""
     out: dict[str, Any] = {}
-    for method in settings.ensemble.methods:
+    for method in settings.teacher.methods:
         splits = ["test"]
         if method == "ddpm" and "unlabeled" in settings.features.splits:
             splits.append("unlabeled")
         for split in splits:
             name = f"{method}/{split}"
-            label_split(settings, method, split, settings.ensemble.labels_out,
+            label_split(settings, method, split, settings.teacher.labels_out,
                         (lambda d, n, s=name: progress(s, d, n)) if progress else None)
-            scores = pd.read_parquet(Path(settings.ensemble.labels_out) / method / split / "scores.parquet")
+            scores = pd.read_parquet(Path(settings.teacher.labels_out) / method / split / "scores.parquet")
             out[name] = {"images": len(scores), "mean_score": float(scores["score"].mean())}
     return out
 
@@ -366,7 +366,7 @@ def run_label(settings: Settings, progress: Callable[[str, int, int], Any] | Non
 def prediction_folders(settings: Settings, student: bool | None = None) -> dict[str, Path]:
     """Method -> folder of its test-split label PNGs: every teacher method, then the student
     (``evaluate.student``, or ``student``) whose stage writes ``<student.out>/test/``."""
-    folders = {m: Path(settings.ensemble.labels_out) / m / "test" for m in settings.ensemble.methods}
+    folders = {m: Path(settings.teacher.labels_out) / m / "test" for m in settings.teacher.methods}
     if settings.evaluate.student if student is None else student:
         folders["student"] = Path(settings.student.out) / "test"
     return folders
@@ -412,7 +412,7 @@ def run_evaluate(settings: Settings, report: str | Path | None = None,
         frame.insert(0, "method", method)
         frames.append(frame)
         summary[method] = {k: float(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
-        overlay_figures(settings, method, "test", folder, figures, settings.ensemble.figures)
+        overlay_figures(settings, method, "test", folder, figures, settings.teacher.figures)
     df = pd.concat(frames, ignore_index=True)[["method", *REPORT_COLUMNS]]
     write_report(df, report, settings.storage.options)
     storage.write_text(metrics, json.dumps(summary, indent=2), settings.storage.options)

@@ -1,5 +1,5 @@
 """Feature sources other than the diffusion feature store, with the interface that
-:class:`~ddps_core.features.sampler.PixelSampler` and :func:`~ddps_core.pixel.predict.predict_store`
+:class:`~ddps_core.features.sampler.PixelSampler` and :func:`~ddps_core.teacher.predict.predict_store`
 use from :class:`~ddps_core.features.store.FeatureStore`:
 
 ``len()``, ``feature_dim``, ``image_size``, ``image_ids``, ``has_labels``, ``num_classes``,

@@ -4,16 +4,16 @@
 ``train_ddps`` (:func:`run_train`):
 
 - the base is the trained student (:func:`~ddps_core.student.model.load_student`), frozen;
-- the training pairs are the generated export (``ddps.data: generated``: teacher labels plus
+- the training pairs are the generated export (``refiner.data: generated``: teacher labels plus
   the real labelled images, ``<generate.out>``) or the real labelled images only
-  (``ddps.data: real``), squared to the student's image size;
-- an epoch is a permutation of the pairs drawn from ``(ddps.seed, epoch)``, cut into batches
-  of ``ddps.batch_size`` (the last partial batch is dropped; a set smaller than one batch is
-  one batch), with random horizontal flips (``ddps.hflip``) drawn from the same generator,
+  (``refiner.data: real``), squared to the student's image size;
+- an epoch is a permutation of the pairs drawn from ``(refiner.seed, epoch)``, cut into batches
+  of ``refiner.batch_size`` (the last partial batch is dropped; a set smaller than one batch is
+  one batch), with random horizontal flips (``refiner.hflip``) drawn from the same generator,
   so a resumed run sees exactly the batches of an uninterrupted one;
-- the denoiser is trained with :func:`~ddps_core.refine.train.train_denoiser` into
-  ``<ddps.out>`` with ``ddps.x0_source``; with ``ddps.ablation`` the same budget (same seed,
-  same batches) is trained with ``x0_source="gt"`` into ``<ddps.out>/ablation-gt``.
+- the denoiser is trained with :func:`~ddps_core.refiner.train.train_denoiser` into
+  ``<refiner.out>`` with ``refiner.x0_source``; with ``refiner.ablation`` the same budget (same seed,
+  same batches) is trained with ``x0_source="gt"`` into ``<refiner.out>/ablation-gt``.
 
 The ``data_id`` given to the trainer (part of its resume key, stored in ``model.json``) is
 ``student=<weights hash>;data=<kind>:<hash>;n=..;size=..;batch=..;hflip=..``: a state
@@ -26,11 +26,11 @@ student sees the images at its own size, as in
 :func:`~ddps_core.student.stage.predict_split`), in batches under inference mode:
 
 - ``student``: the student alone (argmax of its logits);
-- ``ddps``: Free-Re-noising with the first-prediction denoiser, ``ddps.refine_steps`` (n) and
-  ``ddps.guidance`` (w); the logits of every run step are kept and scored;
-- ``ddps-gt``: the same with the ablation's denoiser, when ``ddps.ablation`` and it exists.
+- ``ddps``: Free-Re-noising with the first-prediction denoiser, ``refiner.refine_steps`` (n) and
+  ``refiner.guidance`` (w); the logits of every run step are kept and scored;
+- ``ddps-gt``: the same with the ablation's denoiser, when ``refiner.ablation`` and it exists.
 
-Each method draws from its own CPU generator seeded with ``ddps.seed``, so the numbers do not
+Each method draws from its own CPU generator seeded with ``refiner.seed``, so the numbers do not
 depend on the device or on which other methods run. Outputs::
 
     <refined_out>/student/<id>.png                  the student's labels
@@ -61,10 +61,10 @@ from ddps_core.device import autocast, resolve_device, torch_threads
 from ddps_core.errors import ConfigError, DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, report_frame, write_report
-from ddps_core.refine.base import freeze
-from ddps_core.refine.denoiser import DENOISER_PRESETS, DenoiserConfig, denoiser_preset, describe, parameter_counts
-from ddps_core.refine.sample import class_argmax, refine, refinement_picture, refinement_steps
-from ddps_core.refine.train import INFO_FILE, DDPSTrainConfig, StepInfo, build_config, load_denoiser, train_denoiser
+from ddps_core.refiner.base import freeze
+from ddps_core.refiner.denoiser import DENOISER_PRESETS, DenoiserConfig, denoiser_preset, describe, parameter_counts
+from ddps_core.refiner.sample import class_argmax, refine, refinement_picture, refinement_steps
+from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, StepInfo, build_config, load_denoiser, train_denoiser
 
 __all__ = [
     "ABLATION_DIR",
@@ -98,9 +98,9 @@ _TRAIN_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim
 
 # --------------------------------------------------------------------------- configuration
 def train_config(settings: Settings, x0_source: str | None = None, out: str | Path | None = None) -> DDPSTrainConfig:
-    """The :class:`DDPSTrainConfig` of ``settings.ddps`` (plus ``data.ignore_index``), with
+    """The :class:`DDPSTrainConfig` of ``settings.refiner`` (plus ``data.ignore_index``), with
     ``x0_source`` / ``out`` replaced when given."""
-    cfg = settings.ddps
+    cfg = settings.refiner
     fields = {k: getattr(cfg, k) for k in _TRAIN_FIELDS}
     fields["channel_mult"] = list(cfg.channel_mult) if cfg.channel_mult else None
     if x0_source is not None:
@@ -117,11 +117,11 @@ def _denoiser_config(cfg: DDPSTrainConfig, num_classes: int, feature_channels: i
 
 
 def denoiser_folders(settings: Settings) -> dict[str, Path]:
-    """Method -> folder of its denoiser: ``ddps`` (``ddps.x0_source``, first prediction by
-    default) and, with ``ddps.ablation``, ``ddps-gt`` (``<out>/ablation-gt``)."""
-    folders = {"ddps": Path(settings.ddps.out)}
-    if settings.ddps.ablation and settings.ddps.x0_source != "gt":
-        folders["ddps-gt"] = Path(settings.ddps.out) / ABLATION_DIR
+    """Method -> folder of its denoiser: ``ddps`` (``refiner.x0_source``, first prediction by
+    default) and, with ``refiner.ablation``, ``ddps-gt`` (``<out>/ablation-gt``)."""
+    folders = {"ddps": Path(settings.refiner.out)}
+    if settings.refiner.ablation and settings.refiner.x0_source != "gt":
+        folders["ddps-gt"] = Path(settings.refiner.out) / ABLATION_DIR
     return folders
 
 
@@ -158,7 +158,7 @@ class TrainBatches:
     """``epoch -> iterator of (images float [B, 3, S, S] in [0, 1], labels long [B, S, S])``
     over an :class:`~ddps_core.student.train.ImageSet`, a function of ``(seed, epoch)`` only:
     the permutation and the flips come from one generator seeded with
-    ``seed * 1_000_003 + epoch`` (the contract of :func:`~ddps_core.refine.train.epoch_batches`)."""
+    ``seed * 1_000_003 + epoch`` (the contract of :func:`~ddps_core.refiner.train.epoch_batches`)."""
 
     def __init__(self, data: Any, batch_size: int, seed: int = 0, hflip: bool = True, ignore_index: int = 255):
         if len(data) < 1:
@@ -184,16 +184,16 @@ class TrainBatches:
 
 
 def _training_set(settings: Settings, size: int) -> tuple[Any, str]:
-    """The :class:`ImageSet` of ``ddps.data`` at ``size`` and a hash identifying its pairs."""
+    """The :class:`ImageSet` of ``refiner.data`` at ``size`` and a hash identifying its pairs."""
     from ddps_core.student.train import ImageSet
 
     ign = settings.data.ignore_index
-    if settings.ddps.data == "generated":
+    if settings.refiner.data == "generated":
         root = Path(settings.generate.out)
         manifest = root / "manifest.parquet"
         if not manifest.is_file():
             raise DataError(f"{manifest}: no generated dataset; run the generate stage first "
-                            "(or set ddps.data: real)")
+                            "(or set refiner.data: real)")
         data = ImageSet(GenericFolder(root, ignore_index=ign), size)
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     else:
@@ -211,17 +211,17 @@ def _training_set(settings: Settings, size: int) -> tuple[Any, str]:
 # --------------------------------------------------------------------------- train_ddps
 def run_train(settings: Settings, on_step: Callable[[str, StepInfo], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Stage ``train_ddps``: the denoiser (and, with ``ddps.ablation``, its ``x0_source="gt"``
+    """Stage ``train_ddps``: the denoiser (and, with ``refiner.ablation``, its ``x0_source="gt"``
     twin) on the frozen student; resumes where it stopped (see the module doc).
 
     :param on_step: called as ``on_step(method, info)`` (``method``: ``ddps`` or ``ddps-gt``)
-        every ``ddps.log_every`` steps.
+        every ``refiner.log_every`` steps.
     :return: ``{"data", "n_images", "image_size", "data_id", "models": {method: summary}}``.
     """
     from ddps_core.student.model import load_student
 
     say = log or (lambda _m: None)
-    cfg = settings.ddps
+    cfg = settings.refiner
     device = resolve_device(settings.device)
     student, sinfo = load_student(settings.student.out, device)
     freeze(student)
@@ -240,7 +240,7 @@ def run_train(settings: Settings, on_step: Callable[[str, StepInfo], None] | Non
     runs = {"ddps": train_config(settings)}
     if cfg.ablation:
         if cfg.x0_source == "gt":
-            say("ddps.x0_source is already 'gt': no separate ablation")
+            say("refiner.x0_source is already 'gt': no separate ablation")
         else:
             runs["ddps-gt"] = train_config(settings, x0_source="gt", out=Path(cfg.out) / ABLATION_DIR)
     for tc in runs.values():
@@ -265,7 +265,7 @@ def _load_denoisers(settings: Settings, sid: str, device: torch.device,
     expected = train_config(settings)
     for method, folder in denoiser_folders(settings).items():
         if method != "ddps" and not (folder / INFO_FILE).is_file():
-            say(f"{method}: no ablation denoiser in {folder}; skipped (run train_ddps with ddps.ablation)")
+            say(f"{method}: no ablation denoiser in {folder}; skipped (run train_ddps with refiner.ablation)")
             continue
         model, schedule, info = load_denoiser(folder, device)
         trained_on = _id_part(info.get("data_id", ""), "student")
@@ -305,7 +305,7 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
     from ddps_core.viz import save_png
 
     say = log or (lambda _m: None)
-    cfg = settings.ddps
+    cfg = settings.refiner
     ign = settings.data.ignore_index
     device = resolve_device(settings.device)
     student, sinfo = load_student(settings.student.out, device)
@@ -320,7 +320,7 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
         try:
             steps[method] = refinement_steps(schedule.num_timesteps, cfg.refine_steps)
         except ValueError as exc:
-            raise ConfigError(f"ddps.refine_steps: {exc} (the {method} denoiser has T = "
+            raise ConfigError(f"refiner.refine_steps: {exc} (the {method} denoiser has T = "
                               f"{schedule.num_timesteps})") from None
 
     size, model_size = score_size(settings), int(sinfo["image_size"])
@@ -455,7 +455,7 @@ def _data_shape(settings: Settings) -> tuple[int, int, str]:
     from ddps_core.student.model import INFO_FILE as STUDENT_INFO
 
     path = Path(settings.student.out) / STUDENT_INFO
-    preset = DENOISER_PRESETS.get(settings.ddps.preset)
+    preset = DENOISER_PRESETS.get(settings.refiner.preset)
     if path.is_file():
         sinfo = json.loads(path.read_text())
         return int(sinfo["num_classes"]), int(sinfo["feature_channels"]), f"the student ({path})"
@@ -466,7 +466,7 @@ def _data_shape(settings: Settings) -> tuple[int, int, str]:
     except DataError:
         pass
     if preset is None:
-        raise ConfigError(f"ddps.preset: unknown denoiser preset {settings.ddps.preset!r} "
+        raise ConfigError(f"refiner.preset: unknown denoiser preset {settings.refiner.preset!r} "
                           f"(known: {', '.join(DENOISER_PRESETS)})")
     return preset.num_classes, preset.feature_channels, "the preset's defaults (no student or dataset yet)"
 
@@ -476,7 +476,7 @@ def info(settings: Settings) -> list[dict[str, Any]]:
     (K = 150, C = 256): name, what K / C come from, config, parameter counts by part, one-line
     description; plus the refinement steps of the configured schedule."""
     k, c, source = _data_shape(settings)
-    cfg = settings.ddps
+    cfg = settings.refiner
     configured = _denoiser_config(train_config(settings), k, c)
     reference = denoiser_preset(REFERENCE_PRESET)
     refine_at = refinement_steps(cfg.num_timesteps, cfg.refine_steps)

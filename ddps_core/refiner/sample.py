@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ddps_core.device import autocast
-from ddps_core.refine.multinomial import MultinomialDiffusion, uniform_mask
+from ddps_core.refiner.multinomial import MultinomialDiffusion, uniform_mask
 from ddps_core.viz import grid, overlay, with_header
 
 __all__ = [
