@@ -142,22 +142,19 @@ class FeaturesSettings(Section):
     workers: int = Field(1, ge=1, description="Concurrent shard writers (each owns shards).")
     on_change: Literal["rebuild", "error"] = Field(
         "rebuild", description="An existing store made with other settings: rebuild or fail.")
-    random_unet: bool = Field(
-        True, description="Also extract a randomly initialised UNet's features (a baseline).")
 
     _check_out = field_validator("out")(_known_location)
 
 
 class TeacherSettings(Section):
-    """Stage ``train_ensemble``: the DDPM-Seg pixel-MLP ensemble (METHODS.md §4).
-
-    ``methods`` are trained the same way on different pixel features: ``ddpm`` (the trained
-    diffusion model), ``random_unet`` (the same UNet, randomly initialised) and ``rgbxy``
-    (raw RGB + normalised x, y). The comparison shows what the diffusion model buys.
+    """Stages ``train_teacher`` and ``label``: the DDPM-Seg pixel-MLP ensemble (the teacher) on
+    the diffusion model's features, and the baselines: the same ensemble, trained and scored
+    the same way, on other pixel features. ``random_unet``: a randomly initialised UNet of the
+    same preset (its features are extracted by stage ``extract``); ``rgbxy``: raw RGB and
+    normalised (x, y). They show what the trained diffusion model buys.
     """
 
-    methods: list[Literal["ddpm", "random_unet", "rgbxy"]] = Field(
-        default_factory=lambda: ["ddpm", "random_unet", "rgbxy"], min_length=1)
+    baselines: list[Literal["random_unet", "rgbxy"]] = Field(default_factory=lambda: ["random_unet", "rgbxy"])
     members: int = Field(10, ge=1)
     n_train: int | None = Field(None, ge=1, description="Use the first N labelled images.")
     batch_size: int = Field(64, ge=2)
@@ -172,9 +169,9 @@ class TeacherSettings(Section):
     min_class_pixels: int = Field(20, ge=0)
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(1000, ge=1)
-    out: str = "data/models/ensemble"
-    labels_out: str = "data/labels"
-    figures: int = Field(8, ge=0, description="Overlay figures per method in reports/figures/overlays.")
+    out: str = Field("data/models/teacher", description="The teacher's folder.")
+    baselines_out: str = Field("data/models/baselines", description="One folder per baseline in here.")
+    labels_out: str = Field("data/labels", description="Labels, uncertainty maps and scores: <labels_out>/<teacher or baseline>/<split>/.")
 
 
 class GenerateSettings(Section):
@@ -294,7 +291,7 @@ class RefinerSettings(Section):
     time_budget_s: float | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
-    out: str = "data/models/ddps"
+    out: str = "data/models/refiner"
     ablation: bool = Field(False, description="Also train x0_source=gt with the same budget (<out>/ablation-gt); doubles train_ddps.")
     # refinement (Free-Re-noising)
     refine_steps: int = Field(2, ge=1, description="n: network steps range(0, T, T // n) plus T - 1.")
@@ -315,8 +312,9 @@ class EvaluateSettings(Section):
     ignore_index: int = Field(255, ge=0, le=65535)
     boundary_ratio: float = Field(0.02, gt=0, le=0.5)
     student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
+    figures: int = Field(8, ge=0, description="Overlay pictures per method in <reports>/figures/overlays.")
     reports: str = Field(
-        "reports", description="Folder or fsspec URL of stage evaluate's ddpm_seg.parquet, metrics/, figures/.")
+        "reports", description="Folder or fsspec URL of stage evaluate's evaluate.parquet, metrics/, figures/.")
 
     _check_reports = field_validator("reports")(_known_location)
 

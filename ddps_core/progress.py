@@ -9,9 +9,10 @@ collects the calls: each is a subclass of this one.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
-__all__ = ["CallbackReporter", "Reporter"]
+__all__ = ["CallbackReporter", "LineReporter", "Reporter"]
 
 
 class Reporter:
@@ -40,3 +41,26 @@ class CallbackReporter(Reporter):
     def log(self, message: str) -> None:
         if self._log is not None:
             self._log(message)
+
+
+class LineReporter(Reporter):
+    """Progress as text lines, for logs and pipes: a task's first report, then one line about
+    every tenth of its work or every ``every_s`` seconds, and its last."""
+
+    def __init__(self, write: Callable[[str], None], every_s: float = 30.0):
+        self.write, self.every_s = write, every_s
+        self._last: dict[str, tuple[float, float]] = {}  # task -> (time, fraction) last written
+
+    def progress(self, task: str, done: int, total: int | None = None, **values: float) -> None:
+        fraction = done / total if total else 0.0
+        now = time.monotonic()
+        last_t, last_f = self._last.get(task, (-float("inf"), -1.0))
+        finished = total is not None and done >= total
+        if not (finished or fraction - last_f >= 0.1 or now - last_t >= self.every_s):
+            return
+        self._last[task] = (now, fraction)
+        shown = "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+        self.write(f"{task}: {done}/{total if total is not None else '?'}{shown}")
+
+    def log(self, message: str) -> None:
+        self.write(message)

@@ -38,6 +38,9 @@ class Step:
     name: str
     plan: Callable[[Settings, int, Reporter], list[Any]]
     part: Callable[[Settings, Any, Reporter], Any]
+    #: Into how many groups an orchestrator deals the step's work (``extract``: the number of
+    #: shard writers). None: the orchestrator decides (its task runner's width).
+    groups: Callable[[Settings], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class Stage:
 
     def run(self, settings: Settings, report: Reporter | None = None) -> dict[str, Any]:
         """The whole stage in this process: every step's groups, one after the other, then
-        ``main``. Returns ``main``'s summary."""
+        ``main``. Returns ``main``'s summary (JSON-able); what a person should read about the
+        outcome goes through ``report.log``."""
         report = report or Reporter()
         for step in self.steps:
             for group in step.plan(settings, 1, report):

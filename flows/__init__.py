@@ -1,9 +1,7 @@
-"""Prefect flows of the pipeline stages (orchestration only: the math is in ``ddps_core``).
+"""Prefect flows of the pipeline: one flow per stage (:mod:`flows.stages`), the whole
+pipeline as one flow of subflows (:mod:`flows.pipeline`), ``make run`` (:mod:`flows.run`) and
+the deployments' set-up (:mod:`flows.deploy`). Flows only orchestrate: every stage's work is
+its one implementation in ``ddps_core`` (:mod:`ddps_core.stages`).
 
-Importing the package applies the process-wide runtime settings of the pipeline
-(:func:`ddps_core.runtime.tune_malloc`); ``tasks`` does the same for Dask workers.
+``python -m flows STAGE`` runs one stage's flow: it is the ``cmd`` of every DVC stage.
 """
-
-from ddps_core.runtime import tune_malloc
-
-tune_malloc()

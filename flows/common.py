@@ -1,5 +1,5 @@
-"""What every stage flow shares: reading its section of ``params.yaml``, and the task runner
-(``runner: thread | dask``) of the fan-out stages."""
+"""What every flow shares: its settings (``params.yaml`` with the run's overrides), and the
+task runner (``runner: thread | dask``) of the fan-out stages."""
 
 from __future__ import annotations
 
@@ -22,15 +22,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def settings_for(params_path: str | Path = "params.yaml",
-                 overrides: dict[str, dict[str, Any] | None] | None = None) -> Settings:
-    """Validated settings: ``params.yaml`` (or the embedded defaults when it is missing),
-    with each section's partial ``overrides`` (a deployment's parameters) applied on top."""
-    path = Path(params_path)
-    dotted: dict[str, Any] = {}
-    for section, values in (overrides or {}).items():
-        dotted.update(flatten(values or {}, f"{section}."))
-    return load_settings(path if path.exists() else None, dotted)
+def settings_for(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
+    """Validated settings: ``params_path`` with ``overrides`` applied on top. ``overrides`` are
+    a flow run's (a deployment's) parameters: dotted keys as ``ddps --set`` takes them
+    (``{"ddpm.steps": 500}``) or the same as nested sections (``{"ddpm": {"steps": 500}}``).
+    A missing ``params_path`` is an error; ``params_path=None`` means the embedded defaults."""
+    return load_settings(None if params_path is None else Path(params_path), flatten(overrides or {}))
 
 
 def task_runner(settings: Settings, max_workers: int | None = None) -> Any:
@@ -54,12 +51,6 @@ def task_runner(settings: Settings, max_workers: int | None = None) -> Any:
                           cluster_kwargs={"n_workers": d.n_workers, "threads_per_worker": d.threads_per_worker,
                                           "processes": True, "dashboard_address": None,
                                           "host": "127.0.0.1"})
-
-
-def with_runner(flow_: Any, settings: Settings, max_workers: int | None = None) -> Any:
-    """``flow_`` with the task runner of ``settings`` (a flow's runner is fixed when it is
-    decorated, so the stage flow reads its settings and then runs this sub-flow)."""
-    return flow_.with_options(task_runner=task_runner(settings, max_workers))
 
 
 def tasks_per_split(settings: Settings) -> int:

@@ -15,9 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 import yaml
 
 from ddps_core.errors import DDPSError
@@ -175,27 +174,3 @@ def _flow_name(entrypoint: str) -> str:
     from prefect.flows import load_flow_from_entrypoint
 
     return load_flow_from_entrypoint(entrypoint).name
-
-
-def deploy_command(
-    gpu_limit: Annotated[int, typer.Option("--gpu-limit", min=1,
-                                           help="Concurrent task runs tagged gpu (server-wide).")] = 1,
-    pools: Annotated[bool, typer.Option("--pools/--no-pools", help="Create the cpu and gpu work pools.")] = True,
-    name: Annotated[list[str] | None, typer.Option("--name", "-n",
-                                                   help="Deploy only this deployment (repeatable).")] = None,
-    project: Annotated[Path, typer.Option(help="The deployments' working_dir: the project folder "
-                                               "(params.yaml, data/).")] = Path("."),
-) -> None:
-    """Create the work pools, the gpu concurrency limit and the deployments of prefect.yaml
-    on the Prefect server at PREFECT_API_URL (idempotent)."""
-    from flows.cli import console
-
-    result = deploy(project, gpu_limit=gpu_limit, pools=pools, names=name)
-    console.print(f"Prefect API {result.api_url}")
-    for pool, what in result.pools.items():
-        console.print(f"work pool {pool} ({POOL_TYPE}): {what}")
-    console.print(f"concurrency limit on tag {GPU_TAG!r}: {result.gpu_limit}")
-    for line in result.deployments:
-        console.print(f"deployment {line}")
-    console.print(f"working_dir {Path(project).resolve()}; start workers with "
-                  "`prefect worker start --pool cpu` and `--pool gpu`")

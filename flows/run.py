@@ -55,12 +55,12 @@ TIMES = "reports/run_times.json"
 
 #: The methods of the reports, in words.
 WHAT = {
-    "ddpm": "teacher: MLP ensemble, DDPM-Seg features",
-    "random_unet": "baseline: random-UNet features",
-    "rgbxy": "baseline: RGB + xy",
-    "student": "the distilled segmentor",
-    "ddps": "student + DDPS refinement",
-    "ddps-gt": "ablation: DDPS with x0 = truth",
+    "teacher": "pixel-MLP ensemble on DDPM-Seg features",
+    "random_unet": "baseline: the same on random-UNet features",
+    "rgbxy": "baseline: the same on RGB + xy",
+    "student": "the segmentor distilled from the generated set",
+    "refiner": "student + DDPS refinement",
+    "refiner-gt": "ablation: refiner trained with x0 = truth",
 }
 
 
@@ -149,14 +149,14 @@ def _score(entry: Any) -> tuple[float, float] | None:
 def metrics_rows(root: Path) -> list[tuple[str, str, float, float]]:
     """(source, method, mIoU, mBIoU) from the stages' summary JSONs, test split."""
     rows: list[tuple[str, str, float, float]] = []
-    seg = root / "reports/metrics/ddpm_seg.json"
+    seg = root / "reports/metrics/evaluate.json"
     if seg.is_file():
         for method, entry in json.loads(seg.read_text()).items():
             if (s := _score(entry)) is not None:
                 rows.append(("evaluate", method, *s))
-    ddps = root / "reports/metrics/ddps.json"
-    if ddps.is_file():
-        for model, entry in json.loads(ddps.read_text()).items():
+    refine = root / "reports/metrics/refine.json"
+    if refine.is_file():
+        for model, entry in json.loads(refine.read_text()).items():
             if model == "student" or not isinstance(entry, dict):
                 continue
             steps = sorted((k for k in entry if k.startswith("step_")), key=lambda k: int(k[5:]))

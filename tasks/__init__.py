@@ -1,9 +1,2 @@
-"""Prefect tasks of the pipeline stages (thin wrappers of ``ddps_core`` functions).
-
-Importing the package applies the process-wide runtime settings of the pipeline
-(:func:`ddps_core.runtime.tune_malloc`), in the flow's process and in Dask workers alike.
-"""
-
-from ddps_core.runtime import tune_malloc
-
-tune_malloc()
+"""Prefect tasks: the units of a stage's work that an orchestrator schedules, retries and
+routes (:mod:`tasks.stage`). They hold no method code; each calls ``ddps_core``."""

@@ -18,8 +18,3 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:  # the result could not be read: let the retry policy decide
         return True
     return not isinstance(exc, DDPSError)
-
-
-def every(total: int, parts: int = 10) -> int:
-    """Log every ``every(total)``-th item: about ``parts`` progress lines per task."""
-    return max(1, total // parts)

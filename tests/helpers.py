@@ -12,9 +12,9 @@ def tiny_project(root: Path, synthetic: dict[str, int], **sections: dict[str, An
     """A synthetic dataset and a random ``small32-spec`` checkpoint adopted as the DDPM, under
     ``root``; returns the raw settings (``sections`` are merged over the defaults)."""
     from ddps_core.config import parse_settings
-    from ddps_core.datasets.prepare import prepare_dataset
+    from ddps_core.datasets.stage import prepare_dataset
     from ddps_core.diffusion.presets import get_preset
-    from ddps_core.diffusion.train import use_checkpoint
+    from ddps_core.diffusion.stage import use_checkpoint
     from ddps_core.diffusion.unet import randomize_zero_init_
 
     torch.manual_seed(0)

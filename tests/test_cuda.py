@@ -163,8 +163,8 @@ def test_every_stage_runs_in_process_on_the_device(tmp_path, monkeypatch, device
     refine and evaluate, called as the flows call them, with the project's relative paths
     under ``tmp_path``."""
     from ddps_core.config import parse_settings
-    from ddps_core.datasets.prepare import prepare_dataset
-    from ddps_core.diffusion.train import load_trained
+    from ddps_core.datasets.stage import prepare_dataset
+    from ddps_core.diffusion.stage import load_trained
     from ddps_core.diffusion.train import run_stage as train_ddpm
     from ddps_core.features.stage import run_stage as extract
     from ddps_core.generate.stage import run_stage as generate

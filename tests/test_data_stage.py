@@ -9,7 +9,7 @@ from PIL import Image
 
 from ddps_core.config import parse_settings
 from ddps_core.datasets import DDPMSegFolder
-from ddps_core.datasets.prepare import prepare_dataset
+from ddps_core.datasets.stage import prepare_dataset
 from ddps_core.errors import DataError
 
 
@@ -65,7 +65,7 @@ def test_import_stops_at_the_bad_file_and_keeps_previous_output(tmp_path):
 def test_import_resumes_in_partial_folder(tmp_path, monkeypatch):
     root = _folder_dataset(tmp_path / "src", n_train=4)
     data = _settings(tmp_path, root)
-    import ddps_core.datasets.prepare as prep
+    import ddps_core.datasets.stage as prep
 
     calls = []
     real = prep.atomic_write_bytes

@@ -9,13 +9,8 @@ from ddps_core.config import DDPMSettings, parse_settings
 from ddps_core.diffusion import checkpoint as ckpt
 from ddps_core.diffusion import gaussian
 from ddps_core.diffusion.presets import get_preset
-from ddps_core.diffusion.train import (
-    TrainingError,
-    load_trained,
-    load_training_images,
-    train_ddpm,
-    use_checkpoint,
-)
+from ddps_core.diffusion.stage import load_trained, load_training_images, use_checkpoint
+from ddps_core.diffusion.train import TrainingError, train_ddpm
 
 CPU = torch.device("cpu")
 
@@ -132,7 +127,7 @@ def test_checkpoint_setting_skips_training(tmp_path):
 
 
 def test_training_images_squared_from_dataset(tmp_path):
-    from ddps_core.datasets.prepare import prepare_dataset
+    from ddps_core.datasets.stage import prepare_dataset
 
     data = parse_settings({"data": {"out": str(tmp_path / "d"), "synthetic": {
         "n_unlabeled": 3, "n_labeled": 2, "n_test": 1}}}).data

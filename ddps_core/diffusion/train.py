@@ -32,19 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ddps_core.config import DDPMSettings, Settings
-from ddps_core.datasets import DDPMSegFolder, to_square
-from ddps_core.device import autocast, nonfinite_tensors, resolve_device, torch_threads
-from ddps_core.diffusion.checkpoint import load_unet, save_unet, state_dict_hash
+from ddps_core.config import DDPMSettings
+from ddps_core.device import autocast, nonfinite_tensors
+from ddps_core.diffusion.checkpoint import save_unet, state_dict_hash
 from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
 from ddps_core.diffusion.unet import UNetModel
 from ddps_core.errors import CheckpointError, DDPSError, DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
-from ddps_core.viz import grid, save_png
 
 STATE_FILE = "state.pt"
 WEIGHTS_FILE = "ema.safetensors"
@@ -75,35 +72,6 @@ class StepInfo:
 
 
 # --------------------------------------------------------------------------- data
-def load_training_images(root: str | Path, image_size: int,
-                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """All images of ``root/unlabeled`` and ``root/real/train`` as ``uint8 [N, 3, S, S]``.
-
-    Non-square images are resized on the short side and centre-cropped (datasets.to_square).
-    Held in memory as uint8 (2000 images at 32x32 are 6 MB; 10k at 256x256 are 2 GB).
-    """
-    root = Path(root)
-    readers = []
-    if (root / "unlabeled").is_dir():
-        readers.append(DDPMSegFolder(root, "unlabeled"))
-    if (root / "real" / "train").is_dir():
-        readers.append(DDPMSegFolder(root, "train", require_labels=False))
-    if not readers:
-        raise DataError(f"{root}: no training images (expected {root / 'unlabeled'} or "
-                        f"{root / 'real' / 'train'})")
-    total = sum(len(r) for r in readers)
-    out = torch.empty((total, 3, image_size, image_size), dtype=torch.uint8)
-    i = 0
-    for reader in readers:
-        for sample in reader:
-            image, _ = to_square(sample.image, None, image_size)
-            out[i] = torch.from_numpy(image).permute(2, 0, 1)
-            i += 1
-            if progress is not None:
-                progress(i)
-    return out
-
-
 def _batch(images: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
     """A batch drawn with replacement from ``gen`` (stateless apart from the generator), in
     [-1, 1], each image flipped left-right with probability 1/2 when ``hflip``."""
@@ -174,19 +142,6 @@ def model_info(cfg: DDPMSettings, model: UNetModel, **extra: Any) -> dict[str, A
         "model_id": state_dict_hash(model.state_dict()),
         **extra,
     }
-
-
-def sample_grid(model: UNetModel, diffusion: GaussianDiffusion, n: int, steps: int,
-                method: str, seed: int, device: torch.device) -> np.ndarray:
-    """``n`` samples as one uint8 grid picture (square-ish layout, upscaled small images)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.inference_mode(), autocast(device):
-        x = diffusion.sample(model, n, steps=steps, method=method, generator=gen, device=device)
-    imgs = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = [list(imgs[r * cols:(r + 1) * cols]) for r in range(int(math.ceil(n / cols)))]
-    size = imgs.shape[1]
-    return grid(rows, scale=max(1, 128 // size))
 
 
 # --------------------------------------------------------------------------- training
@@ -322,62 +277,4 @@ def _saved_step(state_path: Path) -> str:
         return "unknown"
 
 
-def use_checkpoint(cfg: DDPMSettings) -> dict[str, Any]:
-    """``ddpm.checkpoint`` set: validate it (strict load) and record it in ``model.json``."""
-    if cfg.checkpoint is None:
-        raise ValueError("use_checkpoint needs ddpm.checkpoint")
-    model = load_unet(cfg.checkpoint, preset=cfg.preset)
-    info = model_info(cfg, model, source="checkpoint", checkpoint=str(Path(cfg.checkpoint).resolve()))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
-    return info
-
-
-def load_trained(out: str | Path, device: torch.device | str = "cpu") -> tuple[UNetModel, dict[str, Any]]:
-    """The model a ``train_ddpm`` stage produced (trained EMA weights or the user checkpoint)."""
-    out = Path(out)
-    try:
-        info = json.loads((out / INFO_FILE).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out / INFO_FILE}: no diffusion model here; run the train_ddpm stage "
-                        "(`ddps ddpm train`) first") from None
-    path = info.get("checkpoint") or out / WEIGHTS_FILE
-    model = load_unet(path, preset=info["preset"])
-    return model.to(device).eval(), info
-
-
-def write_samples(cfg: DDPMSettings, model: UNetModel, device: torch.device, seed: int = 0) -> Path | None:
-    """Write ``samples.png`` (``cfg.sample_count`` samples); returns its path."""
-    if cfg.sample_count == 0:
-        return None
-    diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.num_timesteps)
-    picture = sample_grid(model.to(device).eval(), diffusion, cfg.sample_count, cfg.sample_steps,
-                          cfg.sample_method, seed, device)
-    path = Path(cfg.out) / SAMPLES_FILE
-    save_png(picture, path)
-    return path
-
-
-
-def run_stage(settings: Settings, on_step: Callable[[StepInfo], None] | None = None,
-              log: Callable[[str], None] | None = None,
-              on_load: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The ``train_ddpm`` stage: use ``ddpm.checkpoint`` as is, or train on ``data.out``."""
-    cfg = settings.ddpm
-    if cfg.checkpoint:
-        return use_checkpoint(cfg)
-    device = resolve_device(settings.device)
-    with torch_threads(cfg.threads):
-        images = load_training_images(settings.data.out, get_preset(cfg.preset).image_size, on_load)
-        summary = train_ddpm(cfg, images, device, seed=settings.seed, on_step=on_step, log=log)
-        model, _ = load_trained(cfg.out, device)
-        samples = write_samples(cfg, model, device, seed=settings.seed)
-    summary["samples"] = str(samples) if samples else None
-    return summary
-
-__all__ = [
-    "StepInfo", "TrainingError", "load_trained", "load_training_images", "model_info",
-    "run_stage", "sample_grid", "settings_digest", "train_ddpm", "use_checkpoint",
-    "write_samples",
-]
+__all__ = ["StepInfo", "TrainingError", "model_info", "settings_digest", "train_ddpm"]

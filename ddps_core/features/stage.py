@@ -1,17 +1,19 @@
-"""The ``extract`` stage: fill one feature store per split, shard by shard.
+"""Stage ``extract``: DDPM-Seg features of every split into one feature store per split.
 
-The work is split so that an orchestrator can fan it out: :func:`prepare_store` creates (or
-validates) a split's store and returns the shards still to do, grouped for ``workers``
-writers; :func:`extract_shards` fills a group of shards (each writer loads its own model and
-owns whole shards, never sharing one). :func:`run_stage` does everything in-process.
+Stores: ``<features.out>/<split>.zarr`` with the trained diffusion model's features, and, when
+the teacher has the ``random_unet`` baseline, ``<features.out>/random_unet/<split>.zarr``
+with a randomly initialised UNet's (the labelled splits only: the baseline is trained and
+scored, never used to label the pool).
 
-``features.out`` is a folder or an fsspec URL (``s3://bucket/features``): the stores are then
-opened through zarr's ``FsspecStore`` with ``storage.options`` (:mod:`ddps_core.storage`).
+The stage fans out by shard. Its one step, ``shards``, creates (or validates) each store and
+deals the shards still to do into ``features.workers`` groups; each group is filled by a
+writer that loads its own model and owns its shards. ``features.out`` may be an fsspec URL
+(``s3://bucket/features``): the stores are then opened through zarr's ``FsspecStore`` with
+``storage.options``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,16 @@ from ddps_core.datasets import DDPMSegFolder
 from ddps_core.device import resolve_device
 from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
-from ddps_core.diffusion.train import load_trained
 from ddps_core.errors import ConfigError
 from ddps_core.features.extract import FeatureExtractor
 from ddps_core.features.fill import extract_to_store
 from ddps_core.features.store import FeatureStore, footprint, open_or_create
+from ddps_core.progress import Reporter
+from ddps_core.stages import Stage, Step
 
+__all__ = ["EXTRACT", "fill_store", "open_store", "reference_footprint", "store_path"]
 
+#: The feature variants a store can hold: the trained model's, or the random-UNet baseline's.
 VARIANTS = ("ddpm", "random_unet")
 
 
@@ -48,15 +53,15 @@ def open_store(settings: Settings, split: str, variant: str = "ddpm", read_only:
                              storage_options=settings.storage.options)
 
 
-def variants(settings: Settings) -> list[str]:
-    return ["ddpm", "random_unet"] if settings.features.random_unet else ["ddpm"]
-
-
 def jobs(settings: Settings) -> list[tuple[str, str]]:
-    """(variant, split) stores to fill: every split for ``ddpm``; the labelled splits only for
-    the random-UNet baseline (it is trained and scored, never used to label the pool)."""
-    return [(v, s) for v in variants(settings) for s in settings.features.splits
-            if v == "ddpm" or s != "unlabeled"]
+    """The (variant, split) stores of the stage: every split for ``ddpm``; the labelled
+    splits for ``random_unet`` when the teacher has that baseline."""
+    variants = ["ddpm"] + (["random_unet"] if "random_unet" in settings.teacher.baselines else [])
+    return [(v, s) for v in variants for s in settings.features.splits if v == "ddpm" or s != "unlabeled"]
+
+
+def _name(variant: str, split: str) -> str:
+    return split if variant == "ddpm" else f"{variant}/{split}"
 
 
 def _reader(settings: Settings, split: str) -> DDPMSegFolder:
@@ -64,8 +69,9 @@ def _reader(settings: Settings, split: str) -> DDPMSegFolder:
 
 
 def _random_unet(settings: Settings, device: Any) -> tuple[Any, dict[str, Any]]:
-    """The diffusion preset with random weights, the zero-initialised layers randomised too
-    (else features mostly pass through the skips; METHODS.md §8). Seeded by ``seed``."""
+    """The diffusion preset with random weights, its zero-initialised layers randomised too:
+    guided-diffusion zero-initialises the last conv of every block, so an untouched random
+    UNet passes its input through the skips and would be a weak control. Seeded by ``seed``."""
     import torch
 
     from ddps_core.diffusion.checkpoint import state_dict_hash
@@ -79,53 +85,37 @@ def _random_unet(settings: Settings, device: Any) -> tuple[Any, dict[str, Any]]:
     return model.to(device).eval(), info
 
 
-def _extractor(settings: Settings, device: Any = None, variant: str = "ddpm") -> FeatureExtractor:
+def extractor(settings: Settings, device: Any = None, variant: str = "ddpm") -> FeatureExtractor:
+    """The feature extractor of ``variant`` with the settings of ``features``."""
+    from ddps_core.diffusion.stage import load_trained
+
     device = resolve_device(settings.device) if device is None else device
-    if variant == "ddpm":
-        model, info = load_trained(settings.ddpm.out, device)
-    else:
-        model, info = _random_unet(settings, device)
+    model, info = load_trained(settings.ddpm.out, device) if variant == "ddpm" else _random_unet(settings, device)
     diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
     f = settings.features
     return FeatureExtractor(model, diffusion, f.steps, f.blocks, noise_seed=f.noise_seed,
                             device=device, model_id=info["model_id"])
 
 
-def _store_settings(settings: Settings, extractor: FeatureExtractor, reader: Any,
-                    labelled: bool) -> dict[str, Any]:
-    return {**extractor.store_settings(), "image_ids": list(reader.ids),
-            "shard_images": settings.features.shard_images,
-            "num_classes": reader.num_classes if labelled else None,
-            "ignore_index": settings.data.ignore_index if labelled else None}
-
-
-def open_store_for(settings: Settings, path: str | Path, reader: Any, extractor: FeatureExtractor,
-                   labelled: bool, log: Callable[[str], None] | None = None,
-                   on_change: str | None = None) -> FeatureStore:
-    """Create or reopen the store at ``path`` for ``reader``'s images and ``extractor``'s
-    settings. A store made with other settings is rebuilt (``on_change`` / by default
-    ``features.on_change`` ``rebuild``, logged) or is an error (``error``); features of
-    different settings are never mixed. ``path`` is a folder or a URL (``storage.options``)."""
+def open_for_writing(settings: Settings, path: str | Path, reader: Any, ext: FeatureExtractor,
+                     labelled: bool, report: Reporter, on_change: str | None = None) -> FeatureStore:
+    """Create or reopen the store at ``path`` for ``reader``'s images and ``ext``'s settings.
+    A store made with other settings is rebuilt (``on_change`` / ``features.on_change``
+    ``rebuild``, said through ``report``) or is an error (``error``): features of different
+    settings are never mixed."""
     options = settings.storage.options
-    wanted = _store_settings(settings, extractor, reader, labelled)
+    wanted = {**ext.store_settings(), "image_ids": list(reader.ids),
+              "shard_images": settings.features.shard_images,
+              "num_classes": reader.num_classes if labelled else None,
+              "ignore_index": settings.data.ignore_index if labelled else None}
     try:
         return open_or_create(path, storage_options=options, **wanted)
     except ConfigError as exc:
         if (on_change or settings.features.on_change) != "rebuild" or not storage.exists(path, options):
             raise
-        if log:
-            log(f"{exc}; rebuilding it (features.on_change: rebuild)")
+        report.log(f"{exc}; rebuilding it (features.on_change: rebuild)")
         storage.remove_tree(path, options)
         return open_or_create(path, storage_options=options, **wanted)
-
-
-def prepare_store(settings: Settings, split: str, log: Callable[[str], None] | None = None,
-                  variant: str = "ddpm") -> list[list[int]]:
-    """Create or reopen ``split``'s store; return the undone shards in ``workers`` groups."""
-    extractor = _extractor(settings, device="cpu", variant=variant)
-    store = open_store_for(settings, store_path(settings, split, variant), _reader(settings, split),
-                           extractor, labelled=split != "unlabeled", log=log)
-    return shard_groups(store, settings.features.workers)
 
 
 def shard_groups(store: FeatureStore, n: int) -> list[list[int]]:
@@ -135,66 +125,69 @@ def shard_groups(store: FeatureStore, n: int) -> list[list[int]]:
     return [todo[i::n] for i in range(max(1, n)) if todo[i::n]]
 
 
-def prepare_reader_store(settings: Settings, reader: Any, path: str | Path, n_groups: int,
-                         labelled: bool = False, log: Callable[[str], None] | None = None,
-                         on_change: str | None = None) -> list[list[int]]:
-    """:func:`prepare_store` for any ``reader``'s images (e.g. sampled images) at ``path``:
-    create or reopen the store, return its undone shards in ``n_groups`` groups."""
-    extractor = _extractor(settings, device="cpu")
-    store = open_store_for(settings, path, reader, extractor, labelled, log, on_change)
-    return shard_groups(store, n_groups)
-
-
-def extract_reader_shards(settings: Settings, reader: Any, path: str | Path, shards: list[int],
-                          progress: Callable[[int], None] | None = None) -> dict[str, int]:
-    """:func:`extract_shards` for any ``reader``'s (existing) store at ``path``."""
+def fill_shards(settings: Settings, reader: Any, path: str | Path, shards: list[int], task: str,
+                report: Reporter, variant: str = "ddpm") -> int:
+    """Fill ``shards`` of the (existing) store at ``path`` with ``reader``'s images; this
+    writer owns those shards. Returns the number of images written."""
     store = FeatureStore.open(path, storage_options=settings.storage.options)
-    return extract_to_store(reader, _extractor(settings), store, shards,
-                            batch_size=settings.features.batch_size, progress=progress)
+    n = len(store)
+    report.progress(task, store.n_done(), n)
+    counts = extract_to_store(reader, extractor(settings, variant=variant), store, shards,
+                              batch_size=settings.features.batch_size,
+                              progress=lambda done: report.progress(task, done, n))
+    return counts["images_written"]
 
 
-def fill_store(settings: Settings, reader: Any, path: str | Path, labelled: bool = False,
-               progress: Callable[[int], None] | None = None,
-               log: Callable[[str], None] | None = None, on_change: str | None = None) -> FeatureStore:
-    """Extract the trained DDPM's features of any ``reader``'s images (e.g. sampled images)
-    into the store at ``path``, in-process; resumes shard by shard like the ``extract``
-    stage, with the same extractor settings (steps, blocks, shared noise)."""
-    extractor = _extractor(settings)
-    store = open_store_for(settings, path, reader, extractor, labelled, log, on_change)
-    extract_to_store(reader, extractor, store, batch_size=settings.features.batch_size, progress=progress)
+def fill_store(settings: Settings, reader: Any, path: str | Path, task: str, report: Reporter,
+               labelled: bool = False, on_change: str | None = None) -> FeatureStore:
+    """Every shard of the store at ``path`` for any ``reader``'s images (sampled images, say),
+    in-process, with the trained model and the stage's extractor settings."""
+    ext = extractor(settings)
+    store = open_for_writing(settings, path, reader, ext, labelled, report, on_change)
+    report.progress(task, store.n_done(), len(store))
+    extract_to_store(reader, ext, store, batch_size=settings.features.batch_size,
+                     progress=lambda done: report.progress(task, done, len(store)))
     return FeatureStore.open(path, read_only=True, storage_options=settings.storage.options)
 
 
-def extract_shards(settings: Settings, split: str, shards: list[int],
-                   progress: Callable[[int], None] | None = None,
-                   variant: str = "ddpm") -> dict[str, int]:
-    """Fill ``shards`` of ``split``'s (existing) store; this writer owns those shards."""
-    store = open_store(settings, split, variant)
-    return extract_to_store(_reader(settings, split), _extractor(settings, variant=variant),
-                            store, shards,
-                            batch_size=settings.features.batch_size, progress=progress)
-
-
-def run_stage(settings: Settings, progress: Callable[[str, int, int], None] | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """All splits (and baseline variants), in-process. ``progress(name, n_done, n_total)``
-    after every shard, ``name`` being the split, prefixed by the variant for baselines."""
-    summary: dict[str, Any] = {}
+# --------------------------------------------------------------------------- the stage
+def plan_shards(settings: Settings, n: int, report: Reporter) -> list[dict[str, Any]]:
+    """Create or validate every store; the shards still to do, ``n`` groups per store."""
+    groups = []
     for variant, split in jobs(settings):
-        name = split if variant == "ddpm" else f"{variant}/{split}"
-        groups = prepare_store(settings, split, log, variant)
-        store = open_store(settings, split, variant)
-        n = len(store)
-        counts = {"images_written": 0, "images_skipped": n}
-        if progress:
-            progress(name, store.n_done(), n)
-        for shards in groups:
-            c = extract_shards(settings, split, shards, variant=variant,
-                               progress=(lambda done, s=name: progress(s, done, n)) if progress else None)
-            counts["images_written"] += c["images_written"]
-            counts["images_skipped"] -= c["images_written"]
-        summary[name] = {**counts, **open_store(settings, split, variant).info()}
+        reader = _reader(settings, split)
+        ext = extractor(settings, device="cpu", variant=variant)
+        store = open_for_writing(settings, store_path(settings, split, variant), reader, ext,
+                                 labelled=split != "unlabeled", report=report)
+        todo = shard_groups(store, n)
+        if not todo:
+            report.log(f"{_name(variant, split)}: all {len(store)} images already extracted")
+        groups += [{"variant": variant, "split": split, "shards": shards} for shards in todo]
+    return groups
+
+
+def extract_shards(settings: Settings, group: dict[str, Any], report: Reporter) -> int:
+    """Fill one group of :func:`plan_shards`."""
+    variant, split = group["variant"], group["split"]
+    return fill_shards(settings, _reader(settings, split), store_path(settings, split, variant),
+                       group["shards"], f"extract {_name(variant, split)}", report, variant)
+
+
+def extract(settings: Settings, report: Reporter) -> dict[str, Any]:
+    """What the stores hold once every shard is done: sizes and the ratio to the upsampled
+    float32 features the reference keeps (``features info`` shows the same)."""
+    summary = {}
+    for variant, split in jobs(settings):
+        info = open_store(settings, split, variant, read_only=True).info()
+        summary[_name(variant, split)] = info
+        report.log(f"{_name(variant, split)}: {info['n_done']}/{info['n_images']} images, "
+                   f"{info['bytes_per_image'] / 1e6:.2f} MB/image, "
+                   f"{info['ratio'] or 0:.1f}x smaller than upsampled float32")
     return summary
+
+
+EXTRACT = Stage("extract", main=extract,
+                steps=(Step("shards", plan_shards, extract_shards, groups=lambda s: s.features.workers),))
 
 
 def reference_footprint(preset: str = "adm-256-lsun", steps: tuple[int, ...] = (50, 150, 250),

@@ -36,20 +36,19 @@ from ddps_core.errors import DataError
 from ddps_core.generate.export import Candidate, export_dataset, summary
 from ddps_core.generate.filter import filter_scores
 from ddps_core.io import atomic_write_text
+from ddps_core.progress import Reporter
+from ddps_core.stages import Stage, Step
 
-__all__ = ["extract_sample_shards", "finish_sample_labels", "generated_candidates", "image_size",
-           "label_sample_parts", "plan_sample_features", "plan_sample_labels", "plan_samples",
-           "pool_candidates", "real_candidates", "run_stage", "sample_batches"]
-
-Progress = Callable[[str, int, int], Any] | None
+__all__ = ["GENERATE", "image_size", "pool_candidates", "real_candidates"]
 
 
 def _teacher(settings: Settings) -> str:
-    from ddps_core.teacher.stage import WEIGHTS, teacher_id
+    from ddps_core.teacher.labels import teacher_id
+    from ddps_core.teacher.stage import WEIGHTS
 
-    path = Path(settings.teacher.out) / "ddpm" / WEIGHTS
+    path = Path(settings.teacher.out) / WEIGHTS
     if not path.is_file():
-        raise DataError(f"{path}: no trained ddpm teacher; run the train_ensemble stage with method ddpm")
+        raise DataError(f"{path}: no trained teacher; run the train_teacher stage")
     return teacher_id(path)
 
 
@@ -72,13 +71,13 @@ def _labels_loader(image_fn: Callable[[], np.ndarray], label_path: Path, size: i
 
 def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candidate]:
     """The unlabelled pool as labelled by the ``label`` stage."""
-    folder = Path(settings.teacher.labels_out) / "ddpm" / "unlabeled"
+    folder = Path(settings.teacher.labels_out) / "teacher" / "unlabeled"
     scores_path, marker = folder / "scores.parquet", folder / "teacher.txt"
     if not scores_path.is_file():
         raise DataError(f"{scores_path}: the unlabelled pool has no teacher labels; run the label stage "
                         "(features.splits must include unlabeled)")
     if not marker.is_file() or marker.read_text().strip() != teacher:
-        raise DataError(f"{folder}: labelled by another teacher than {Path(settings.teacher.out) / 'ddpm'}; "
+        raise DataError(f"{folder}: labelled by another teacher than {settings.teacher.out}; "
                         "rerun the label stage")
     scores = pd.read_parquet(scores_path, columns=["image_id", "score"])
     reader = DDPMSegFolder(settings.data.out, "unlabeled", ignore_index=settings.data.ignore_index)
@@ -114,13 +113,12 @@ def _sampler(settings: Settings) -> dict[str, Any]:
     return {"method": g.sample_method, "steps": g.sample_steps, "seed": g.seed}
 
 
-def _reset_if_changed(work: Path, ident: dict[str, Any], log: Callable[[str], None] | None) -> None:
+def _reset_if_changed(work: Path, ident: dict[str, Any], report: Reporter) -> None:
     """Samples, their features and labels belong to one (model, sampler) setting."""
     marker = work / "samples.json"
     text = json.dumps(ident, sort_keys=True)
     if work.exists() and (not marker.is_file() or marker.read_text() != text):
-        if log:
-            log(f"{work}: made with other sampler settings or another model; starting over")
+        report.log(f"{work}: made with other sampler settings or another model; starting over")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, text)
@@ -158,51 +156,20 @@ def _samples(settings: Settings) -> Path:
     return Path(settings.generate.work) / "samples"
 
 
+def _features(settings: Settings) -> Path:
+    return Path(settings.generate.work) / "features.zarr"
+
+
+def _labels(settings: Settings) -> Path:
+    return Path(settings.generate.work) / "labels"
+
+
 def _uses_samples(settings: Settings) -> bool:
     return settings.generate.source in ("generated", "both") and settings.generate.n_samples > 0
 
 
 def _groups(todo: list[int], n: int) -> list[list[int]]:
     return [todo[i::n] for i in range(max(1, n)) if todo[i::n]]
-
-
-# The ``generated`` source in steps, so that an orchestrator can fan each step out over
-# disjoint work items (sampling batches, feature shards, labelling parts), one plan per
-# step run once before its tasks. :func:`generated_candidates` runs them all in-process.
-
-
-def plan_samples(settings: Settings, n_tasks: int = 1, log: Callable[[str], None] | None = None) -> list[list[int]]:
-    """Step 1: reset ``generate.work`` when the model or the sampler changed; the unfinished
-    sampling batches, dealt into at most ``n_tasks`` disjoint groups."""
-    from ddps_core.generate.sample import pending_batches
-
-    g = settings.generate
-    if not _uses_samples(settings):
-        return []
-    ident = {"model_id": _model_info(settings)["model_id"], "batch_size": g.batch_size, **_sampler(settings)}
-    _reset_if_changed(Path(g.work), ident, log)
-    return _groups(pending_batches(_samples(settings) / "images", g.n_samples, g.batch_size), n_tasks)
-
-
-def sample_batches(settings: Settings, batches: list[int], progress: Progress = None) -> int:
-    """Draw ``batches`` of the samples (one task's group of :func:`plan_samples`)."""
-    import torch
-
-    from ddps_core.device import resolve_device
-    from ddps_core.diffusion.gaussian import GaussianDiffusion
-    from ddps_core.diffusion.train import load_trained
-    from ddps_core.generate.sample import sample_to_folder
-
-    g = settings.generate
-    device = resolve_device(settings.device)
-    model, info = load_trained(settings.ddpm.out, device)
-    diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
-    with torch.inference_mode():
-        sample_to_folder(model, diffusion, _samples(settings) / "images", g.n_samples, batch_size=g.batch_size,
-                         steps=g.sample_steps, method=g.sample_method, seed=g.seed, device=device,
-                         progress=(lambda d, n: progress("sample", d, n)) if progress else None,
-                         batches=batches)
-    return len(batches)
 
 
 def _samples_reader(settings: Settings, clean: bool = False) -> GenericFolder:
@@ -226,116 +193,128 @@ def _samples_reader(settings: Settings, clean: bool = False) -> GenericFolder:
 
 
 def _labels_done(settings: Settings) -> pd.DataFrame | None:
-    return _finished_labels(Path(settings.generate.work) / "labels", _teacher(settings), _sample_ids(settings))
+    return _finished_labels(_labels(settings), _teacher(settings), _sample_ids(settings))
 
 
-def plan_sample_features(settings: Settings, n_tasks: int = 1,
-                         log: Callable[[str], None] | None = None) -> list[list[int]]:
-    """Step 2 (after sampling): create or reopen the samples' feature store; its undone
-    shards in at most ``n_tasks`` disjoint groups (none once the samples are labelled)."""
-    from ddps_core.features.stage import prepare_reader_store
+def _sample_store(settings: Settings):
+    from ddps_core.features.store import FeatureStore
+
+    return FeatureStore.open(_features(settings), read_only=True)
+
+
+# --------------------------------------------------------------------------- the steps
+def plan_sampling(settings: Settings, n: int, report: Reporter) -> list[list[int]]:
+    """Step ``sample``: reset ``generate.work`` when the model or the sampler changed; the
+    unfinished sampling batches, in at most ``n`` groups."""
+    from ddps_core.generate.sample import pending_batches
+
+    g = settings.generate
+    if not _uses_samples(settings):
+        return []
+    ident = {"model_id": _model_info(settings)["model_id"], "batch_size": g.batch_size, **_sampler(settings)}
+    _reset_if_changed(Path(g.work), ident, report)
+    return _groups(pending_batches(_samples(settings) / "images", g.n_samples, g.batch_size), n)
+
+
+def sample_batches(settings: Settings, batches: list[int], report: Reporter) -> int:
+    """Draw one group of sampling batches."""
+    import torch
+
+    from ddps_core.device import resolve_device
+    from ddps_core.diffusion.gaussian import GaussianDiffusion
+    from ddps_core.diffusion.stage import load_trained
+    from ddps_core.generate.sample import sample_to_folder
+
+    g = settings.generate
+    device = resolve_device(settings.device)
+    model, info = load_trained(settings.ddpm.out, device)
+    diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
+    report.progress("sample", 0, g.n_samples)
+    with torch.inference_mode():
+        sample_to_folder(model, diffusion, _samples(settings) / "images", g.n_samples, batch_size=g.batch_size,
+                         steps=g.sample_steps, method=g.sample_method, seed=g.seed, device=device,
+                         progress=lambda d, n: report.progress("sample", d, n), batches=batches)
+    return len(batches)
+
+
+def plan_sample_features(settings: Settings, n: int, report: Reporter) -> list[list[int]]:
+    """Step ``extract``: create or reopen the samples' feature store; its undone shards in
+    at most ``n`` groups (none once the samples are labelled)."""
+    from ddps_core.features.stage import extractor, open_for_writing, shard_groups
 
     if not _uses_samples(settings):
         return []
     reader = _samples_reader(settings, clean=True)
     if _labels_done(settings) is not None:
         return []
-    return prepare_reader_store(settings, reader, Path(settings.generate.work) / "features.zarr", n_tasks,
-                                labelled=False, log=log, on_change="rebuild")
+    store = open_for_writing(settings, _features(settings), reader, extractor(settings, device="cpu"),
+                             labelled=False, report=report, on_change="rebuild")
+    return shard_groups(store, n)
 
 
-def extract_sample_shards(settings: Settings, shards: list[int], progress: Progress = None) -> int:
-    """Extract ``shards`` of the samples' store (one task's group); images written."""
-    from ddps_core.features.stage import extract_reader_shards
+def extract_sample_shards(settings: Settings, shards: list[int], report: Reporter) -> int:
+    """Extract one group of the samples' shards; images written."""
+    from ddps_core.features.stage import fill_shards
 
-    n = settings.generate.n_samples
-    counts = extract_reader_shards(settings, _samples_reader(settings), Path(settings.generate.work) / "features.zarr",
-                                   shards, progress=(lambda d: progress("extract", d, n)) if progress else None)
-    return counts["images_written"]
+    return fill_shards(settings, _samples_reader(settings), _features(settings), shards, "extract samples", report)
 
 
-def _sample_store(settings: Settings):
-    from ddps_core.features.store import FeatureStore
-
-    return FeatureStore.open(Path(settings.generate.work) / "features.zarr", read_only=True)
-
-
-def plan_sample_labels(settings: Settings, n_tasks: int = 1) -> list[list[int]]:
-    """Step 3 (after extraction): start labelling the samples with the ``ddpm`` teacher; the
-    unfinished parts in at most ``n_tasks`` disjoint groups (none once they are labelled)."""
-    from ddps_core.teacher.stage import pending_parts, start_labels
+def plan_sample_labels(settings: Settings, n: int, report: Reporter) -> list[list[int]]:
+    """Step ``label``: start labelling the samples with the teacher; the unfinished parts in
+    at most ``n`` groups (none once they are labelled)."""
+    from ddps_core.teacher.labels import pending_parts, start_labels
 
     if not _uses_samples(settings) or _labels_done(settings) is not None:
         return []
-    labels = Path(settings.generate.work) / "labels"
-    start_labels(labels, _teacher(settings))
-    return _groups(pending_parts(_sample_store(settings), labels), n_tasks)
+    start_labels(_labels(settings), _teacher(settings))
+    return _groups(pending_parts(_sample_store(settings), _labels(settings)), n)
 
 
-def label_sample_parts(settings: Settings, parts: list[int], progress: Progress = None) -> int:
-    """Label ``parts`` of the samples (one task's group); images predicted."""
-    from ddps_core.teacher.stage import label_parts, load_method
+def label_sample_parts(settings: Settings, parts: list[int], report: Reporter) -> int:
+    """Label one group of the samples' parts; images predicted."""
+    from ddps_core.teacher.labels import label_parts
+    from ddps_core.teacher.stage import TEACHER, load_method
 
-    return label_parts(load_method(settings, "ddpm"), _sample_store(settings), Path(settings.generate.work) / "labels",
-                       "generated", parts, progress=(lambda d, n: progress("label", d, n)) if progress else None)
+    return label_parts(load_method(settings, TEACHER), _sample_store(settings), _labels(settings), "generated",
+                       parts, progress=lambda d, n: report.progress("label samples", d, n))
 
 
-def finish_sample_labels(settings: Settings) -> pd.DataFrame | None:
-    """Step 4: the samples' ``scores.parquet`` (written once every part is labelled);
-    None when the source draws no samples."""
-    from ddps_core.teacher.stage import finish_labels
+# --------------------------------------------------------------------------- main
+def _sample_scores(settings: Settings) -> pd.DataFrame:
+    """The samples' ``scores.parquet``, written once every part is labelled."""
+    from ddps_core.teacher.labels import finish_labels
 
-    if not _uses_samples(settings):
-        return None
     scores = _labels_done(settings)
     if scores is None:
         k = DDPMSegFolder(settings.data.out, "train").num_classes
-        scores = finish_labels(_sample_store(settings), Path(settings.generate.work) / "labels",
-                               _teacher(settings), k)
+        scores = finish_labels(_sample_store(settings), _labels(settings), _teacher(settings), k)
     return scores
 
 
-def generated_candidates(settings: Settings, teacher: str, progress: Progress = None,
-                         log: Callable[[str], None] | None = None) -> list[Candidate]:
-    """Sample, extract and label ``generate.n_samples`` images under ``generate.work``
-    (every step resumable; each step's work items may also have been done by other tasks)."""
-    g = settings.generate
-    if g.n_samples == 0:
-        return []
-    for batches in plan_samples(settings, 1, log):
-        sample_batches(settings, batches, progress)
-    for shards in plan_sample_features(settings, 1, log):
-        extract_sample_shards(settings, shards, progress)
-    for parts in plan_sample_labels(settings, 1):
-        label_sample_parts(settings, parts, progress)
-    scores = finish_sample_labels(settings)
-    ids = _sample_ids(settings)
-    samples, labels = _samples(settings), Path(g.work) / "labels"
-    size = image_size(settings)
-    by_id = dict(zip(scores["image_id"], scores["score"]))
+def generated_candidates(settings: Settings, teacher: str) -> list[Candidate]:
+    """The sampled images with their teacher labels (every step done)."""
+    by_id = dict(zip(*(_sample_scores(settings)[c] for c in ("image_id", "score"))))
+    samples, labels, size = _samples(settings), _labels(settings), image_size(settings)
     return [Candidate(image_id=sid, source="generated", source_id=sid, score=float(by_id[sid]),
                       load=_labels_loader(lambda p=samples / "images" / f"{sid}.png": load_image(p),
                                           labels / f"{sid}.png", size),
                       sampler=_sampler(settings), teacher=teacher)
-            for sid in ids]
+            for sid in _sample_ids(settings)]
 
 
-def run_stage(settings: Settings, progress: Progress = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Stage ``generate``; returns the filtering statistics per source (also written to
-    ``<out>/summary.json``). ``progress(step, done, total)`` with step one of ``sample``,
-    ``extract``, ``label``, ``export``."""
+def generate(settings: Settings, report: Reporter) -> dict[str, Any]:
+    """Filter each source's candidates on its own, add the real labelled images, export.
+    Returns the filtering statistics per source (also ``<out>/summary.json``)."""
     g = settings.generate
     teacher = _teacher(settings)
     size = image_size(settings)
-    names = DDPMSegFolder(settings.data.out, "train").class_names
-    k = DDPMSegFolder(settings.data.out, "train").num_classes
-    names = list(names) if names else [str(c) for c in range(k)]
+    reader = DDPMSegFolder(settings.data.out, "train")
+    names = list(reader.class_names) if reader.class_names else [str(c) for c in range(reader.num_classes)]
     scored: list[Candidate] = []
     if g.source in ("pool", "both"):
         scored += pool_candidates(settings, teacher, size)
-    if g.source in ("generated", "both"):
-        scored += generated_candidates(settings, teacher, progress, log)
+    if _uses_samples(settings):
+        scored += generated_candidates(settings, teacher)
     if not scored:
         raise DataError(f"generate.source {g.source!r} produced no candidates (generate.n_samples is 0?)")
     frames = []
@@ -347,7 +326,19 @@ def run_stage(settings: Settings, progress: Progress = None,
     ident = json.dumps({"generate": g.model_dump(mode="json"), "teacher": teacher}, sort_keys=True)
     manifest = export_dataset(g.out, candidates, decisions, names, ignore_index=settings.data.ignore_index,
                               ddpm_seg=g.format == "ddpm-seg", contact=g.contact_sheet, settings_text=ident,
-                              progress=(lambda d, n: progress("export", d, n)) if progress else None)
-    if not g.keep_work and (Path(g.work) / "features.zarr").exists():
-        shutil.rmtree(Path(g.work) / "features.zarr")
-    return summary(manifest)
+                              progress=lambda d, n: report.progress("export", d, n))
+    if not g.keep_work and _features(settings).exists():
+        shutil.rmtree(_features(settings))
+    stats = summary(manifest)
+    for source, s in stats.items():
+        if isinstance(s, dict):
+            report.log(f"{source}: {s['kept']}/{s['candidates']} kept, dropped {s['dropped']}")
+    report.log(f"exported {stats['total_kept']} labelled images to {g.out}")
+    return stats
+
+
+GENERATE = Stage("generate", main=generate, steps=(
+    Step("sample", plan_sampling, sample_batches),
+    Step("extract", plan_sample_features, extract_sample_shards),
+    Step("label", plan_sample_labels, label_sample_parts),
+))

@@ -6,10 +6,10 @@ as its own series):
 
 ``reports/plots/per_class_iou/<method>.csv``
     ``class_id, class_name, iou, biou`` (percent): the dataset-level IoU and Boundary IoU of
-    every class, from ``reports/ddpm_seg.parquet``.
-``reports/plots/ddps_steps/<method>.csv``
+    every class, from ``reports/evaluate.parquet``.
+``reports/plots/refine_steps/<method>.csv``
     ``step, miou, mbiou`` (percent): the test-split scores after each collected DDPS
-    refinement step, from ``reports/ddps.parquet``; the student, which has no step, is one
+    refinement step, from ``reports/refine.parquet``; the student, which has no step, is one
     row at step ``-1`` (its first prediction, before any refinement).
 """
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["PER_CLASS", "DDPS_STEPS", "per_class_table", "ddps_step_table", "by_method", "to_csv"]
+__all__ = ["PER_CLASS", "REFINE_STEPS", "per_class_table", "refine_step_table", "by_method", "to_csv"]
 
 #: File names, under the reports folder (``evaluate.reports``).
 PER_CLASS = "plots/per_class_iou"
-DDPS_STEPS = "plots/ddps_steps"
+REFINE_STEPS = "plots/refine_steps"
 
 
 def _require(report: pd.DataFrame, columns: list[str], what: str) -> None:
@@ -45,7 +45,7 @@ def per_class_table(report: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def ddps_step_table(report: pd.DataFrame) -> pd.DataFrame:
+def refine_step_table(report: pd.DataFrame) -> pd.DataFrame:
     """Summary rows of a ``refine`` report as ``method, step, miou, mbiou`` (percent), the
     student at step -1, sorted by method then step."""
     _require(report, ["method", "step", "scope", "miou", "mbiou"], "DDPS step plot")

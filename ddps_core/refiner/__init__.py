@@ -20,7 +20,7 @@ from ddps_core.refiner.denoiser import (
     parameter_counts,
 )
 from ddps_core.refiner.multinomial import MultinomialDiffusion, alpha_bar_schedule, gumbel_max, uniform_mask
-from ddps_core.refiner.sample import RefineResult, refine, refine_images, refinement_picture, refinement_steps
+from ddps_core.refiner.sample import RefineResult, free_renoising, refine_images, refinement_picture, refinement_steps
 from ddps_core.refiner.train import DDPSTrainConfig, epoch_batches, load_denoiser, train_denoiser
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "load_denoiser",
     "parameter_counts",
     "probe_features",
-    "refine",
+    "free_renoising",
     "refine_images",
     "refinement_picture",
     "refinement_steps",

@@ -35,7 +35,7 @@ __all__ = [
     "RefineResult",
     "class_argmax",
     "guided_logits",
-    "refine",
+    "free_renoising",
     "refine_images",
     "refinement_picture",
     "refinement_steps",
@@ -94,7 +94,7 @@ def _check_steps(steps: Sequence[int], T: int) -> list[int]:
     return steps
 
 
-def refine(
+def free_renoising(
     denoiser: torch.nn.Module,
     schedule: MultinomialDiffusion,
     features: torch.Tensor,
@@ -163,7 +163,7 @@ def refine_images(
         if base_logits.shape[-2:] != images.shape[-2:]:
             base_logits = F.interpolate(base_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
     kwargs.setdefault("output_size", tuple(images.shape[-2:]))
-    return base_logits, refine(denoiser, schedule, feats, **kwargs)
+    return base_logits, free_renoising(denoiser, schedule, feats, **kwargs)
 
 
 # --------------------------------------------------------------------------- picture

@@ -1,43 +1,45 @@
-"""The DDPS stages: ``train_ddps`` (the mask prior on the frozen student) and ``refine``
+"""Stages ``train_refiner`` (the DDPS mask prior on the frozen student) and ``refine``
 (Free-Re-noising on the real test split, scored per step).
 
-``train_ddps`` (:func:`run_train`):
+``train_refiner`` (:func:`train_refiner`):
 
 - the base is the trained student (:func:`~ddps_core.student.model.load_student`), frozen;
-- the training pairs are the generated export (``refiner.data: generated``: teacher labels plus
-  the real labelled images, ``<generate.out>``) or the real labelled images only
+- the training pairs are the generated export (``refiner.data: generated``: teacher labels
+  plus the real labelled images, ``<generate.out>``) or the real labelled images only
   (``refiner.data: real``), squared to the student's image size;
-- an epoch is a permutation of the pairs drawn from ``(refiner.seed, epoch)``, cut into batches
-  of ``refiner.batch_size`` (the last partial batch is dropped; a set smaller than one batch is
-  one batch), with random horizontal flips (``refiner.hflip``) drawn from the same generator,
-  so a resumed run sees exactly the batches of an uninterrupted one;
+- an epoch is a permutation of the pairs drawn from ``(refiner.seed, epoch)``, cut into
+  batches of ``refiner.batch_size`` (the last partial batch is dropped; a set smaller than one
+  batch is one batch), with random horizontal flips (``refiner.hflip``) drawn from the same
+  generator, so a resumed run sees exactly the batches of an uninterrupted one;
 - the denoiser is trained with :func:`~ddps_core.refiner.train.train_denoiser` into
-  ``<refiner.out>`` with ``refiner.x0_source``; with ``refiner.ablation`` the same budget (same seed,
-  same batches) is trained with ``x0_source="gt"`` into ``<refiner.out>/ablation-gt``.
+  ``<refiner.out>`` with ``refiner.x0_source``; with ``refiner.ablation`` the same budget (same
+  seed, same batches) is trained with ``x0_source="gt"`` into ``<refiner.out>/ablation-gt``.
 
 The ``data_id`` given to the trainer (part of its resume key, stored in ``model.json``) is
 ``student=<weights hash>;data=<kind>:<hash>;n=..;size=..;batch=..;hflip=..``: a state
 trained on another student, other pairs or another batching is not resumed, and ``refine``
 refuses a denoiser whose student is not the current one.
 
-``refine`` (:func:`run_refine`): the real test split, squared to the diffusion model's size
-(``get_preset(ddpm.preset).image_size``, the size every other method is scored at; the
-student sees the images at its own size, as in
+``refine`` (:func:`refine`): the real test split, squared to the diffusion model's size (the
+size every other method is scored at; the student sees the images at its own size, as in
 :func:`~ddps_core.student.stage.predict_split`), in batches under inference mode:
 
 - ``student``: the student alone (argmax of its logits);
-- ``ddps``: Free-Re-noising with the first-prediction denoiser, ``refiner.refine_steps`` (n) and
-  ``refiner.guidance`` (w); the logits of every run step are kept and scored;
-- ``ddps-gt``: the same with the ablation's denoiser, when ``refiner.ablation`` and it exists.
+- ``refiner``: Free-Re-noising with the first-prediction denoiser, ``refiner.refine_steps``
+  (n) and ``refiner.guidance`` (w); the logits of every run step are kept and scored;
+- ``refiner-gt``: the same with the ablation's denoiser, when ``refiner.ablation`` and it
+  exists.
 
-Each method draws from its own CPU generator seeded with ``refiner.seed``, so the numbers do not
-depend on the device or on which other methods run. Outputs::
+Each method's re-noising draws come from its own generator seeded with ``refiner.seed``, on
+the device the masks live on (a CPU run is reproducible; a GPU run differs from it anyway,
+through bf16 and cuDNN). Outputs, the reports under ``evaluate.reports``::
 
     <refined_out>/student/<id>.png                  the student's labels
     <refined_out>/<method>/step_<i>/<id>.png        labels after network step i
-    reports/ddps.parquet                            the ``ddps evaluate`` schema + method, step
-    reports/metrics/ddps.json                       {method: {step_<i>: {miou, mbiou}}}, student flat
-    reports/figures/ddps_refinement.png             image | base | step i ... | truth
+    <reports>/refine.parquet                        the ``ddps score`` schema + method, step
+    <reports>/metrics/refine.json                   {method: {step_<i>: {miou, mbiou}}}, student flat
+    <reports>/plots/refine_steps/<method>.csv       step, miou, mbiou, for ``dvc plots``
+    <reports>/figures/refinement.png                image | student | step i ... | truth
 """
 
 from __future__ import annotations
@@ -59,12 +61,14 @@ from ddps_core.datasets import DDPMSegFolder, GenericFolder
 from ddps_core.datasets.common import png_bytes
 from ddps_core.device import autocast, resolve_device, torch_threads
 from ddps_core.errors import ConfigError, DataError
-from ddps_core.io import atomic_write_bytes, atomic_write_text
+from ddps_core.io import atomic_write_bytes
+from ddps_core.progress import Reporter
+from ddps_core.stages import Stage
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, report_frame, write_report
 from ddps_core.refiner.base import freeze
 from ddps_core.refiner.denoiser import DENOISER_PRESETS, DenoiserConfig, denoiser_preset, describe, parameter_counts
-from ddps_core.refiner.sample import class_argmax, refine, refinement_picture, refinement_steps
-from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, StepInfo, build_config, load_denoiser, train_denoiser
+from ddps_core.refiner.sample import class_argmax, free_renoising, refinement_picture, refinement_steps
+from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, build_config, load_denoiser, train_denoiser
 
 __all__ = [
     "ABLATION_DIR",
@@ -75,8 +79,8 @@ __all__ = [
     "format_step_table",
     "info",
     "info_text",
-    "run_refine",
-    "run_train",
+    "REFINE",
+    "TRAIN_REFINER",
     "score_size",
     "step_table",
     "student_id",
@@ -86,10 +90,19 @@ __all__ = [
 ABLATION_DIR = "ablation-gt"
 REFINE_BATCH = 64  # test images per refinement batch (fixed: the random draws depend on it)
 REFERENCE_PRESET = "ddps-segformer-b2"
-REPORT = "reports/ddps.parquet"
-METRICS = "reports/metrics/ddps.json"
-FIGURES = "reports/figures"
-PICTURE = "ddps_refinement.png"
+REFINER = "refiner"
+
+
+def report_locations(settings: Settings) -> dict[str, Any]:
+    """Where stage ``refine`` writes its reports, under ``evaluate.reports``."""
+    from ddps_core import storage
+    from ddps_core.metrics import plots
+
+    base = settings.evaluate.reports
+    return {"report": storage.join(base, "refine.parquet"),
+            "metrics": storage.join(base, "metrics", "refine.json"),
+            "plots": storage.join(base, plots.REFINE_STEPS),
+            "picture": storage.join(base, "figures", "refinement.png")}
 
 _TRAIN_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "dropout", "num_timesteps",
                  "schedule", "x0_source", "steps", "single_step_steps", "lr", "warmup_steps", "weight_decay",
@@ -113,15 +126,15 @@ def _denoiser_config(cfg: DDPSTrainConfig, num_classes: int, feature_channels: i
     try:
         return build_config(cfg, num_classes, feature_channels)
     except ValueError as exc:
-        raise ConfigError(f"ddps: {exc}") from None
+        raise ConfigError(f"refiner: {exc}") from None
 
 
 def denoiser_folders(settings: Settings) -> dict[str, Path]:
-    """Method -> folder of its denoiser: ``ddps`` (``refiner.x0_source``, first prediction by
-    default) and, with ``refiner.ablation``, ``ddps-gt`` (``<out>/ablation-gt``)."""
-    folders = {"ddps": Path(settings.refiner.out)}
+    """Method -> folder of its denoiser: ``refiner`` (``refiner.x0_source``, first prediction
+    by default) and, with ``refiner.ablation``, ``refiner-gt`` (``<out>/ablation-gt``)."""
+    folders = {REFINER: Path(settings.refiner.out)}
     if settings.refiner.ablation and settings.refiner.x0_source != "gt":
-        folders["ddps-gt"] = Path(settings.refiner.out) / ABLATION_DIR
+        folders["refiner-gt"] = Path(settings.refiner.out) / ABLATION_DIR
     return folders
 
 
@@ -209,18 +222,14 @@ def _training_set(settings: Settings, size: int) -> tuple[Any, str]:
 
 
 # --------------------------------------------------------------------------- train_ddps
-def run_train(settings: Settings, on_step: Callable[[str, StepInfo], None] | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Stage ``train_ddps``: the denoiser (and, with ``refiner.ablation``, its ``x0_source="gt"``
-    twin) on the frozen student; resumes where it stopped (see the module doc).
-
-    :param on_step: called as ``on_step(method, info)`` (``method``: ``ddps`` or ``ddps-gt``)
-        every ``refiner.log_every`` steps.
-    :return: ``{"data", "n_images", "image_size", "data_id", "models": {method: summary}}``.
+def train_refiner(settings: Settings, report: Reporter) -> dict[str, Any]:
+    """Stage ``train_refiner``: the denoiser (and, with ``refiner.ablation``, its
+    ``x0_source="gt"`` twin) on the frozen student; resumes where it stopped (see the module
+    text). Returns ``{"data", "n_images", "image_size", "data_id", "models": {method: summary}}``.
     """
     from ddps_core.student.model import load_student
 
-    say = log or (lambda _m: None)
+    say = report.log
     cfg = settings.refiner
     device = resolve_device(settings.device)
     student, sinfo = load_student(settings.student.out, device)
@@ -235,20 +244,21 @@ def run_train(settings: Settings, on_step: Callable[[str, StepInfo], None] | Non
     data_id = (f"student={student_id(settings)};data={cfg.data}:{digest};n={len(data)};size={size};"
                f"batch={batches.batch_size};hflip={int(cfg.hflip)}")
     channels = int(sinfo.get("feature_channels") or student.feature_channels)
-    say(f"DDPS training data: {cfg.data}, {len(data)} images at {size} px, "
+    say(f"refiner training data: {cfg.data}, {len(data)} images at {size} px, "
         f"{len(batches)} batches of {batches.batch_size} per epoch")
-    runs = {"ddps": train_config(settings)}
+    runs = {REFINER: train_config(settings)}
     if cfg.ablation:
         if cfg.x0_source == "gt":
             say("refiner.x0_source is already 'gt': no separate ablation")
         else:
-            runs["ddps-gt"] = train_config(settings, x0_source="gt", out=Path(cfg.out) / ABLATION_DIR)
+            runs["refiner-gt"] = train_config(settings, x0_source="gt", out=Path(cfg.out) / ABLATION_DIR)
     for tc in runs.values():
         _denoiser_config(tc, num_classes, channels)  # a bad preset fails before any training
     models: dict[str, Any] = {}
     with torch_threads(cfg.threads):
         for method, tc in runs.items():
-            step_cb = (lambda info, m=method: on_step(m, info)) if on_step is not None else None
+            report.progress(method, 0, tc.steps)
+            step_cb = (lambda info, m=method: report.progress(m, info.step, info.total, loss=info.loss, lr=info.lr))
             summary = train_denoiser(tc, student, batches, num_classes=num_classes, device=device,
                                      feature_channels=channels, seed=cfg.seed, data_id=data_id,
                                      on_step=step_cb, log=lambda msg, m=method: say(f"{m}: {msg}"))
@@ -264,8 +274,8 @@ def _load_denoisers(settings: Settings, sid: str, device: torch.device,
     models = {}
     expected = train_config(settings)
     for method, folder in denoiser_folders(settings).items():
-        if method != "ddps" and not (folder / INFO_FILE).is_file():
-            say(f"{method}: no ablation denoiser in {folder}; skipped (run train_ddps with refiner.ablation)")
+        if method != REFINER and not (folder / INFO_FILE).is_file():
+            say(f"{method}: no ablation denoiser in {folder}; skipped (run train_refiner with refiner.ablation)")
             continue
         model, schedule, info = load_denoiser(folder, device)
         trained_on = _id_part(info.get("data_id", ""), "student")
@@ -275,7 +285,7 @@ def _load_denoisers(settings: Settings, sid: str, device: torch.device,
         stale = [k for k in ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "num_timesteps",
                              "schedule", "steps") if info.get("train", {}).get(k) != getattr(expected, k)]
         if stale:
-            say(f"{method}: {folder} was trained with other ddps settings ({', '.join(stale)}); "
+            say(f"{method}: {folder} was trained with other refiner settings ({', '.join(stale)}); "
                 "refining with it as it is")
         models[method] = (freeze(model), schedule, info)
     return models
@@ -294,17 +304,19 @@ def _clear_stale_steps(folder: Path, steps: Sequence[int]) -> None:
             shutil.rmtree(sub)
 
 
-def run_refine(settings: Settings, progress: Callable[[int, int], None] | None = None,
-               log: Callable[[str], None] | None = None, report: str | Path = REPORT,
-               metrics: str | Path = METRICS, figures: str | Path = FIGURES) -> pd.DataFrame:
-    """Stage ``refine``: the student alone and DDPS refinement (every run step) on the real
-    test split; label PNGs, the report, DVC metrics and the refinement picture (see the
-    module doc). Returns the report frame (``method``, ``step``, then ``REPORT_COLUMNS``)."""
+def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
+    """Stage ``refine``: the student alone and the refiner (every run step) on the real test
+    split; label PNGs, the report, metrics, plot tables and the refinement picture (see the
+    module text). Returns the step table's records (:func:`step_table`)."""
+    from ddps_core import storage
+    from ddps_core.metrics import plots
+    from ddps_core.metrics.stage import write_plot_tables
     from ddps_core.student.model import load_student
     from ddps_core.student.train import ImageSet
-    from ddps_core.viz import save_png
 
-    say = log or (lambda _m: None)
+    say = report.log
+    where = report_locations(settings)
+    options = settings.storage.options
     cfg = settings.refiner
     ign = settings.data.ignore_index
     device = resolve_device(settings.device)
@@ -316,7 +328,7 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
     for method, (model, schedule, _) in denoisers.items():
         if model.num_classes != num_classes:
             raise DataError(f"{denoiser_folders(settings)[method]}: the denoiser has {model.num_classes} classes, "
-                            f"the student {num_classes}; rerun the train_ddps stage")
+                            f"the student {num_classes}; rerun the train_refiner stage")
         try:
             steps[method] = refinement_steps(schedule.num_timesteps, cfg.refine_steps)
         except ValueError as exc:
@@ -341,14 +353,14 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
     for method in denoisers:
         for i in steps[method]:
             blocks[(method, i)] = accumulator()
-    # The sampler's draws are made where the masks live. A CPU generator would give the same
-    # draws on any device, but on an H200 drawing them on the CPU made refinement of 32
-    # images at 256 px 1.33-1.78x its forwards instead of 1.07-1.14x (benchmarks/bench_ddps.py
-    # generator=cpu|device), and a GPU's masks differ from the CPU's anyway (bf16, cuDNN).
+    # The draws are made where the masks live: drawing on the CPU and copying costs a GPU more
+    # than the denoiser's forwards at 256 px (docs/benchmarks.md), and a GPU's masks differ
+    # from the CPU's anyway (bf16, cuDNN), so a CPU generator would buy no reproducibility.
     gens = {m: torch.Generator(device=device).manual_seed(cfg.seed) for m in denoisers}
     n_fig = min(cfg.figures, len(data))
     fig: dict[str, Any] = {"base": [], "steps": {}}
     n = len(data)
+    report.progress("refine", 0, n)
     with torch_threads(cfg.threads):
         for a in range(0, n, REFINE_BATCH):
             idx = list(range(a, min(n, a + REFINE_BATCH)))
@@ -363,7 +375,7 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
                 base_logits = F.interpolate(base_logits, size=(size, size), mode="bilinear", align_corners=False)
             preds = {("student", None): class_argmax(base_logits).cpu().numpy()}
             for method, (model, schedule, _) in denoisers.items():
-                result = refine(model, schedule, feats, steps=steps[method], output_size=(size, size),
+                result = free_renoising(model, schedule, feats, steps=steps[method], output_size=(size, size),
                                 guidance=cfg.guidance, generator=gens[method])
                 for i, mask in result.masks().items():
                     preds[(method, i)] = mask.cpu().numpy()
@@ -375,12 +387,11 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
                     atomic_write_bytes(folder / f"{data.ids[k]}.png", _png(pred[j], num_classes))
                     blocks[key].update(pred[j], gt[j], data.ids[k])
             take = max(0, min(n_fig - a, len(idx)))
-            if take and "ddps" in denoisers:
+            if take and REFINER in denoisers:
                 fig["base"].append(preds[("student", None)][:take])
-                for i in steps["ddps"]:
-                    fig["steps"].setdefault(i, []).append(preds[("ddps", i)][:take])
-            if progress is not None:
-                progress(idx[-1] + 1, n)
+                for i in steps[REFINER]:
+                    fig["steps"].setdefault(i, []).append(preds[(REFINER, i)][:take])
+            report.progress("refine", idx[-1] + 1, n)
 
     frames, summary = [], {}
     for (method, i), acc in blocks.items():
@@ -397,15 +408,18 @@ def run_refine(settings: Settings, progress: Callable[[int, int], None] | None =
         say(f"{method}{'' if i is None else f' step {i}'}: mIoU {100 * scores['miou']:.2f}  "
             f"mBIoU {100 * scores['mbiou']:.2f}")
     df = pd.concat(frames, ignore_index=True)[["method", "step", *REPORT_COLUMNS]]
-    write_report(df, report)
-    atomic_write_text(metrics, json.dumps(summary, indent=2))
+    write_report(df, where["report"], options)
+    storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
+    write_plot_tables(plots.refine_step_table(df), where["plots"], options)
     if n_fig and fig["base"]:
         pictures = np.stack([data[k][0] for k in range(n_fig)])
         truth = np.stack([data[k][1] for k in range(n_fig)])
         picture = refinement_picture(pictures, {i: np.concatenate(v) for i, v in fig["steps"].items()},
                                      gt=truth, base=np.concatenate(fig["base"]), ignore_index=ign)
-        save_png(picture, Path(figures) / PICTURE)
-    return df
+        storage.write_bytes(where["picture"], png_bytes(picture), options)
+    table = step_table(df)
+    report.log("\n" + format_step_table(table))
+    return {"steps": table.to_dict("records")}
 
 
 # --------------------------------------------------------------------------- step table
@@ -469,6 +483,10 @@ def _data_shape(settings: Settings) -> tuple[int, int, str]:
         raise ConfigError(f"refiner.preset: unknown denoiser preset {settings.refiner.preset!r} "
                           f"(known: {', '.join(DENOISER_PRESETS)})")
     return preset.num_classes, preset.feature_channels, "the preset's defaults (no student or dataset yet)"
+
+
+TRAIN_REFINER = Stage("train_refiner", main=train_refiner)
+REFINE = Stage("refine", main=refine)
 
 
 def info(settings: Settings) -> list[dict[str, Any]]:

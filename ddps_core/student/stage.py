@@ -1,4 +1,4 @@
-"""The ``train_student`` stage and the student's evaluation on the real test split.
+"""Stage ``train_student``, and the student's predictions of a real split.
 
 The student trains on the ``generate`` stage's export (``<generate.out>``: ``images/`` +
 ``masks/``, read with :class:`~ddps_core.datasets.GenericFolder`; the real labelled images
@@ -18,9 +18,12 @@ from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder, GenericFolder
 from ddps_core.device import resolve_device, torch_threads
 from ddps_core.errors import DataError
-from ddps_core.student.train import ImageSet, train_student
+from ddps_core.progress import Reporter
+from ddps_core.stages import Stage
+from ddps_core.student import train as training
+from ddps_core.student.train import ImageSet
 
-__all__ = ["export_size", "predict_split", "run_stage"]
+__all__ = ["TRAIN_STUDENT", "export_size", "predict_split"]
 
 
 def _export(settings: Settings) -> tuple[GenericFolder, Path]:
@@ -36,9 +39,7 @@ def export_size(reader: GenericFolder) -> int:
     return int(reader[0].image.shape[0])
 
 
-def run_stage(settings: Settings, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-              on_batch: Callable[[int, int], None] | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``train_student``: train (or resume) and select the student, then predict the
     real test split into ``<student.out>/test/<id>.png`` (what ``evaluate`` scores)."""
     cfg = settings.student
@@ -46,13 +47,26 @@ def run_stage(settings: Settings, on_epoch: Callable[[dict[str, Any]], None] | N
     size = export_size(reader)
     real = DDPMSegFolder(settings.data.out, "train", ignore_index=settings.data.ignore_index)
     data_id = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        val = "-" if row["val_miou"] is None else f"{100 * row['val_miou']:.2f}"
+        report.log(f"epoch {row['epoch']}/{cfg.epochs}: loss {row['loss']:.4f}, real-image mIoU {val}")
+
+    report.progress("student", 0, None)
     with torch_threads(cfg.threads):
-        info = train_student(cfg, ImageSet(reader, cfg.image_size or size), ImageSet(real, cfg.image_size or size),
+        info = training.train_student(cfg, ImageSet(reader, cfg.image_size or size), ImageSet(real, cfg.image_size or size),
                              num_classes=reader.num_classes, ignore_index=settings.data.ignore_index,
                              class_names=reader.class_names, device=resolve_device(settings.device),
-                             data_id=data_id, on_epoch=on_epoch, on_batch=on_batch, log=log)
-    result = predict_split(settings, "test", Path(cfg.out) / "test", size)
+                             data_id=data_id, on_epoch=on_epoch,
+                             on_batch=lambda it, total: report.progress("student", it, total), log=report.log)
+    result = predict_split(settings, "test", Path(cfg.out) / "test", size,
+                           progress=lambda d, n: report.progress("predict test", d, n))
+    report.log(f"student {info['arch']}/{info['encoder']}: epoch {info['best_epoch']} selected; test mIoU "
+               f"{100 * result.miou:.2f}, mBIoU {100 * result.mbiou:.2f} -> {cfg.out}")
     return {**info, "test_miou": float(result.miou), "test_mbiou": float(result.mbiou)}
+
+
+TRAIN_STUDENT = Stage("train_student", main=train_student)
 
 
 def predict_split(settings: Settings, split: str, folder: str | Path, size: int,

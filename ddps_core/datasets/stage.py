@@ -25,21 +25,38 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ddps_core.config import DataSettings
+from ddps_core.config import DataSettings, Settings
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.datasets.readers import open_dataset
 from ddps_core.datasets.synthetic import make_synthetic
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text, partial_folder, swap_folder
+from ddps_core.progress import Reporter
+from ddps_core.stages import Stage
 
 _MARK = "prepared"
 
 
 def prepare_dataset(data: DataSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run the data stage for ``data``; returns a summary with ``counts`` per split."""
+    """Make or import the dataset ``data`` describes; a summary with ``counts`` per split."""
     if data.source == "synthetic":
         return make_synthetic(data.out, progress=progress, **data.synthetic.model_dump())
     return import_dataset(data, progress)
+
+
+def data(settings: Settings, report: Reporter) -> dict[str, Any]:
+    """Stage ``data``: the canonical dataset in ``data.out``."""
+    d = settings.data
+    total = sum(d.synthetic.model_dump()[k] for k in ("n_unlabeled", "n_labeled", "n_test")) \
+        if d.source == "synthetic" else None
+    report.progress("data", 0, total)
+    summary = prepare_dataset(d, progress=lambda n: report.progress("data", n, total))
+    report.log(f"dataset in {d.out}: " + ", ".join(f"{n} {split}" for split, n in summary["counts"].items())
+               + (" (reused)" if summary.get("reused") else ""))
+    return summary
+
+
+DATA = Stage("data", main=data, device="cpu")
 
 
 def reader_split_of(data: DataSettings, split: str) -> str | None:

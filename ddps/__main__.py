@@ -1,0 +1,5 @@
+"""``python -m ddps``: the ``ddps`` command."""
+
+from ddps.cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""One Prefect flow per pipeline stage, each running that stage's one implementation.
+
+Every flow takes the same two parameters: ``overrides`` (settings to change for this run, as
+``ddps --set`` takes them: ``{"ddpm.steps": 500}``) and ``params_path``. The settings are
+validated before any work starts, so a bad key fails the run at once with one message
+naming it.
+
+A simple stage is one task (:data:`tasks.stage.run_stage`). A fan-out stage runs, for each of
+its steps, a plan task and then one task per group of work the plan returns, on the task
+runner that ``runner`` names (threads here, or Dask workers); then its ``main`` as a last task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.futures import wait
+
+from ddps_core import stages
+from ddps_core.config import Settings
+from flows.common import settings_for, task_runner, tasks_per_split
+from tasks.stage import finish_stage, plan_step, run_part, run_stage, tagged
+
+__all__ = ["FLOWS", "run"]
+
+
+def run(name: str, params_path: str | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Stage ``name`` inside the current flow run (see the module text)."""
+    settings = settings_for(params_path, overrides)
+    stage = stages.get(name)
+    if not stage.steps:
+        return tagged(run_stage, name)(name, settings)
+    for index, step in enumerate(stage.steps):
+        n = step.groups(settings) if step.groups else tasks_per_split(settings)
+        groups = tagged(plan_step, name)(name, index, settings, n)
+        if groups:
+            _run_parts(name, index, settings, groups, n)
+    return tagged(finish_stage, name)(name, settings)
+
+
+def _run_parts(name: str, index: int, settings: Settings, groups: list[Any], n: int) -> None:
+    part = tagged(run_part, name)
+    with task_runner(settings, max_workers=n) as runner:
+        futures = [runner.submit(part, {"name": name, "step": index, "settings": settings, "group": g})
+                   for g in groups]
+        wait(futures)
+        for future in futures:
+            future.result()  # the first failed part fails the stage, with its own message
+
+
+# One flow per stage, spelled out so that a deployment's entrypoint names a plain function.
+@flow(name="data", log_prints=True)
+def data(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage data: make or import the canonical dataset (data.out)."""
+    return run("data", params_path, overrides)
+
+
+@flow(name="train_ddpm", log_prints=True)
+def train_ddpm(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage train_ddpm: train the diffusion model, or adopt ddpm.checkpoint."""
+    return run("train_ddpm", params_path, overrides)
+
+
+@flow(name="extract", log_prints=True)
+def extract(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage extract: DDPM-Seg features of every split into feature stores, shard by shard."""
+    return run("extract", params_path, overrides)
+
+
+@flow(name="train_teacher", log_prints=True)
+def train_teacher(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage train_teacher: the pixel-MLP teacher and its baselines."""
+    return run("train_teacher", params_path, overrides)
+
+
+@flow(name="label", log_prints=True)
+def label(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage label: the test split with every method, the unlabelled pool with the teacher."""
+    return run("label", params_path, overrides)
+
+
+@flow(name="generate", log_prints=True)
+def generate(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage generate: the label-efficient generated dataset."""
+    return run("generate", params_path, overrides)
+
+
+@flow(name="train_student", log_prints=True)
+def train_student(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage train_student: the segmentor distilled from the generated dataset."""
+    return run("train_student", params_path, overrides)
+
+
+@flow(name="train_refiner", log_prints=True)
+def train_refiner(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage train_refiner: the DDPS mask prior on the frozen student."""
+    return run("train_refiner", params_path, overrides)
+
+
+@flow(name="refine", log_prints=True)
+def refine(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage refine: refinement of the test split, scored at every step."""
+    return run("refine", params_path, overrides)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage evaluate: every method's test predictions scored in one report."""
+    return run("evaluate", params_path, overrides)
+
+
+#: Stage name -> its flow, in pipeline order.
+FLOWS = {name: globals()[name] for name in stages.ORDER}
