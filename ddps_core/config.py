@@ -134,6 +134,13 @@ class FeaturesSettings(Section):
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1)
     blocks: list[int] | None = None
     noise_seed: int = Field(0, ge=0)
+    noise_device: Literal["cpu", "model"] = Field(
+        "cpu",
+        description="Where the shared noise is drawn. cpu (default): the same noise, hence the same features, on "
+                    "any machine, which resume across machines and the tests rely on. model: on the model's "
+                    "device, as the reference does, so features can match a CUDA reference run (CPU and CUDA "
+                    "generators differ: the stores are then not interchangeable, and noise_id says @cuda). On a "
+                    "CPU model both are the same noise.")
     splits: list[Literal["train", "test", "unlabeled"]] = Field(
         default_factory=lambda: ["train", "test", "unlabeled"], min_length=1)
     out: str = "data/features"
