@@ -134,6 +134,13 @@ class FeaturesSettings(Section):
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1)
     blocks: list[int] | None = None
     noise_seed: int = Field(0, ge=0)
+    noise_device: Literal["cpu", "model"] = Field(
+        "cpu",
+        description="Where the shared noise is drawn. cpu (default): the same noise, hence the same features, on "
+                    "any machine, which resume across machines and the tests rely on. model: on the model's "
+                    "device, as the reference does, so features can match a CUDA reference run (CPU and CUDA "
+                    "generators differ: the stores are then not interchangeable, and noise_id says @cuda). On a "
+                    "CPU model both are the same noise.")
     splits: list[Literal["train", "test", "unlabeled"]] = Field(
         default_factory=lambda: ["train", "test", "unlabeled"], min_length=1)
     out: str = "data/features"
@@ -175,16 +182,25 @@ class TeacherSettings(Section):
 
 
 class GenerateSettings(Section):
-    """Stage ``generate``: label-efficient dataset generation (METHODS.md §5, DatasetDDPM).
+    """Stage ``generate``: label-efficient dataset generation (DDPM-Seg's DatasetDDPM).
 
     Candidates come from ``source``: ``pool`` (the unlabelled images, labelled by the
     ``label`` stage), ``generated`` (``n_samples`` images sampled from the DDPM here, their
     features extracted with the same shared noise and labelled by the teacher) or ``both``.
-    Each source is filtered on its own by the image uncertainty score: ``reference`` sorts
-    by score and drops the ``drop_certain`` most certain and then the ``drop_uncertain``
-    most uncertain fraction; ``threshold`` keeps the images whose score is at most
-    ``max_score``. The kept images (plus the real labelled images, ``include_real``) are
-    exported to ``out`` as ``images/``, ``masks/``, ``manifest.parquet``, ``classes.yaml``.
+    Each source is filtered on its own by the image uncertainty score, sorted ascending
+    (:mod:`ddps_core.generate.filter`):
+
+    - ``reference``: DDPM-Seg's rule. ``int(drop_uncertain * N)`` images are dropped in all:
+      the ``drop_certain`` most certain and the rest from the uncertain end (the reference's
+      slice ``[30 : -int(0.1 N) + 30]``: 1,800 of 2,000 kept). Like the reference it keeps
+      NOTHING when ``int(drop_uncertain * N) <= drop_certain`` (N < 310 with the defaults),
+      and everything when ``drop_uncertain`` is 0.
+    - ``drop_both``: ours. The ``drop_certain`` most certain and, on top of them, the
+      ``ceil(drop_uncertain * N)`` most uncertain are dropped (1,770 of 2,000 kept).
+    - ``threshold``: the images whose score is at most ``max_score`` are kept.
+
+    The kept images (plus the real labelled images, ``include_real``) are exported to ``out``
+    as ``images/``, ``masks/``, ``manifest.parquet``, ``classes.yaml``.
     """
 
     source: Literal["pool", "generated", "both"] = "pool"
@@ -193,9 +209,13 @@ class GenerateSettings(Section):
     sample_steps: int = Field(50, ge=1, description="Respaced sampling steps (the full schedule is 1000).")
     batch_size: int = Field(64, ge=1, description="Images sampled, extracted and labelled at once.")
     seed: int = Field(0, ge=0)
-    filter: Literal["reference", "threshold"] = "reference"
-    drop_certain: int = Field(30, ge=0, description="reference: drop this many most certain images.")
-    drop_uncertain: float = Field(0.1, ge=0, lt=1, description="reference: then drop this most uncertain fraction.")
+    filter: Literal["reference", "drop_both", "threshold"] = "reference"
+    drop_certain: int = Field(
+        30, ge=0, description="reference, drop_both: the most certain images dropped (the reference's constant 30).")
+    drop_uncertain: float = Field(
+        0.1, ge=0, lt=1,
+        description="reference: the fraction dropped in all, int(f * N), drop_certain included (the reference's "
+                    "uncertainty_portion); drop_both: ceil(f * N) most uncertain dropped on top of drop_certain.")
     max_score: float | None = Field(None, ge=0, description="threshold: keep images with score <= this.")
     include_real: bool = Field(True, description="Export the real labelled training images too (source real).")
     format: Literal["folder", "ddpm-seg"] = Field(

@@ -3,6 +3,7 @@ F.interpolate, reopening rules, the pixel sampler and the storage footprint."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -174,6 +175,43 @@ def test_extractor_noise_blocks_and_early_stop(checkpoint):
 # --------------------------------------------------------------------------------------------
 # On-demand upsampling
 # --------------------------------------------------------------------------------------------
+
+
+def test_noise_device_model_on_a_cpu_model_is_the_cpu_noise(checkpoint, images, tmp_path):
+    model = load_unet(checkpoint, preset="small32-spec")
+    diffusion = GaussianDiffusion.from_name("linear", 1000)
+    on_cpu = FeatureExtractor(model, diffusion, [50], [1, 2], noise_seed=3, noise_device="cpu")
+    on_model = FeatureExtractor(model, diffusion, [50], [1, 2], noise_seed=3, noise_device="model")
+    # the reference's draw written out: a generator on the model's device (here the CPU), seeded
+    want = torch.randn(1, 3, 32, 32, generator=torch.Generator(device="cpu").manual_seed(3), device="cpu")
+    assert torch.equal(on_cpu.noise, want) and torch.equal(on_model.noise, want)
+    assert torch.equal(shared_noise(32, 3, "cpu"), want)
+    assert on_cpu.noise_id == on_model.noise_id == hashlib.sha256(want.numpy().tobytes()).hexdigest()[:16]
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    torch.testing.assert_close(on_cpu(x), on_model(x), rtol=0, atol=0)
+    # one store serves both settings on a CPU machine
+    settings = dict(image_ids=["a", "b"], shard_images=1, **on_cpu.store_settings())
+    store = open_or_create(tmp_path / "feat", **settings)
+    extract_to_store(images, on_cpu, store, batch_size=2)
+    assert open_or_create(tmp_path / "feat", **{**settings, **on_model.store_settings()}).is_complete()
+    # noise drawn on another device is tagged with it, and such a store is not reused
+    # (a stand-in for a CUDA draw: only the recorded device differs)
+    on_model.noise_drawn_on = "cuda"
+    assert on_model.noise_id == on_cpu.noise_id + "@cuda"
+    with pytest.raises(ConfigError, match="noise_id"):
+        open_or_create(tmp_path / "feat", **{**settings, **on_model.store_settings()})
+    with pytest.raises(ConfigError, match="noise_device"):
+        FeatureExtractor(model, diffusion, [50], [1], noise_device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_noise_device_model_on_cuda_is_the_reference_draw(checkpoint):
+    model = load_unet(checkpoint, preset="small32-spec")
+    fe = FeatureExtractor(model, GaussianDiffusion.from_name("linear", 1000), [50], [1], noise_seed=0,
+                          device="cuda", noise_device="model")
+    want = torch.randn(1, 3, 32, 32, generator=torch.Generator(device="cuda").manual_seed(0), device="cuda").cpu()
+    assert torch.equal(fe.noise, want) and not torch.equal(want, shared_noise(32, 0))
+    assert fe.noise_id == hashlib.sha256(want.numpy().tobytes()).hexdigest()[:16] + "@cuda"
 
 
 @pytest.mark.parametrize(("h", "w", "size"), [(7, 5, 32), (13, 13, 32), (3, 3, 17), (32, 32, 32), (40, 24, 32), (1, 2, 9)])

@@ -7,39 +7,100 @@ import pandas as pd
 import pytest
 import torch
 
+from ddps_core.config import GenerateSettings
 from ddps_core.datasets import DDPMSegFolder, GenericFolder
 from ddps_core.errors import DataError
 from ddps_core.generate.export import Candidate, export_dataset
-from ddps_core.generate.filter import reference_filter, threshold_filter
+from ddps_core.generate.filter import drop_both_filter, filter_scores, reference_filter, threshold_filter
 from ddps_core.generate.sample import sample_to_folder, to_uint8
 
 
+def _shuffled(n, seed=0):
+    """``n`` candidates named so that sorting the names sorts the scores (im0000 the most
+    certain), handed over in a random order."""
+    ids = [f"im{i:04d}" for i in range(n)]
+    perm = np.random.default_rng(seed).permutation(n)
+    return [i / n for i in perm], [ids[i] for i in perm]
+
+
+def _kept(out):
+    return sorted(out.loc[out["kept"], "image_id"])
+
+
 def test_reference_filter_keeps_exactly_the_expected_ids():
-    # 20 candidates; drop the 3 most certain, then ceil(0.1 * 20) = 2 most uncertain
-    rng = np.random.default_rng(0)
-    scores = rng.permutation(np.arange(20) / 10.0)  # 0.0 .. 1.9, distinct
-    ids = [f"im{i:02d}" for i in range(20)]
-    out = reference_filter(scores, ids, drop_certain=3, drop_uncertain=0.1)
-    by_score = {round(s, 1): i for s, i in zip(scores, ids)}
-    want = {by_score[round(v / 10.0, 1)] for v in range(3, 18)}
-    assert set(out.loc[out["kept"], "image_id"]) == want
-    assert set(out.loc[out["reason"] == "most_certain", "image_id"]) == {by_score[0.0], by_score[0.1], by_score[0.2]}
-    assert set(out.loc[out["reason"] == "most_uncertain", "image_id"]) == {by_score[1.8], by_score[1.9]}
+    # N = 400: int(0.1 * 400) = 40 dropped in all, the 30 most certain and 10 most uncertain
+    scores, ids = _shuffled(400)
+    out = reference_filter(scores, ids)  # the reference's 30 and 0.1
+    assert out["kept"].sum() == 400 - 40
+    assert _kept(out) == [f"im{i:04d}" for i in range(30, 390)]
+    assert sorted(out.loc[out["reason"] == "most_certain", "image_id"]) == [f"im{i:04d}" for i in range(30)]
+    assert sorted(out.loc[out["reason"] == "most_uncertain", "image_id"]) == [f"im{i:04d}" for i in range(390, 400)]
     assert list(out["image_id"]) == ids  # input order kept
-    assert sorted(out["rank"]) == list(range(20))
+    assert sorted(out["rank"]) == list(range(400))
+    assert out.set_index("image_id").loc["im0123", "rank"] == 123
+    # the reference's generated set: 1,800 of 2,000
+    scores, ids = _shuffled(2000, seed=1)
+    out = reference_filter(scores, ids)
+    assert out["kept"].sum() == 1800 and (out["reason"] == "most_uncertain").sum() == 170
+    # a small drop_certain: N = 50, int(0.1 * 50) = 5 dropped, 3 certain and 2 uncertain
+    scores, ids = _shuffled(50, seed=2)
+    out = reference_filter(scores, ids, drop_certain=3, drop_uncertain=0.1)
+    assert _kept(out) == [f"im{i:04d}" for i in range(3, 48)]
 
 
-def test_reference_filter_ties_and_fraction_rounding():
+def test_reference_filter_small_sets_follow_the_slice():
+    # int(0.1 * N) <= 30: the slice [30 : 30 - int(0.1 N)] is empty, nothing is kept
+    for n, f in [(309, 30), (300, 30), (100, 10), (9, 0)]:
+        scores, ids = _shuffled(n)
+        out = reference_filter(scores, ids)
+        assert not out["kept"].any(), n
+        assert (out["reason"] == "most_certain").sum() == min(n, 30)
+        assert (out["reason"] == "empty_slice").sum() == max(n - 30, 0)
+    # the first N that keeps anything: int(31.0) = 31, 279 kept, one most uncertain
+    scores, ids = _shuffled(310)
+    out = reference_filter(scores, ids)
+    assert _kept(out) == [f"im{i:04d}" for i in range(30, 309)]
+    assert list(out.loc[out["reason"] == "most_uncertain", "image_id"]) == ["im0309"]
+    # a portion of 0: the reference does not filter at all
+    assert reference_filter(*_shuffled(20), drop_uncertain=0.0)["kept"].all()
+    # int() of the float product, as the reference: 100 * 0.29 = 28.999999999999996 -> 28
+    out = reference_filter(*_shuffled(100), drop_certain=3, drop_uncertain=0.29)
+    assert _kept(out) == [f"im{i:04d}" for i in range(3, 75)]
+    # ties: ranks follow the ids
+    out = reference_filter([0.5] * 50, [f"x{i:02d}" for i in range(50)][::-1], drop_certain=2, drop_uncertain=0.1)
+    assert _kept(out) == [f"x{i:02d}" for i in range(2, 47)]
+    with pytest.raises(ValueError, match="non-finite"):
+        reference_filter([0.1, float("nan")], ["a", "b"])
+
+
+def test_drop_both_filter_keeps_exactly_the_expected_ids():
+    # 20 candidates; drop the 3 most certain, then ceil(0.1 * 20) = 2 most uncertain
+    scores, ids = _shuffled(20)
+    out = drop_both_filter(scores, ids, drop_certain=3, drop_uncertain=0.1)
+    assert _kept(out) == [f"im{i:04d}" for i in range(3, 18)]
+    assert sorted(out.loc[out["reason"] == "most_certain", "image_id"]) == ["im0000", "im0001", "im0002"]
+    assert sorted(out.loc[out["reason"] == "most_uncertain", "image_id"]) == ["im0018", "im0019"]
+    assert list(out["image_id"]) == ids
+    # the defaults on 2,000: 30 + 200 dropped
+    assert drop_both_filter(*_shuffled(2000))["kept"].sum() == 1770
+
+
+def test_drop_both_filter_ties_and_fraction_rounding():
     # 30 equal scores: ranks follow the ids; 0.1 * 30 = 3 exactly (not 4 from float error)
     ids = [f"x{i:02d}" for i in range(30)][::-1]
-    out = reference_filter([0.5] * 30, ids, drop_certain=2, drop_uncertain=0.1)
+    out = drop_both_filter([0.5] * 30, ids, drop_certain=2, drop_uncertain=0.1)
     assert set(out.loc[out["reason"] == "most_certain", "image_id"]) == {"x00", "x01"}
     assert set(out.loc[out["reason"] == "most_uncertain", "image_id"]) == {"x27", "x28", "x29"}
     assert out["kept"].sum() == 25
     # a candidate set smaller than drop_certain keeps nothing (the export then refuses)
-    assert not reference_filter([0.1, 0.2], ["a", "b"], drop_certain=30).kept.any()
-    with pytest.raises(ValueError, match="non-finite"):
-        reference_filter([0.1, float("nan")], ["a", "b"])
+    assert not drop_both_filter([0.1, 0.2], ["a", "b"], drop_certain=30).kept.any()
+
+
+def test_filter_scores_dispatches_on_the_setting():
+    scores, ids = _shuffled(50)
+    ref = filter_scores(scores, ids, GenerateSettings(filter="reference", drop_certain=3))
+    both = filter_scores(scores, ids, GenerateSettings(filter="drop_both", drop_certain=3))
+    assert ref["kept"].sum() == 45 and both["kept"].sum() == 42
 
 
 def test_threshold_filter():
@@ -71,7 +132,7 @@ def test_export_round_trips_through_the_generic_reader(tmp_path):
     k = 4
     cands, truth = _candidates(k=k)
     scored = [c for c in cands if c.score is not None]
-    decisions = reference_filter([c.score for c in scored], [c.image_id for c in scored], 1, 0.2)
+    decisions = drop_both_filter([c.score for c in scored], [c.image_id for c in scored], 1, 0.2)
     manifest = export_dataset(tmp_path / "gen", cands, decisions, ["a", "b", "c", "d"], ddpm_seg=True, contact=2)
     kept = set(manifest.loc[manifest["kept"], "image_id"])
     # gen_0 is the most certain, gen_5 (ceil(0.2 * 6) = 2: gen_4, gen_5) the most uncertain
@@ -104,7 +165,7 @@ def test_export_round_trips_through_the_generic_reader(tmp_path):
 def test_failed_export_leaves_the_previous_one(tmp_path):
     cands, _ = _candidates()
     scored = [c for c in cands if c.score is not None]
-    dec = reference_filter([c.score for c in scored], [c.image_id for c in scored], 0, 0.0)
+    dec = drop_both_filter([c.score for c in scored], [c.image_id for c in scored], 0, 0.0)
     export_dataset(tmp_path / "gen", cands, dec, ["a", "b", "c", "d"], contact=0)
     before = sorted(p.name for p in (tmp_path / "gen" / "images").iterdir())
 
@@ -117,7 +178,7 @@ def test_failed_export_leaves_the_previous_one(tmp_path):
         export_dataset(tmp_path / "gen", bad, dec2, ["a", "b", "c", "d"], contact=0)
     assert sorted(p.name for p in (tmp_path / "gen" / "images").iterdir()) == before
     # nothing kept is refused with a message, and the previous export stays
-    none = reference_filter([c.score for c in scored], [c.image_id for c in scored], 30, 0.1)
+    none = drop_both_filter([c.score for c in scored], [c.image_id for c in scored], 30, 0.1)
     with pytest.raises(DataError, match="kept no image"):
         export_dataset(tmp_path / "gen", scored, none, ["a", "b", "c", "d"], contact=0)
     assert sorted(p.name for p in (tmp_path / "gen" / "images").iterdir()) == before

@@ -197,13 +197,23 @@ def test_js_divergence_and_vote_by_hand():
     assert majority_vote(torch.tensor([[2], [1], [1], [2]]), 3).tolist() == [1]
 
 
-def test_image_score_top_ten_percent():
-    u = np.arange(20, dtype=np.float32).reshape(4, 5)  # ceil(0.1 * 20) = 2 -> mean(19, 18)
+def test_image_score_top_ten_percent_rounded_down():
+    # the reference: the mean of the int(n / 10) largest pixel scores
+    u = np.arange(20, dtype=np.float32).reshape(4, 5)  # int(2.0) = 2 -> mean(19, 18)
     assert image_score(u) == pytest.approx(18.5)
     u = np.zeros((5, 5), dtype=np.float32)
-    u[0, :3] = [4.0, 1.0, 7.0]  # ceil(2.5) = 3 -> mean(7, 4, 1)
-    assert image_score(u) == pytest.approx(4.0)
+    u[0, :3] = [4.0, 1.0, 7.0]  # int(2.5) = 2 -> mean(7, 4), not the 3 of a ceil
+    assert image_score(u) == pytest.approx(5.5)
+    assert image_score(torch.from_numpy(u)) == pytest.approx(5.5)
+    u = np.zeros(19)
+    u[[3, 11]] = [0.5, 0.25]  # int(1.9) = 1 -> the largest alone
+    assert image_score(u) == pytest.approx(0.5)
+    # below 10 pixels the reference's slice [-0:] is the whole map: the mean of every pixel
     assert image_score(np.array([[0.25]])) == pytest.approx(0.25)
+    u = np.array([[0.9, 0.0, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.6]])  # 9 pixels
+    assert image_score(u) == pytest.approx(1.8 / 9)
+    with pytest.raises(ValueError, match="empty"):
+        image_score(np.zeros((0, 4)))
 
 
 def test_predict_image_matches_independent_computation():
@@ -224,7 +234,7 @@ def test_predict_image_matches_independent_computation():
     ])
     assert np.array_equal(labels.ravel(), want_lab)
     np.testing.assert_allclose(unc.ravel(), want_js, atol=2e-5)
-    k = math.ceil(0.1 * S * S)
+    k = int(S * S / 10)  # the reference's top int(n / 10): 8 of 81 pixels
     assert score == pytest.approx(np.sort(want_js)[-k:].mean(), abs=2e-5)
     assert 0 < score <= math.log(M)
     # the callable path gives the same result

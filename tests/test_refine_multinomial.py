@@ -20,17 +20,51 @@ from ddps_core.refiner.multinomial import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+# The DDPS reference's constants and its two abar formulas, written out here with numpy so
+# the schedule is checked against the reference's definition, not against itself.
+REF_A1, REF_AT = 0.99999, 0.000009
+
+
+def _reference_abar(T: int, schedule: str) -> np.ndarray:
+    s = np.arange(T, dtype=np.float64)
+    if schedule == "linear":
+        return REF_A1 + s / (T - 1) * (REF_AT - REF_A1)
+    return REF_AT + (REF_A1 - REF_AT) * (np.cos((s + T) * np.pi / (2 * T)) + 1) ** 2
+
+
+def test_reference_constants():
+    assert (A1, AT) == (REF_A1, REF_AT)
+
+
+@pytest.mark.parametrize("T", [10, 20])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_schedule_end_points_and_monotone(schedule):
-    abar = alpha_bar_schedule(20, schedule)
-    assert abar[0] == pytest.approx(A1, abs=1e-12) and abar[-1] == pytest.approx(AT, abs=1e-12)
+def test_schedule_is_the_reference_formula(schedule, T):
+    abar = alpha_bar_schedule(T, schedule)
+    assert abar.dtype == np.float64 and abar.shape == (T,)
+    np.testing.assert_allclose(abar, _reference_abar(T, schedule), rtol=1e-13, atol=0)
     assert np.all(np.diff(abar) < 0)
+    assert abar[0] == pytest.approx(REF_A1, abs=1e-15)
+    # abar at s = T-1: exactly aT for linear; for cosine the bracket is (1 - cos(pi / 2T))^2
+    last = REF_AT if schedule == "linear" else REF_AT + (REF_A1 - REF_AT) * (1 - math.cos(math.pi / (2 * T))) ** 2
+    assert abar[-1] == pytest.approx(last, rel=1e-12)
 
 
-def test_linear_schedule_formula():
-    T = 7
-    abar = alpha_bar_schedule(T, "linear")
-    assert np.allclose(abar, [A1 + s / (T - 1) * (AT - A1) for s in range(T)], atol=0, rtol=1e-15)
+def test_cosine_schedule_hand_values():
+    # cos((s + T) pi / 2T) = -sin(s pi / 2T); at T = 10, s = 5 the bracket is (1 - sin(pi/4))^2
+    abar = alpha_bar_schedule(10, "cosine")
+    assert abar[5] == pytest.approx(9e-6 + 0.999981 * (1 - 2 ** -0.5) ** 2, rel=1e-12)  # 0.0857938...
+    assert abar[5] == pytest.approx(0.08579381, abs=5e-9)
+    assert abar[-1] == pytest.approx(1.6058e-4, rel=1e-4)  # the cosine schedule stops above aT
+    assert alpha_bar_schedule(20, "cosine")[-1] == pytest.approx(1.851e-5, rel=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_round_trips_through_to_dict(schedule):
+    sch = MultinomialDiffusion(5, 10, schedule)
+    d = sch.to_dict()
+    assert (d["a1"], d["aT"]) == (REF_A1, REF_AT)
+    again = MultinomialDiffusion(d["num_classes"], d["num_timesteps"], d["schedule"], d["a1"], d["aT"])
+    np.testing.assert_array_equal(again.alphas_cumprod, sch.alphas_cumprod)
 
 
 def test_one_step_alphas_compose_to_the_marginal():
@@ -49,9 +83,9 @@ def test_marginals_sum_to_one_and_end_points(schedule, K):
     probs = sch.marginal_probs(x0, s).double()
     assert probs.shape == (T, K, 5, 3)
     assert torch.allclose(probs.sum(1), torch.ones(()).double(), atol=1e-5)
-    # network step t = 0 (s = T-1): uniform to 1e-5
+    # network step t = 0 (s = T-1): uniform to abar_{T-1} (9e-6 linear, 1.85e-5 cosine)
     t0 = probs[sch.s_from_t(0)]
-    assert (t0 - 1.0 / K).abs().max() < 1e-5
+    assert (t0 - 1.0 / K).abs().max() < (1e-5 if schedule == "linear" else 2e-5)
     # network step t = T-1 (s = 0): one-hot of x0 to 1e-4
     tl = probs[sch.s_from_t(T - 1)]
     onehot = torch.nn.functional.one_hot(x0[0], K).movedim(-1, 0).double()

@@ -29,7 +29,7 @@ from ddps_core.errors import ConfigError
 
 from .shardio import DIRECT_ALIGN, aligned_empty
 
-__all__ = ["FeatureExtractor", "array_name", "preprocess", "shared_noise"]
+__all__ = ["NOISE_DEVICES", "FeatureExtractor", "array_name", "preprocess", "shared_noise"]
 
 
 def array_name(t: int, block: int) -> str:
@@ -37,10 +37,22 @@ def array_name(t: int, block: int) -> str:
     return f"t{int(t)}_b{int(block)}"
 
 
-def shared_noise(image_size: int, seed: int = 0) -> torch.Tensor:
-    """The reference's shared noise: ``randn(1, 3, S, S)`` from a CPU generator seeded ``seed``."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn((1, 3, int(image_size), int(image_size)), generator=gen)
+NOISE_DEVICES = ("cpu", "model")
+
+
+def shared_noise(image_size: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The shared noise ``randn(1, 3, S, S)``, drawn on ``device`` by a generator on that
+    device seeded ``seed`` (the reference's draw, with its ``dev()`` as ``device``), returned
+    on the CPU.
+
+    CPU and CUDA generators are different algorithms, so the same seed gives different noise
+    on each; on the CPU, ``device="cpu"`` is exactly the reference's draw on a machine
+    without a GPU.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    noise = torch.randn((1, 3, int(image_size), int(image_size)), generator=gen, device=device)
+    return noise.cpu()
 
 
 def preprocess(image: np.ndarray, size: int) -> torch.Tensor:
@@ -86,6 +98,10 @@ class FeatureExtractor:
     :param model_id: the checkpoint's id recorded in feature stores (default: the
         :func:`~ddps_core.diffusion.state_dict_hash` of the model's weights as float32; pass
         the hash of the checkpoint file's state dict for fp16 models).
+    :param noise_device: where the shared noise is drawn: ``"cpu"`` (the same noise on any
+        machine) or ``"model"`` (on ``device``, as the reference does, so the features match
+        a CUDA reference run; on a CPU model the same as ``"cpu"``). A meta-device extractor
+        (shapes only) draws on the CPU. Ignored when ``noise`` is given.
     """
 
     def __init__(
@@ -100,6 +116,7 @@ class FeatureExtractor:
         model_id: str | None = None,
         mixed_precision: bool = True,
         channels_last: bool | None = None,
+        noise_device: str = "cpu",
     ):
         self.device = torch.device(device)
         self.mixed_precision = bool(mixed_precision)
@@ -111,9 +128,16 @@ class FeatureExtractor:
         self.steps = _check_int_list(list(steps), "steps", 0, int(diffusion.num_timesteps) - 1)
         self.image_size = int(model.image_size)
         S = self.image_size
+        if noise_device not in NOISE_DEVICES:
+            raise ConfigError(f"features.noise_device: expected one of {list(NOISE_DEVICES)}, got {noise_device!r}")
+        self.noise_device = noise_device
+        # the device type the noise was drawn on (None: given); part of noise_id
+        self.noise_drawn_on: str | None = None
         if noise is None:
             self.noise_seed: int | None = int(noise_seed)
-            eps = shared_noise(S, self.noise_seed)
+            draw = self.device if noise_device == "model" and self.device.type != "meta" else torch.device("cpu")
+            eps = shared_noise(S, self.noise_seed, draw)
+            self.noise_drawn_on = draw.type
         else:
             eps = torch.as_tensor(noise).detach().to("cpu", torch.float32)
             if eps.dim() == 3:
@@ -151,8 +175,16 @@ class FeatureExtractor:
 
     @property
     def noise_id(self) -> str:
-        """sha256 (16 hex digits) of the shared noise's float32 bytes."""
-        return hashlib.sha256(self.noise.numpy().tobytes()).hexdigest()[:16]
+        """sha256 (16 hex digits) of the shared noise's float32 bytes, followed by
+        ``@<device type>`` when the noise was drawn elsewhere than on the CPU (``@cuda``).
+
+        The tag records in the store which generator made the noise. Noise drawn on the CPU
+        (with either ``noise_device``) or given keeps the bare hash, so a CPU draw has one id
+        whichever setting asked for it, and stores made before the setting existed stay valid.
+        """
+        digest = hashlib.sha256(self.noise.numpy().tobytes()).hexdigest()[:16]
+        drawn = self.noise_drawn_on
+        return digest if drawn in (None, "cpu") else f"{digest}@{drawn}"
 
     @property
     def schedule_id(self) -> str:

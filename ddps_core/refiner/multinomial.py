@@ -1,5 +1,5 @@
 """Uniform multinomial (discrete) diffusion over K-class masks, as a schedule object apart
-from the denoiser network (METHODS.md §6).
+from the denoiser network (the DDPS mask prior).
 
 State: every pixel holds one of K class labels; there is no absorbing [MASK] token, so noise
 is the uniform distribution over the K classes. The forward marginal is closed form::
@@ -9,14 +9,15 @@ is the uniform distribution over the K classes. The forward marginal is closed f
 Two step axes, on purpose kept apart by name:
 
 - ``s`` (schedule step, 0..T-1) indexes the *forward* process: ``abar_0 = a1 = 0.99999``
-  (nearly clean), ``abar_{T-1} = aT = 9e-6`` (nearly uniform).
+  (nearly clean); ``abar_{T-1}`` is ``aT = 9e-6`` under the linear schedule and a little
+  above it under the cosine one (nearly uniform either way, see :func:`alpha_bar_schedule`).
 - ``t`` (network step) is what the denoiser is conditioned on and what the samplers iterate:
   ``t = T - 1 - s``. So t = 0 is the noisiest input (the first prediction is made there) and
   t = T-1 is nearly clean. Every method of :class:`MultinomialDiffusion` takes ``s``;
   :meth:`MultinomialDiffusion.s_from_t` converts.
 
 Computations are in log space (log-probabilities, ``logaddexp``), because the one-hot input
-has exact zeros and the schedule reaches abar = 9e-6: products of tiny probabilities lose
+has exact zeros and the schedule reaches abar ~ 1e-5: products of tiny probabilities lose
 precision, sums of logs do not. Sampling is Gumbel-max on the log-probabilities. All
 randomness comes from an optional :class:`torch.Generator`; noise is drawn on the generator's
 device and then moved, so a CPU generator gives the same numbers whatever device the tensors
@@ -42,33 +43,40 @@ __all__ = [
     "uniform_mask",
 ]
 
-A1 = 0.99999  # abar at s = 0 (METHODS §6)
-AT = 9e-6  # abar at s = T - 1
+A1 = 0.99999  # abar at s = 0 (the DDPS reference's att_1)
+AT = 9e-6  # the reference's att_T: abar at s = T - 1 (linear), the floor (cosine)
 _LOG_ZERO_CLAMP = 1e-30  # log(0) stand-in: exp(log(1e-30)) underflows to 0 in any product
 
 
 def alpha_bar_schedule(num_timesteps: int, schedule: str = "linear", a1: float = A1, aT: float = AT) -> np.ndarray:
-    """``abar_s`` for s = 0..T-1 as float64.
+    """``abar_s`` for s = 0..T-1 as float64: the two schedules of the DDPS reference.
 
-    - ``"linear"`` (the reference): ``abar_s = a1 + s / (T-1) * (aT - a1)``.
-    - ``"cosine"``: the improved-DDPM shape ``f(u) = cos((u + 0.008) / 1.008 * pi/2)^2`` at
-      ``u = s / (T-1)``, rescaled affinely so that it starts at ``a1`` and ends at ``aT``.
-      Keeping the same end points as the linear schedule means the t = 0 input is uniform and
-      the t = T-1 input nearly clean under both, so the samplers and the first-prediction
-      trick do not depend on the choice; only how fast the noise grows in between differs
-      (cosine stays cleaner longer, then drops).
+    - ``"linear"``: ``abar_s = a1 + s / (T-1) * (aT - a1)``; exactly ``a1`` at s = 0 and
+      ``aT`` at s = T-1.
+    - ``"cosine"`` (the reference calls it ``cos``):
+      ``abar_s = aT + (a1 - aT) * (cos((s + T) * pi / (2T)) + 1) ** 2``. Since
+      ``cos((s + T) pi / (2T)) = -sin(s pi / (2T))`` this is ``(1 - sin(s pi / (2T)))^2``
+      mapped onto ``[aT, a1]``: it starts at ``a1`` and falls fastest at the start. It does
+      not reach ``aT``: at s = T-1 the bracket is ``(1 - cos(pi / (2T)))^2``, so
+      ``abar_{T-1}`` is about 1.9e-5 at T = 20 and 1.6e-4 at T = 10. The t = 0 input of
+      training and sampling is exact uniform noise (:func:`uniform_mask`) under either
+      schedule, so this gap only enters through ``q_sample`` at s = T-1.
+
+    The reference evaluates both in float32 (torch's default dtype); the float64 values here
+    agree with its numbers to float32 rounding (relative 3e-6 at most, at the smallest cosine
+    values, where ``cos + 1`` cancels). Its numpy twin of the cosine schedule uses the
+    exponent 3; the torch one, which its segmentation heads use, the exponent 2, as here.
     """
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
     if not 0.0 < aT < a1 <= 1.0:
         raise ValueError(f"need 0 < aT < a1 <= 1, got a1={a1}, aT={aT}")
-    u = np.arange(num_timesteps, dtype=np.float64) / (num_timesteps - 1)
+    T = int(num_timesteps)
+    s = np.arange(T, dtype=np.float64)
     if schedule == "linear":
-        return a1 + u * (aT - a1)
+        return a1 + s / (T - 1) * (aT - a1)
     if schedule == "cosine":
-        f = np.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-        f = (f - f[-1]) / (f[0] - f[-1])  # exactly 1 at s = 0, exactly 0 at s = T-1
-        return aT + f * (a1 - aT)
+        return aT + (a1 - aT) * (np.cos((s + T) * math.pi / (2 * T)) + 1.0) ** 2
     raise ValueError(f"unknown multinomial schedule {schedule!r} (expected 'linear' or 'cosine')")
 
 
@@ -114,8 +122,10 @@ class MultinomialDiffusion:
 
     :param num_classes: K.
     :param num_timesteps: T.
-    :param schedule: ``"linear"`` (reference) or ``"cosine"``, see :func:`alpha_bar_schedule`.
-    :param a1, aT: abar at s = 0 and s = T-1.
+    :param schedule: ``"linear"`` (the reference's default) or ``"cosine"``, see
+        :func:`alpha_bar_schedule`.
+    :param a1, aT: the schedule's parameters: abar at s = 0, and abar at s = T-1 (linear) or
+        the value the cosine schedule falls towards.
 
     Arrays (float64 numpy, indexed by s): ``alphas_cumprod`` (abar_s) and ``alphas`` (the
     one-step keep probabilities ``alpha_s = abar_s / abar_{s-1}``, ``alpha_0 = abar_0``),
@@ -130,6 +140,7 @@ class MultinomialDiffusion:
         self.num_classes = int(num_classes)
         self.num_timesteps = int(num_timesteps)
         self.schedule = schedule
+        self.a1, self.aT = float(a1), float(aT)
         self.alphas_cumprod = alpha_bar_schedule(num_timesteps, schedule, a1, aT)
         self.alphas = self.alphas_cumprod / np.append(1.0, self.alphas_cumprod[:-1])
         self.log_alphas_cumprod = np.log(self.alphas_cumprod)
@@ -252,7 +263,10 @@ class MultinomialDiffusion:
         return self.q_pred(index_to_log_onehot(x0, self.num_classes), s).exp()
 
     def to_dict(self) -> dict:
-        """What identifies the schedule (stored with a trained denoiser)."""
+        """What identifies the schedule (stored with a trained denoiser).
+
+        ``a1`` / ``aT`` are the parameters, not ``abar`` at the end points: the cosine
+        schedule ends above ``aT``, and rebuilding it from its last value would shift it.
+        """
         return {"num_classes": self.num_classes, "num_timesteps": self.num_timesteps,
-                "schedule": self.schedule, "a1": float(self.alphas_cumprod[0]),
-                "aT": float(self.alphas_cumprod[-1])}
+                "schedule": self.schedule, "a1": self.a1, "aT": self.aT}

@@ -1,4 +1,4 @@
-"""Ensemble prediction: majority vote, Jensen-Shannon uncertainty, image score (METHODS §4).
+"""Ensemble prediction: majority vote, Jensen-Shannon uncertainty, image score (DDPM-Seg).
 
 For every pixel, each member's argmax is taken and the label is the per-pixel majority vote
 (the mode of the ``M`` member labels). Ties go to the SMALLEST class id among the most voted
@@ -8,8 +8,9 @@ deterministic; the reference's mode does not document its tie-breaking.
 The uncertainty of a pixel is the Jensen-Shannon divergence of the members' softmax
 distributions: ``JS = H(mean_m p_m) - mean_m H(p_m)`` with ``H(p) = -sum_k p_k ln p_k``
 (natural log, ``0 ln 0 = 0``), in ``[0, ln M]``; tiny negative values from rounding are
-clipped to 0. The image score is the mean of the image's ``ceil(0.1 * n)`` largest pixel
-uncertainties (its top 10 %).
+clipped to 0. The image score is, as in the reference, the mean of the image's
+``int(n / 10)`` largest pixel uncertainties (its top 10 %, rounded down); an image of fewer
+than 10 pixels scores the mean of all of them (see :func:`image_score`).
 
 Pixels are processed in chunks (``chunk`` pixels at a time, by default sized from ``D`` and
 ``M * K`` to a few tens of MB), so memory stays bounded for any image size; a feature source
@@ -19,7 +20,6 @@ on-demand bilinear taps), so the ``D x S x S`` float32 map never has to exist.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,13 +66,19 @@ def vote_and_uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return labels, js
 
 
-def image_score(uncertainty: np.ndarray | torch.Tensor, fraction: float = 0.1) -> float:
-    """Mean of the ``ceil(fraction * n)`` largest values of an uncertainty map."""
+def image_score(uncertainty: np.ndarray | torch.Tensor) -> float:
+    """Mean of the ``int(n / 10)`` largest values of an uncertainty map of ``n`` pixels.
+
+    The reference takes the sorted map's slice ``[-int(n / 10):]``; below 10 pixels that is
+    ``[-0:]``, the whole map, so such an image scores the mean of all its pixels. That is
+    kept: it is what the slice gives, and a mean of some pixels is a sensible score where
+    10 % is less than one.
+    """
     u = np.asarray(uncertainty.detach().cpu() if isinstance(uncertainty, torch.Tensor) else uncertainty,
                    dtype=np.float64).ravel()
     if u.size == 0:
         raise ValueError("image_score of an empty uncertainty map")
-    k = max(1, math.ceil(fraction * u.size))
+    k = u.size // 10 or u.size
     top = np.partition(u, u.size - k)[u.size - k:]
     return float(top.mean())
 
