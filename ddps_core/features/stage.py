@@ -94,7 +94,7 @@ def extractor(settings: Settings, device: Any = None, variant: str = "ddpm") -> 
     diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])
     f = settings.features
     return FeatureExtractor(model, diffusion, f.steps, f.blocks, noise_seed=f.noise_seed,
-                            device=device, model_id=info["model_id"])
+                            device=device, model_id=info["model_id"], noise_device=f.noise_device)
 
 
 def open_for_writing(settings: Settings, path: str | Path, reader: Any, ext: FeatureExtractor,
