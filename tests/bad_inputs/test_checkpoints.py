@@ -18,12 +18,9 @@ SPEC_KEYS = "guided_diffusion_small32_keys.txt"  # the official key list of pres
 
 
 def spec_dir() -> Path:
-    env = os.environ.get("DDPS_SPEC_DIR")
-    d = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "spec"
-    if not (d / SPEC_KEYS).is_file():
-        pytest.fail(f"spec key files not found in {d}: the checkout needs ../shared/spec beside "
-                    "it, or set DDPS_SPEC_DIR")  # never a skip
-    return d
+    """The official checkpoints' state-dict keys and shapes (``name [shape]`` per line), read
+    from guided-diffusion's released ``ffhq.pt`` layout: the fixture the UNet must load."""
+    return Path(__file__).resolve().parents[1] / "data" / "checkpoint_keys"
 
 
 def spec_state_dict() -> dict[str, torch.Tensor]:

@@ -137,7 +137,7 @@ def test_evaluate_report_cannot_be_written(fault, tmp_path, cli):
         np.save(gt / f"im{i}.npy", label)
         np.save(pred / f"im{i}.npy", label if i else (label + 1) % 3)
     report = fault.folder / "report.parquet"
-    args = ["evaluate", "--pred", pred, "--gt", gt, "--num-classes", "3", "--out", report]
+    args = ["score", "--pred", pred, "--gt", gt, "--num-classes", "3", "--out", report]
     assert cli(*args).code == 0  # the earlier output
     before = snapshot(fault.folder)
     np.save(pred / "im0.npy", np.load(gt / "im0.npy"))  # new predictions: another report

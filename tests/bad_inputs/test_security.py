@@ -16,7 +16,7 @@ from ddps_core.errors import DataError
 from tests.bad_inputs.conftest import CLASSES, assert_clear_error, image_array, label_map
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE_DIRS = ("ddps_core", "flows", "tasks", "benchmarks", "tests")
+SOURCE_DIRS = ("ddps", "ddps_core", "flows", "tasks", "benchmarks", "tests")
 
 
 # --------------------------------------------------------------------------- weight loads
@@ -157,7 +157,7 @@ def test_nothing_binds_all_interfaces_by_default():
     """Servers bind 127.0.0.1 unless the user says otherwise: no wildcard address appears in
     the code or the configuration the project ships (the temporary Prefect server of a flow
     binds 127.0.0.1 itself, and so does ``prefect server start`` unless given ``--host``)."""
-    texts = [p for d in ("ddps_core", "flows", "tasks") for p in sorted((REPO / d).rglob("*.py"))]
+    texts = [p for d in ("ddps", "ddps_core", "flows", "tasks") for p in sorted((REPO / d).rglob("*.py"))]
     texts += [REPO / n for n in ("Makefile", "params.yaml", "dvc.yaml", "prefect.yaml", "pyproject.toml")
               if (REPO / n).is_file()]
     assert len(texts) > 30

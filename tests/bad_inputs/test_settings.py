@@ -53,19 +53,22 @@ def test_cli_override_out_of_range_names_the_override(tmp_path, cli, synthetic_o
 
 
 def test_flow_parameter_out_of_range(tmp_path):
-    """A deployment's parameters reach a stage flow as partial overrides of its section; the
-    flow validates them before any task runs. The flow body is called directly (``.fn``), so
-    no Prefect server is needed: what is checked is the flow's own validation."""
+    """A deployment's parameters reach a stage flow as overrides; the flow validates them
+    before any task runs. The flow body is called directly (``.fn``), so no Prefect server is
+    needed: what is checked is the flow's own validation."""
     from flows.common import settings_for
-    from flows.extract_features import extract_features_flow
+    from flows.stages import extract
 
-    missing = tmp_path / "no-params.yaml"  # the embedded defaults
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")  # the embedded defaults
     with pytest.raises(ConfigError, match=r"features\.batch_size: Input should be greater than or equal to 1 \(got 0\)"):
-        settings_for(missing, {"features": {"batch_size": 0}})
+        settings_for(params, {"features": {"batch_size": 0}})
     with pytest.raises(ConfigError, match=r"features\.batch_size: .*\(got 0\)"):
-        extract_features_flow.fn(features={"batch_size": 0}, params_path=str(missing))
+        extract.fn(overrides={"features.batch_size": 0}, params_path=str(params))
     with pytest.raises(ConfigError, match=r"features\.shard_imagez: unknown key"):
-        extract_features_flow.fn(features={"shard_imagez": 4}, params_path=str(missing))
+        extract.fn(overrides={"features": {"shard_imagez": 4}}, params_path=str(params))
+    with pytest.raises(ConfigError, match=r"no-params\.yaml: file not found"):
+        extract.fn(params_path=str(tmp_path / "no-params.yaml"))
 
 
 @pytest.fixture
@@ -75,7 +78,8 @@ def extracted(tmp_path, cli):
 
     raw = tiny_project(tmp_path, {"n_unlabeled": 0, "n_labeled": 2, "n_test": 1},
                        features={"out": str(tmp_path / "features"), "steps": [10], "blocks": [2],
-                                 "random_unet": False, "splits": ["train"], "batch_size": 2})
+                                 "splits": ["train"], "batch_size": 2},
+                       teacher={"baselines": []})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     res = cli("features", "extract", "--params", params)

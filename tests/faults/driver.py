@@ -1,5 +1,5 @@
 """Runs one stage of a tiny project and prints a progress marker line (``@@ <marker>``) at
-each progress callback, flushed, so that a test can SIGKILL it at a chosen point.
+each progress report, flushed, so that a test can SIGKILL it at a chosen point.
 
 ``python -m tests.faults.driver <stage> <settings.json>``: the settings file is a
 ``Settings.model_dump(mode="json")``. ``run`` is also called in-process for the reference
@@ -12,29 +12,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-STAGES = ("extract", "ensemble", "generate", "ddps")
+STAGES = ("extract", "train_teacher", "generate", "train_refiner")
 
 
 def run(stage: str, settings: Any, emit: Callable[[str], None]) -> dict[str, Any]:
-    """The stage function the CLI command calls (``ddps features extract``, ``ddps ensemble
-    train``, ``ddps generate``, ``ddps ddps train``), with a progress callback emitting markers."""
-    if stage == "extract":
-        from ddps_core.features.stage import run_stage
+    """Stage ``stage`` through its one implementation (what ``ddps`` and its flow run), with a
+    reporter that emits a marker ``<task> <done>`` at every progress report."""
+    from ddps_core import stages
+    from ddps_core.progress import CallbackReporter
 
-        return run_stage(settings, progress=lambda name, done, _n: emit(f"{name} {done}"))
-    if stage == "ensemble":
-        from ddps_core.teacher.stage import run_train
-
-        return run_train(settings, progress=lambda epoch, updates, *_: emit(f"epoch {epoch} updates {updates}"))
-    if stage == "generate":
-        from ddps_core.generate.stage import run_stage
-
-        return run_stage(settings, progress=lambda step, done, _n: emit(f"{step} {done}"))
-    if stage == "ddps":
-        from ddps_core.refiner.stage import run_train
-
-        return run_train(settings, on_step=lambda method, info: emit(f"{method} {info.step}"))
-    raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    return stages.get(stage).run(settings, CallbackReporter(progress=lambda task, done, *_a, **_k: emit(f"{task} {done}")))
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,5 @@
-"""SIGKILL at random points of four stages (feature extraction, ensemble training,
-generation, DDPS training) on tiny projects; each stage is killed at >= 5 points chosen by a
+"""SIGKILL at random points of four stages (feature extraction, teacher training,
+generation, refiner training) on tiny projects; each stage is killed at >= 5 points chosen by a
 seeded RNG over the progress markers of an uninterrupted reference run (plus a random delay),
 the kills following each other on one output folder, and then rerun to completion.
 
@@ -40,11 +40,10 @@ def project(tmp_path_factory):
     raw = tiny_project(
         root, {"n_unlabeled": 12, "n_labeled": 4, "n_test": 3},
         features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
-                  "out": str(root / "features"), "random_unet": False},
-        teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 8, "patience": 100, "checkpoint_every": 3,
-                  "out": str(root / "ens"), "labels_out": str(root / "labels"), "min_class_pixels": 1,
-                  "figures": 1},
-        generate={"source": "both", "n_samples": 8, "sample_steps": 2, "batch_size": 1,
+                  "out": str(root / "features")},
+        teacher={"baselines": [], "members": 2, "max_epochs": 8, "patience": 100, "checkpoint_every": 3,
+                 "out": str(root / "ens"), "labels_out": str(root / "labels"), "min_class_pixels": 1},
+        generate={"source": "both", "n_samples": 8, "sample_steps": 2, "batch_size": 1, "filter": "drop_both",
                   "drop_certain": 2, "drop_uncertain": 0.2, "out": str(root / "generated"),
                   "work": str(root / "work"), "contact_sheet": 2})
     return root, raw
@@ -106,18 +105,17 @@ def extracted(project):
 def trained(project, extracted):
     root, raw = project
     s = parse_settings(raw)
-    markers, seconds, summary = reference("ensemble", s)
+    markers, seconds, summary = reference("train_teacher", s)
     return markers, seconds, digest([root / "ens"]), summary
 
 
 @pytest.fixture(scope="module")
 def generated(project, trained):
-    from ddps_core.teacher.stage import label_split
+    from ddps_core import stages
 
     root, raw = project
     s = parse_settings(raw)
-    for split in ("test", "unlabeled"):
-        label_split(s, "ddpm", split, s.teacher.labels_out)
+    stages.get("label").run(s)
     markers, seconds, summary = reference("generate", s)
     return markers, seconds, digest([root / "generated"]), summary
 
@@ -152,14 +150,14 @@ def test_ensemble_training_killed_five_times_resumes_to_the_same_weights(project
     out = root / "ens-killed"
     s = _with(raw, teacher={"out": str(out)})
     kills = choose_kills(markers, seconds, N_KILLS, seed=202)
-    run = kill_then_finish("ensemble", s, tmp_path, markers, kills, lambda _k: check_final_files_parse([out]))
+    run = kill_then_finish("train_teacher", s, tmp_path, markers, kills, lambda _k: check_final_files_parse([out]))
     assert len({k.target for k in run.kills}) == len({(k.seen, k.delay) for k in run.kills}) == N_KILLS
     # bit-identical weights and checkpoint; train.json differs only in timing / resume record
     _assert_same(_renamed(ref, "ens", out.name), digest([out]), ignore=("train.json", "checkpoint.pt"))
-    ck_ref, ck = load_checkpoint(root / "ens" / "ddpm" / "checkpoint.pt"), load_checkpoint(out / "ddpm" / "checkpoint.pt")
+    ck_ref, ck = load_checkpoint(root / "ens" / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
     assert ck["state"]["updates"] == ck_ref["state"]["updates"] and ck["state"]["epoch"] == ck_ref["state"]["epoch"]
-    rec_ref = json.loads((root / "ens" / "ddpm" / "train.json").read_text())
-    rec = json.loads((out / "ddpm" / "train.json").read_text())
+    rec_ref = json.loads((root / "ens" / "train.json").read_text())
+    rec = json.loads((out / "train.json").read_text())
     for key in ("epochs", "reason", "n_train_images", "feature_dim", "source_id"):
         assert rec[key] == rec_ref[key], key
     assert rec.get("resumed_from") is not None
@@ -196,7 +194,7 @@ def ddps_trained(tmp_path_factory):
     _project(root)
     kw = dict(steps=6, checkpoint_every=2, log_every=1, ablation=True)
     s = _settings(root, out=str(root / "ddps"), **kw)
-    markers, seconds, summary = reference("ddps", s)
+    markers, seconds, summary = reference("train_refiner", s)
     return root, kw, markers, seconds, digest([root / "ddps"])
 
 
@@ -208,7 +206,7 @@ def test_ddps_training_killed_five_times_resumes_to_the_same_weights(ddps_traine
     out = root / "ddps-killed"
     s = _settings(root, out=str(out), **kw)
     kills = choose_kills(markers, seconds, N_KILLS, seed=404)
-    run = kill_then_finish("ddps", s, tmp_path, markers, kills, lambda _k: check_final_files_parse([out]))
+    run = kill_then_finish("train_refiner", s, tmp_path, markers, kills, lambda _k: check_final_files_parse([out]))
     assert len({k.target for k in run.kills}) == len({(k.seen, k.delay) for k in run.kills}) == N_KILLS
     got = digest([out])
     ck = sorted(k for k in got if k.endswith(".pt"))

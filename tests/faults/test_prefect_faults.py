@@ -30,29 +30,29 @@ def project(tmp_path):
     raw = tiny_project(
         tmp_path, {"n_unlabeled": 2, "n_labeled": 4, "n_test": 2},
         features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
-                  "out": str(tmp_path / "features"), "random_unet": False},
-        teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 2, "out": str(tmp_path / "ens"),
-                  "labels_out": str(tmp_path / "labels"), "min_class_pixels": 1})
+                  "out": str(tmp_path / "features")},
+        teacher={"baselines": [], "members": 2, "max_epochs": 2, "out": str(tmp_path / "ens"),
+                 "labels_out": str(tmp_path / "labels"), "min_class_pixels": 1})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     return tmp_path, params
 
 
 def test_transient_oserror_in_the_data_task_is_retried_and_the_flow_completes(project, monkeypatch):
-    import tasks.data
-    from flows.data import data_flow
+    import ddps_core.datasets.stage as data_stage
+    from flows.stages import data
 
     root, params = project
-    real, calls = tasks.data.prepare_dataset, []
+    real, calls = data_stage.prepare_dataset, []
 
-    def flaky(data):
+    def flaky(settings, progress=None):
         calls.append(1)
         if len(calls) == 1:
             raise OSError("injected: NFS server not responding")
-        return real(data)
+        return real(settings, progress)
 
-    monkeypatch.setattr(tasks.data, "prepare_dataset", flaky)
-    state = data_flow(params_path=str(params), return_state=True)
+    monkeypatch.setattr(data_stage, "prepare_dataset", flaky)
+    state = data(params_path=str(params), return_state=True)
     assert state.is_completed(), state.message
     assert len(calls) == 2  # the first try failed, the retry completed
     summary = state.result()
@@ -60,29 +60,26 @@ def test_transient_oserror_in_the_data_task_is_retried_and_the_flow_completes(pr
 
 
 def test_a_failed_flow_leaves_the_earlier_stage_outputs_intact(project, monkeypatch):
-    import tasks.ensemble
-    from flows.data import data_flow
-    from flows.extract_features import extract_features_flow
-    from flows.train_ensemble import train_ensemble_flow
+    import ddps_core.teacher.stage as teacher_stage
+    from flows.stages import data, extract, train_teacher
 
     root, params = project
-    data_flow(params_path=str(params))
-    extract_features_flow(params_path=str(params))
+    data(params_path=str(params))
+    extract(params_path=str(params))
     before = _snapshot(root / "dataset", root / "features")
     assert any(p.endswith("zarr.json") for p in before) and any(p.endswith(".png") for p in before)
 
-    real = tasks.ensemble.train_method
     seen = []
 
-    def failing(settings, method, progress=None):
-        def boom(*args):  # after the first progress report: training has read the features
-            seen.append(args)
-            raise DataError(f"{settings.features.out}: injected fault while training {method}")
-        return real(settings, method, progress=boom)
+    def failing(sampler, ensemble, **kw):
+        # fails once training has read the features; a bad input is not retried
+        next(iter(sampler))
+        seen.append(1)
+        raise DataError(f"{sampler.store.path}: injected fault while training")
 
-    monkeypatch.setattr(tasks.ensemble, "train_method", failing)
-    state = train_ensemble_flow(params_path=str(params), return_state=True)
+    monkeypatch.setattr(teacher_stage, "train_ensemble", failing)
+    state = train_teacher(params_path=str(params), return_state=True)
     assert state.is_failed() and "injected fault" in state.message
     assert len(seen) == 1  # a bad input is not retried
     assert _snapshot(root / "dataset", root / "features") == before
-    assert not (root / "ens" / "ddpm" / "ensemble.safetensors").exists()
+    assert not (root / "ens" / "ensemble.safetensors").exists()
