@@ -53,9 +53,10 @@ def task_runner(settings: Settings, max_workers: int | None = None) -> Any:
                                           "host": "127.0.0.1"})
 
 
-def tasks_per_split(settings: Settings) -> int:
-    """Labelling / generation tasks per split: one on the thread runner (the work of a split
-    is torch-parallel already), ``dask.tasks_per_split`` (or ``dask.n_workers``) on Dask."""
+def parallel_tasks(settings: Settings) -> int:
+    """Tasks a fan-out step's work is dealt into (per split for labelling): one on the thread
+    runner (the work is torch-parallel already), ``dask.tasks_per_split`` (or
+    ``dask.n_workers``) on Dask."""
     if settings.runner != "dask":
         return 1
     return settings.dask.tasks_per_split or settings.dask.n_workers

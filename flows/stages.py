@@ -19,7 +19,7 @@ from prefect.futures import wait
 
 from ddps_core import stages
 from ddps_core.config import Settings
-from flows.common import settings_for, task_runner, tasks_per_split
+from flows.common import parallel_tasks, settings_for, task_runner
 from tasks.stage import finish_stage, plan_step, run_part, run_stage, tagged
 
 __all__ = ["FLOWS", "run"]
@@ -31,18 +31,18 @@ def run(name: str, params_path: str | None, overrides: dict[str, Any] | None) ->
     stage = stages.get(name)
     if not stage.steps:
         return tagged(run_stage, name)(name, settings)
-    for index, step in enumerate(stage.steps):
-        n = step.groups(settings) if step.groups else tasks_per_split(settings)
-        groups = tagged(plan_step, name)(name, index, settings, n)
+    for step in stage.steps:
+        n = step.groups(settings) if step.groups else parallel_tasks(settings)
+        groups = tagged(plan_step, name)(name, step.name, settings, n)
         if groups:
-            _run_parts(name, index, settings, groups, n)
+            _run_parts(name, step.name, settings, groups, n)
     return tagged(finish_stage, name)(name, settings)
 
 
-def _run_parts(name: str, index: int, settings: Settings, groups: list[Any], n: int) -> None:
+def _run_parts(name: str, step: str, settings: Settings, groups: list[Any], n: int) -> None:
     part = tagged(run_part, name)
     with task_runner(settings, max_workers=n) as runner:
-        futures = [runner.submit(part, {"name": name, "step": index, "settings": settings, "group": g})
+        futures = [runner.submit(part, {"name": name, "step": step, "settings": settings, "group": g})
                    for g in groups]
         wait(futures)
         for future in futures:

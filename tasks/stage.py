@@ -64,17 +64,20 @@ def run_stage(name: str, settings: Settings) -> dict[str, Any]:
     return stages.get(name).run(settings, PrefectReporter())
 
 
-@task(name="plan", task_run_name="{name}-{step}-plan", **_POLICY)
-def plan_step(name: str, step: int, settings: Settings, n: int) -> list[Any]:
+def _step(name: str, step: str) -> Any:
+    return next(s for s in stages.get(name).steps if s.name == step)
+
+
+@task(name="plan", task_run_name="{name}-plan-{step}", **_POLICY)
+def plan_step(name: str, step: str, settings: Settings, n: int) -> list[Any]:
     """Step ``step`` of fan-out stage ``name``: prepare its outputs; its groups of work."""
-    s = stages.get(name).steps[step]
-    return s.plan(settings, n, PrefectReporter())
+    return _step(name, step).plan(settings, n, PrefectReporter())
 
 
-@task(name="part", task_run_name="{name}-{step}-part", **_POLICY)
-def run_part(name: str, step: int, settings: Settings, group: Any) -> Any:
+@task(name="part", task_run_name="{name}-{step}", **_POLICY)
+def run_part(name: str, step: str, settings: Settings, group: Any) -> Any:
     """One group of work of step ``step`` of stage ``name`` (this task owns its outputs)."""
-    return stages.get(name).steps[step].part(settings, group, PrefectReporter())
+    return _step(name, step).part(settings, group, PrefectReporter())
 
 
 @task(name="finish", task_run_name="{name}-finish", **_POLICY)

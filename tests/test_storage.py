@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 
 from ddps_core import storage
+from ddps_core import stages
 from ddps_core.config import parse_settings
 from ddps_core.errors import ConfigError, DataError
-from ddps_core.features.stage import open_store, run_stage, store_path
+from ddps_core.features.stage import open_store, plan_shards, store_path
 from ddps_core.features.store import FeatureStore
+from ddps_core.progress import Reporter
 
 from tests.helpers import tiny_project
 
@@ -26,8 +28,13 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("store-url")
     raw = tiny_project(root, {"n_unlabeled": 2, "n_labeled": 4, "n_test": 3},
                        features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
-                                 "random_unet": False, "splits": ["train", "test"]})
+                                 "splits": ["train", "test"]},
+                       teacher={"baselines": []})
     return root, raw
+
+
+def run_stage(s):
+    return stages.get("extract").run(s)
 
 
 def _settings(raw, out, **sections):
@@ -69,9 +76,9 @@ def test_store_on_a_url_holds_the_same_objects_as_the_folder(project, tmp_path):
     ys, xs = np.array([0, 5, 31]), np.array([3, 0, 31])
     assert np.array_equal(a.pixels(1, ys, xs), b.pixels(1, ys, xs))
     # a finished store is not rewritten; other settings rebuild it on the URL too
-    assert run_stage(remote)["train"]["images_written"] == 0
+    assert plan_shards(remote, 1, Reporter()) == []
     rebuilt = run_stage(_settings(raw, url, features={"steps": [20]}))
-    assert rebuilt["train"]["images_written"] == 4
+    assert rebuilt["train"]["n_done"] == 4
     assert open_store(remote, "train").settings()["steps"] == [20]
 
 
@@ -80,9 +87,9 @@ def test_a_failed_put_leaves_the_shard_not_done(project, monkeypatch):
     root, raw = project
     url = f"memory://ddps-{uuid.uuid4().hex[:8]}/features"
     s = _settings(raw, url)
-    from ddps_core.features.stage import extract_shards, prepare_store
+    from ddps_core.features.stage import extract_shards
 
-    prepare_store(s, "train")
+    plan_shards(s, 1, Reporter())
     store = open_store(s, "train")
     feats = {n: np.ones((2, *store.shapes[n]), dtype=np.float16) for n in store.names}
     labels = np.zeros((2, 32, 32), dtype=np.uint8)
@@ -100,7 +107,7 @@ def test_a_failed_put_leaves_the_shard_not_done(project, monkeypatch):
     assert store.shard_done(0) and not store.shard_done(1)
     assert np.array_equal(open_store(s, "train").native(1)["t10_b1"], np.ones(store.shapes["t10_b1"]))
     # the other shards are filled by the stage, the hand-written one is kept
-    assert extract_shards(s, "train", [0, 1])["images_written"] == 2
+    assert extract_shards(s, {"variant": "ddpm", "split": "train", "shards": [0, 1]}, Reporter()) == 2
 
 
 def test_reports_on_a_url_equal_the_local_files(tmp_path):
@@ -167,21 +174,18 @@ def s3(monkeypatch):
 def test_extraction_and_ensemble_on_s3_equal_the_local_run(project, tmp_path, s3):
     """Extraction, teacher training, labelling and the evaluate report with the stores and the
     reports on S3 (moto on loopback) give the local run's arrays, report and metrics."""
-    from ddps_core.teacher.stage import label_split, run_evaluate, train_method
 
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
     root, raw = project
     runs = {}
     for name, out, reports in (("local", tmp_path / "f", tmp_path / "reports"),
                                ("s3", f"{s3}/features", f"{s3}/reports")):
-        s = _settings(raw, out, teacher={"methods": ["ddpm"], "members": 2, "max_epochs": 2,
-                                          "out": str(tmp_path / name / "ens"), "figures": 1,
-                                          "labels_out": str(tmp_path / name / "labels")},
-                      evaluate={"reports": str(reports), "student": False})
-        run_stage(s)
-        train_method(s, "ddpm")
-        label_split(s, "ddpm", "test", s.teacher.labels_out)
-        run_evaluate(s)
+        s = _settings(raw, out, teacher={"baselines": [], "members": 2, "max_epochs": 2,
+                                         "out": str(tmp_path / name / "ens"),
+                                         "labels_out": str(tmp_path / name / "labels")},
+                      evaluate={"reports": str(reports), "student": False, "figures": 1})
+        for stage in ("extract", "train_teacher", "label", "evaluate"):
+            stages.get(stage).run(s)
         runs[name] = s
     local, remote = runs["local"], runs["s3"]
     for split in ("train", "test"):
@@ -190,18 +194,18 @@ def test_extraction_and_ensemble_on_s3_equal_the_local_run(project, tmp_path, s3
         assert sorted(objects) == sorted(files) and all(objects[k] == files[k] for k in files)
     from safetensors.numpy import load_file
 
-    weights = [load_file(tmp_path / name / "ens" / "ddpm" / "ensemble.safetensors") for name in ("local", "s3")]
+    weights = [load_file(tmp_path / name / "ens" / "ensemble.safetensors") for name in ("local", "s3")]
     assert sorted(weights[0]) == sorted(weights[1])
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])  # trained alike
-    report = pd.read_parquet(tmp_path / "reports" / "ddpm_seg.parquet")
+    report = pd.read_parquet(tmp_path / "reports" / "evaluate.parquet")
     import io
 
-    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(storage.read_bytes(f"{s3}/reports/ddpm_seg.parquet"))),
+    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(storage.read_bytes(f"{s3}/reports/evaluate.parquet"))),
                                   report)
-    metrics = json.loads(storage.read_bytes(f"{s3}/reports/metrics/ddpm_seg.json"))
-    assert metrics == json.loads((tmp_path / "reports" / "metrics" / "ddpm_seg.json").read_text())
-    assert metrics["ddpm"]["miou"] == pytest.approx(report.query("scope == 'summary'")["miou"].iloc[0])
-    assert storage.exists(f"{s3}/reports/figures/overlays/ddpm_{open_store(local, 'test').image_ids[0]}.png")
+    metrics = json.loads(storage.read_bytes(f"{s3}/reports/metrics/evaluate.json"))
+    assert metrics == json.loads((tmp_path / "reports" / "metrics" / "evaluate.json").read_text())
+    assert metrics["teacher"]["miou"] == pytest.approx(report.query("scope == 'summary'")["miou"].iloc[0])
+    assert storage.exists(f"{s3}/reports/figures/overlays/teacher_{open_store(local, 'test').image_ids[0]}.png")
     # a bucket that does not exist: one line naming the URL
     with pytest.raises(DataError, match=r"^s3://no-such-bucket-ddps/features/train.zarr: cannot "):
         run_stage(_settings(raw, "s3://no-such-bucket-ddps/features"))

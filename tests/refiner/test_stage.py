@@ -1,7 +1,8 @@
-"""The DDPS stages on a tiny project (a random 4-class SegFormer-B0 student, 8 generated /
-real training images and 6 test images of 32 px): train_ddps trains the model and its
-ablation, resumes exactly and does nothing on a rerun; refine writes the report blocks,
-the PNGs, metrics and the picture, and its student rows equal an independent evaluation."""
+"""Stages train_refiner and refine on a tiny project (a random 4-class SegFormer-B0 student,
+8 generated / real training images and 6 test images of 32 px): train_refiner trains the
+refiner and its ablation, resumes exactly and does nothing on a rerun; refine writes the
+report blocks, the PNGs, metrics and the picture, and its rows equal an independent
+evaluation."""
 
 import json
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ddps_core import stages
 from ddps_core.config import load_settings
 from ddps_core.datasets import DDPMSegFolder
 from ddps_core.datasets.common import npy_bytes, png_bytes
@@ -21,10 +23,9 @@ from ddps_core.refiner.stage import (
     format_step_table,
     info,
     info_text,
-    run_refine,
-    run_train,
     step_table,
 )
+from ddps_core.progress import CallbackReporter
 from ddps_core.student.model import Student, load_student
 from ddps_core.student.train import ImageSet
 
@@ -79,13 +80,13 @@ def _project(root):
         "class_names": NAMES, "ignore_index": 255}))
 
 
-def _settings(root, **ddps):
+def _settings(root, reports=None, **refiner):
     over = {"device": "cpu", "data.out": str(root / "dataset"), "generate.out": str(root / "generated"),
-            "student.out": str(root / "student")}
+            "student.out": str(root / "student"), "evaluate.reports": str(reports or root / "reports")}
     base = dict(preset="tiny", width=8, num_timesteps=20, steps=4, single_step_steps=2, batch_size=4,
-                warmup_steps=1, checkpoint_every=2, log_every=1, out=str(root / "ddps"), ablation=True,
+                warmup_steps=1, checkpoint_every=2, log_every=1, out=str(root / "refiner"), ablation=True,
                 refine_steps=2, refined_out=str(root / "refined"), figures=2, threads=1)
-    base.update(ddps)
+    base.update(refiner)
     over.update({f"refiner.{k}": v for k, v in base.items()})
     return load_settings(None, over)
 
@@ -96,27 +97,27 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddps-project")
     _project(root)
     settings = _settings(root)
-    summary = run_train(settings)
+    summary = stages.get("train_refiner").run(settings)
     return root, settings, summary
 
 
-def test_train_ddps_trains_both_and_a_rerun_does_nothing(project):
+def test_train_refiner_trains_both_and_a_rerun_does_nothing(project):
     root, settings, summary = project
-    assert set(summary["models"]) == {"ddps", "ddps-gt"}
+    assert set(summary["models"]) == {"refiner", "refiner-gt"}
     assert summary["n_images"] == N_TRAIN and summary["data"] == "generated" and summary["image_size"] == S
-    for method, folder, x0 in (("ddps", root / "ddps", "first_prediction"),
-                               ("ddps-gt", root / "ddps" / "ablation-gt", "gt")):
+    for method, folder, x0 in (("refiner", root / "refiner", "first_prediction"),
+                               ("refiner-gt", root / "refiner" / "ablation-gt", "gt")):
         assert summary["models"][method]["steps"] == 4
         model_json = json.loads((folder / "model.json").read_text())
         assert model_json["x0_source"] == x0 and model_json["data_id"] == summary["data_id"]
         assert model_json["denoiser"]["num_classes"] == K and model_json["denoiser"]["feature_channels"] == 256
     assert summary["data_id"].startswith("student=") and "data=generated:" in summary["data_id"]
-    before = (root / "ddps" / "ema.safetensors").read_bytes()
+    before = (root / "refiner" / "ema.safetensors").read_bytes()
     logs = []
-    again = run_train(settings, log=logs.append)
+    again = stages.get("train_refiner").run(settings, CallbackReporter(log=logs.append))
     assert all(m["steps_this_run"] == 0 for m in again["models"].values())
     assert any("resuming from step 4" in m for m in logs)
-    assert (root / "ddps" / "ema.safetensors").read_bytes() == before
+    assert (root / "refiner" / "ema.safetensors").read_bytes() == before
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(project, tmp_path):
@@ -124,21 +125,21 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(project, tmp_path):
     # 5 steps over 2 batches per epoch, a checkpoint at step 3 (mid-epoch 1), killed at step 4
     kw = dict(steps=5, checkpoint_every=3, ablation=False, data="real")
     full = _settings(root, out=str(tmp_path / "full"), **kw)
-    run_train(full)
+    stages.get("train_refiner").run(full)
 
     class Stop(Exception):
         pass
 
-    def stop(_method, info):
-        if info.step == 4:
+    def stop(task, done, *_a, **_k):
+        if task == "refiner" and done == 4:
             raise Stop
 
     part = _settings(root, out=str(tmp_path / "part"), **kw)
     with pytest.raises(Stop):
-        run_train(part, on_step=stop)
+        stages.get("train_refiner").run(part, CallbackReporter(progress=stop))
     logs = []
-    res = run_train(part, log=logs.append)
-    assert any("resuming from step 3" in m for m in logs) and res["models"]["ddps"]["steps_this_run"] == 2
+    res = stages.get("train_refiner").run(part, CallbackReporter(log=logs.append))
+    assert any("resuming from step 3" in m for m in logs) and res["models"]["refiner"]["steps_this_run"] == 2
     assert (tmp_path / "full" / "ema.safetensors").read_bytes() == (tmp_path / "part" / "ema.safetensors").read_bytes()
     assert "data=real:" in res["data_id"]
 
@@ -181,39 +182,45 @@ def test_train_batches_are_a_function_of_seed_and_epoch():
                                                       for x in lab]) == list(range(10))
 
 
+def refine(settings):
+    """Stage refine; its report (``<evaluate.reports>/refine.parquet``)."""
+    from pathlib import Path
+
+    stages.get("refine").run(settings)
+    return pd.read_parquet(Path(settings.evaluate.reports) / "refine.parquet")
+
+
 @pytest.fixture(scope="module")
 def refined(project):
     root, settings, _ = project
-    df = run_refine(settings, report=root / "reports" / "ddps.parquet",
-                    metrics=root / "reports" / "metrics" / "ddps.json", figures=root / "reports" / "figures")
-    return root, settings, df
+    return root, settings, refine(settings)
 
 
 def test_refine_report_blocks_and_files(refined):
     root, settings, df = refined
-    on_disk = pd.read_parquet(root / "reports" / "ddps.parquet")
-    assert list(on_disk.columns) == ["method", "step", *REPORT_COLUMNS]
-    pd.testing.assert_frame_equal(on_disk, df)
+    assert list(df.columns) == ["method", "step", *REPORT_COLUMNS]
     keys = df[["method", "step"]].drop_duplicates().itertuples(index=False)
     blocks = [(m, None if pd.isna(s) else int(s)) for m, s in keys]
-    assert blocks == [("student", None)] + [("ddps", i) for i in STEPS] + [("ddps-gt", i) for i in STEPS]
+    assert blocks == [("student", None)] + [("refiner", i) for i in STEPS] + [("refiner-gt", i) for i in STEPS]
     for (method, step), block in df.groupby(["method", df["step"].fillna(-1)], sort=False):
         assert list(block["scope"]) == ["class"] * K + ["image"] * N_TEST + ["summary"]
         assert list(block[block["scope"] == "class"]["class_name"]) == NAMES
     out = root / "refined"
     assert len(list((out / "student").glob("*.png"))) == N_TEST
-    for method in ("ddps", "ddps-gt"):
+    for method in ("refiner", "refiner-gt"):
         assert sorted(p.name for p in (out / method).iterdir()) == sorted(f"step_{i}" for i in STEPS)
         for i in STEPS:
             assert len(list((out / method / f"step_{i}").glob("*.png"))) == N_TEST
-    metrics = json.loads((root / "reports" / "metrics" / "ddps.json").read_text())
-    assert set(metrics) == {"student", "ddps", "ddps-gt"} and set(metrics["student"]) == {"miou", "mbiou"}
-    assert set(metrics["ddps"]) == {f"step_{i}" for i in STEPS}
-    summary = df[(df["scope"] == "summary") & (df["method"] == "ddps") & (df["step"] == 19)].iloc[0]
-    assert metrics["ddps"]["step_19"]["miou"] == pytest.approx(summary["miou"])
+    metrics = json.loads((root / "reports" / "metrics" / "refine.json").read_text())
+    assert set(metrics) == {"student", "refiner", "refiner-gt"} and set(metrics["student"]) == {"miou", "mbiou"}
+    assert set(metrics["refiner"]) == {f"step_{i}" for i in STEPS}
+    summary = df[(df["scope"] == "summary") & (df["method"] == "refiner") & (df["step"] == 19)].iloc[0]
+    assert metrics["refiner"]["step_19"]["miou"] == pytest.approx(summary["miou"])
+    plot = pd.read_csv(root / "reports" / "plots" / "refine_steps" / "refiner.csv")
+    assert list(plot["step"]) == STEPS and plot["miou"].iloc[-1] == pytest.approx(100 * summary["miou"], abs=1e-4)
     from PIL import Image
 
-    picture = np.asarray(Image.open(root / "reports" / "figures" / "ddps_refinement.png"))
+    picture = np.asarray(Image.open(root / "reports" / "figures" / "refinement.png"))
     scale = 4  # 32 px panels upscaled to >= 128
     assert picture.shape[1] >= 6 * S * scale  # image | base | 3 steps | truth
     assert picture.shape[0] >= 2 * S * scale  # figures = 2 rows
@@ -234,8 +241,8 @@ def test_refine_student_rows_equal_an_independent_evaluation(refined):
     expected = report_frame(acc.result(), NAMES)
     got = df[df["method"] == "student"][REPORT_COLUMNS].reset_index(drop=True)
     pd.testing.assert_frame_equal(got, expected)
-    # and each DDPS step's rows are the evaluation of its PNGs
-    for method in ("ddps", "ddps-gt"):
+    # and each refinement step's rows are the evaluation of its PNGs
+    for method in ("refiner", "refiner-gt"):
         for i in STEPS:
             folder = root / "refined" / method / f"step_{i}"
             res = evaluate_arrays(((sid, load_label_map(folder / f"{sid}.png"), labels[j].numpy())
@@ -247,7 +254,7 @@ def test_refine_student_rows_equal_an_independent_evaluation(refined):
 
 def test_refine_is_reproducible_and_scores_at_the_model_size(refined, tmp_path):
     root, settings, df = refined
-    again = run_refine(settings, report=tmp_path / "r.parquet", metrics=tmp_path / "m.json", figures=tmp_path)
+    again = refine(settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update={"reports": str(tmp_path)})}))
     pd.testing.assert_frame_equal(again, df)
     # the teacher's size (tiny64: 64 px) differs from the student's (32 px): scored at 64,
     # the student's rows equal predict_split's
@@ -255,14 +262,15 @@ def test_refine_is_reproducible_and_scores_at_the_model_size(refined, tmp_path):
 
     s64 = settings.model_copy(update={"ddpm": settings.ddpm.model_copy(update={"preset": "tiny64"}),
                                       "refiner": settings.refiner.model_copy(update={"refined_out": str(tmp_path / "r64"),
-                                                                               "ablation": False, "figures": 0})})
-    df64 = run_refine(s64, report=tmp_path / "r64.parquet", metrics=tmp_path / "m64.json", figures=tmp_path / "f64")
-    assert set(df64["method"]) == {"student", "ddps"}
-    assert load_label_map(tmp_path / "r64" / "ddps" / "step_19" / "test00.png").shape == (64, 64)
+                                                                                     "ablation": False, "figures": 0}),
+                                      "evaluate": settings.evaluate.model_copy(update={"reports": str(tmp_path / "f64")})})
+    df64 = refine(s64)
+    assert set(df64["method"]) == {"student", "refiner"}
+    assert load_label_map(tmp_path / "r64" / "refiner" / "step_19" / "test00.png").shape == (64, 64)
     expected = predict_split(s64, "test", tmp_path / "p64", 64)
     row = df64[(df64["method"] == "student") & (df64["scope"] == "summary")].iloc[0]
     assert row["miou"] == pytest.approx(expected.miou) and row["mbiou"] == pytest.approx(expected.mbiou)
-    assert not (tmp_path / "f64").exists()  # figures = 0: no picture
+    assert not (tmp_path / "f64" / "figures").exists()  # figures = 0: no picture
 
 
 def test_refine_refuses_a_denoiser_of_another_student(project, tmp_path):
@@ -279,19 +287,19 @@ def test_refine_refuses_a_denoiser_of_another_student(project, tmp_path):
     save_file(sd, other / "student.safetensors")
     s = settings.model_copy(update={"student": settings.student.model_copy(update={"out": str(other)})})
     with pytest.raises(DataError, match="another student"):
-        run_refine(s, report=tmp_path / "r.parquet", metrics=tmp_path / "m.json", figures=tmp_path)
+        stages.get("refine").run(s)
 
 
 def test_step_table_and_text(refined):
     _, _, df = refined
     table = step_table(df)
-    assert list(table["method"]) == ["student", "ddps", "ddps-gt"]
+    assert list(table["method"]) == ["student", "refiner", "refiner-gt"]
     assert list(table.columns) == ["method", "mIoU", "mBIoU", *(f"mIoU {i}" for i in STEPS),
                                    *(f"mBIoU {i}" for i in STEPS)]
     summary = df[df["scope"] == "summary"]
     student = summary[summary["method"] == "student"].iloc[0]
     assert table.loc[0, "mIoU"] == pytest.approx(100 * student["miou"]) and np.isnan(table.loc[0, "mIoU 0"])
-    last = summary[(summary["method"] == "ddps") & (summary["step"] == 19)].iloc[0]
+    last = summary[(summary["method"] == "refiner") & (summary["step"] == 19)].iloc[0]
     assert table.loc[1, "mIoU 19"] == pytest.approx(100 * last["miou"]) == table.loc[1, "mIoU"]
     text = format_step_table(table)
     lines = text.splitlines()
@@ -311,10 +319,3 @@ def test_info_reports_the_configured_and_the_reference_preset(project):
     assert entries[1]["parameters"] == parameter_counts(ref)
     text = info_text(settings)
     assert f"total {parameter_counts(ref)['total']:,}" in text and "K=150 C=256" in text
-
-
-def test_tasks_carry_the_gpu_tag():
-    from tasks.ddps import refine_task, train_ddps_task
-
-    assert "gpu" in refine_task.tags and "gpu" in train_ddps_task.tags
-    assert refine_task.retries >= 1 and refine_task.retry_condition_fn is not None

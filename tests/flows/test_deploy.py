@@ -1,10 +1,9 @@
-"""Deployments: prefect.yaml (one per stage flow, pools by task tags), the `pipeline` flow,
+"""Deployments: prefect.yaml (one per stage flow, on the pool of the stage's device),
 `ddps deploy`, and (slow) a real server + process worker running the extract deployment."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,132 +16,38 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from ddps_core.errors import ConfigError
+from ddps_core import stages
 from flows import deploy as deploy_mod
 from flows.deploy import DeployError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _spec():
     return yaml.safe_load((REPO / "prefect.yaml").read_text())
 
 
-def _gpu_tagged(module, seen=None) -> bool:
-    """Does a flow of ``module`` run a task tagged gpu (directly or through a subflow)?"""
-    from prefect import Flow, Task
-
-    seen = set() if seen is None else seen
-    seen.add(module.__name__)
-    for value in vars(module).values():
-        if isinstance(value, Task) and "gpu" in value.tags:
-            return True
-        if isinstance(value, Flow):
-            sub = sys.modules[value.fn.__module__]
-            if sub.__name__ not in seen and _gpu_tagged(sub, seen):
-                return True
-    return False
-
-
-def _dvc_stage_modules() -> dict[str, str]:
-    """DVC stage -> the flows module its command runs (``python -m flows.<module>``)."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    modules = {}
-    for name, stage in stages.items():
-        match = re.search(r"-m (flows\.\w+)", stage["cmd"])
-        assert match, f"dvc.yaml: stages.{name}.cmd runs no flows module"
-        modules[name] = match.group(1)
-    return modules
-
-
-def test_prefect_yaml_deploys_every_flow_on_the_pool_of_its_tasks():
+def test_prefect_yaml_deploys_every_stage_flow_on_the_pool_of_its_device():
     from prefect.flows import load_flow_from_entrypoint
+
+    from flows.stages import FLOWS
 
     spec = _spec()
     assert spec["build"] is None and spec["push"] is None
     # code comes from the checkout: the only pull step keeps the job's working_dir
     assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "."}}]
-    deployed = {}
+    entry = {d["name"]: d["entrypoint"] for d in spec["deployments"]}
+    assert list(entry) == [*stages.ORDER, "pipeline"]  # one per DVC stage, plus the pipeline
     for d in spec["deployments"]:
         flow = load_flow_from_entrypoint(d["entrypoint"])
-        module = sys.modules[flow.fn.__module__]
-        assert d["entrypoint"] == f"{module.__name__}.{flow.fn.__name__}"
-        assert flow.name not in deployed, f"{flow.name} deployed twice"
-        deployed[flow.name] = d
-        pool = d["work_pool"]["name"]
-        assert pool == ("gpu" if _gpu_tagged(module) else "cpu"), d["name"]
-        jv = d["work_pool"]["job_variables"]
-        assert jv["working_dir"] == "{{ $DDPS_PROJECT_DIR }}"
+        assert flow.name == d["name"]
+        if d["name"] != "pipeline":
+            assert flow is FLOWS[d["name"]]
+            assert d["work_pool"]["name"] == stages.get(d["name"]).device
+        assert d["work_pool"]["job_variables"]["working_dir"] == "{{ $DDPS_PROJECT_DIR }}"
         assert "gpu" not in d.get("tags", [])  # a run's tags would reach its tasks' limit
-    # one deployment per DVC stage, of the flow its command runs (that module's `__main__`
-    # calls it), plus the pipeline
-    modules = _dvc_stage_modules()
-    entry = {d["name"]: d["entrypoint"] for d in spec["deployments"]}
-    assert set(entry) == set(modules) | {"pipeline"}
-    for stage, module in modules.items():
-        assert entry[stage].rsplit(".", 1)[0] == module, stage
-        assert entry[stage].rsplit(".", 1)[1] in (REPO / (module.replace(".", "/") + ".py")).read_text().split(
-            'if __name__ == "__main__":')[-1], stage
-    assert entry["pipeline"] == "flows.pipeline.pipeline_flow"
-    pools = {d["name"]: d["work_pool"]["name"] for d in spec["deployments"]}
-    assert pools["data"] == pools["evaluate"] == "cpu"
-    assert pools["extract"] == pools["train_ddpm"] == pools["refine"] == pools["pipeline"] == "gpu"
-
-
-# --------------------------------------------------------------------------- pipeline
-@pytest.fixture
-def stub_stages(monkeypatch):
-    """Replace every stage flow of the pipeline by a recorder that reads its settings."""
-    from flows import pipeline
-    from flows.common import settings_for
-
-    calls = []
-    for stage, name, section in pipeline.STAGES:
-        def stub(_stage=stage, _section=section, **kwargs):
-            own = {_section: kwargs.get(_section)} if _section else {}
-            s = settings_for(kwargs["params_path"], own)
-            calls.append({"stage": _stage, "kwargs": kwargs, "features_out": s.features.out,
-                          "data_out": s.data.out, "ddps_steps": s.refiner.steps})
-            return f"{_stage} done"
-
-        monkeypatch.setattr(pipeline, name, stub)
-    return calls
-
-
-@pytest.mark.usefixtures("prefect_harness")
-def test_pipeline_runs_the_dvc_stages_in_order_with_every_override(stub_stages, tmp_path):
-    from flows.pipeline import pipeline_flow
-
-    params = tmp_path / "params.yaml"
-    params.write_text("ddps:\n  steps: 7\nfeatures:\n  out: from_file\n")
-    result = pipeline_flow(data={"out": str(tmp_path / "ds")}, features={"out": "feats"},
-                           params_path=str(params))
-    stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-    assert [c["stage"] for c in stub_stages] == stages
-    assert result == {s: f"{s} done" for s in stages}
-    by_stage = {c["stage"]: c for c in stub_stages}
-    # each stage gets its own section's overrides ...
-    assert by_stage["extract"]["kwargs"]["features"] == {"out": "feats"}
-    assert by_stage["data"]["kwargs"]["data"] == {"out": str(tmp_path / "ds")}
-    assert by_stage["train_ensemble"]["kwargs"]["ensemble"] is None
-    assert set(by_stage["evaluate"]["kwargs"]) == {"params_path"}
-    # ... and every stage sees every section's overrides over the file (train_ensemble reads
-    # the stores at features.out), and the file's other values
-    for c in stub_stages:
-        assert (c["features_out"], c["data_out"], c["ddps_steps"]) == ("feats", str(tmp_path / "ds"), 7)
-    assert not Path(by_stage["data"]["kwargs"]["params_path"]).exists()  # the temporary copy is gone
-
-
-@pytest.mark.usefixtures("prefect_harness")
-def test_pipeline_without_overrides_passes_params_path_and_bad_key_stops_before_any_stage(stub_stages, tmp_path):
-    from flows.pipeline import pipeline_flow
-
-    pipeline_flow(params_path=str(tmp_path / "none.yaml"))
-    assert {c["kwargs"]["params_path"] for c in stub_stages} == {str(tmp_path / "none.yaml")}
-    stub_stages.clear()
-    with pytest.raises(ConfigError, match=r"ddps\.stepz: unknown key"):
-        pipeline_flow(data={"out": "x"}, ddps={"stepz": 3})
-    assert stub_stages == []
+    assert entry["pipeline"] == "flows.pipeline.pipeline"
+    assert {d["name"]: d["work_pool"]["name"] for d in spec["deployments"]}["pipeline"] == "gpu"
 
 
 # --------------------------------------------------------------------------- ddps deploy
@@ -285,8 +190,8 @@ def test_extract_deployment_runs_on_a_process_worker(tmp_path):
             start_new_session=True)
         # the tiny project while the server starts: 3 labelled, 2 test, 2 pool images
         raw = tiny_project(project, {"n_unlabeled": 2, "n_labeled": 3, "n_test": 2},
-                           features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
-                                     "random_unet": False})
+                           features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2},
+                           teacher={"baselines": []})
         (project / "params.yaml").write_text(yaml.safe_dump(raw))
         deadline = time.monotonic() + 150
         while True:
@@ -302,13 +207,13 @@ def test_extract_deployment_runs_on_a_process_worker(tmp_path):
         proc = _ddps(["deploy", "--project", str(project)], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "work pool gpu (process): created" in proc.stdout
-        assert "deployment extract_features/extract -> gpu" in proc.stdout
+        assert "deployment extract/extract -> gpu" in proc.stdout
         assert proc.stdout.count("\ndeployment ") == len(_spec()["deployments"])
         api_client = httpx.Client(base_url=api, timeout=30)
         limit = api_client.get("/concurrency_limits/tag/gpu").json()
         assert limit["concurrency_limit"] == 1
         assert api_client.get("/work_pools/cpu").json()["type"] == "process"
-        dep = api_client.get("/deployments/name/extract_features/extract").json()
+        dep = api_client.get("/deployments/name/extract/extract").json()
         assert dep["job_variables"]["working_dir"] == str(project)
 
         worker = subprocess.Popen(
@@ -318,9 +223,9 @@ def test_extract_deployment_runs_on_a_process_worker(tmp_path):
         # two writers for 3 training images in shards of 2: two gpu tasks the limit serialises;
         # and a run with an out-of-range parameter, which must fail naming the key
         good = api_client.post(f"/deployments/{dep['id']}/create_flow_run",
-                               json={"parameters": {"features": {"workers": 2}}}).json()["id"]
+                               json={"parameters": {"overrides": {"features.workers": 2}}}).json()["id"]
         bad = api_client.post(f"/deployments/{dep['id']}/create_flow_run",
-                              json={"parameters": {"features": {"shard_images": 0}}}).json()["id"]
+                              json={"parameters": {"overrides": {"features": {"shard_images": 0}}}}).json()["id"]
         states = {}
         deadline = time.monotonic() + 200
         while len(states) < 2:
@@ -339,7 +244,7 @@ def test_extract_deployment_runs_on_a_process_worker(tmp_path):
             store = FeatureStore.open(project / "data" / "features" / f"{split}.zarr")
             assert store.is_complete() and len(store) == {"train": 3, "test": 2, "unlabeled": 2}[split]
         # the gpu-tagged shard writers never overlapped, and released their slots (this fresh
-        # server holds only these runs; the bad one ran no task; the writers may run in a subflow)
+        # server holds only these runs; the bad one ran no task)
         runs = api_client.post("/task_runs/filter", json={
             "task_runs": {"name": {"like_": "extract-shards"}}}).json()
         spans = sorted((datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"]))

@@ -1,0 +1,87 @@
+"""Stage extract: every split's store, the random-UNet baseline's, a rerun that writes
+nothing, the settings-change policy, and disjoint shard groups for concurrent writers."""
+
+import numpy as np
+import pytest
+
+from ddps_core import stages
+from ddps_core.config import parse_settings
+from ddps_core.errors import ConfigError
+from ddps_core.features.stage import plan_shards, store_path
+from ddps_core.features.store import FeatureStore
+from ddps_core.progress import CallbackReporter, Reporter
+from tests.helpers import tiny_project
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny dataset and a random small32 checkpoint adopted as the stage's DDPM."""
+    root = tmp_path_factory.mktemp("proj")
+    raw = tiny_project(root, {"n_unlabeled": 2, "n_labeled": 5, "n_test": 3},
+                       features={"steps": [10, 100], "blocks": [1, 2, 3], "shard_images": 2, "batch_size": 2})
+    return root, raw
+
+
+def settings(raw, baselines=("random_unet", "rgbxy"), **features):
+    return parse_settings({**raw, "features": {**raw["features"], **features},
+                           "teacher": {**raw.get("teacher", {}), "baselines": list(baselines)}})
+
+
+def arrays(path):
+    store = FeatureStore.open(path)
+    return {n: np.stack([store.native(i)[n] for i in range(len(store))]) for n in store.names}, store
+
+
+def test_extract_fills_every_split_and_the_baseline_stores(project, tmp_path):
+    root, raw = project
+    s = settings(raw, out=str(tmp_path / "lib"))
+    calls = []
+    summary = stages.get("extract").run(s, CallbackReporter(progress=lambda *a, **_: calls.append(a)))
+    # the pool is extracted for the trained model only; the baseline needs the labelled splits
+    assert set(summary) == {"train", "test", "unlabeled", "random_unet/train", "random_unet/test"}
+    assert summary["train"]["n_done"] == 5 and summary["test"]["n_done"] == 3
+    # the baseline: the same path with a randomly initialised UNet of the same preset
+    rand = FeatureStore.open(store_path(s, "train", "random_unet"))
+    ddpm = FeatureStore.open(store_path(s, "train"))
+    assert rand.settings()["model_id"].startswith("random-")
+    assert rand.names == ddpm.names and not np.array_equal(rand.native(0)["t10_b1"], ddpm.native(0)["t10_b1"])
+    got, store = arrays(store_path(s, "train"))
+    assert store.names == ["t10_b1", "t10_b2", "t10_b3", "t100_b1", "t100_b2", "t100_b3"]
+    assert store.label(0).max() < 7 and all(np.isfinite(a).all() for a in got.values())
+    assert ("extract test", 3, 3) in calls  # progress counts the store's done images
+    # a finished store: nothing left to plan, nothing written again
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "lib").rglob("*") if p.is_file()}
+    assert plan_shards(s, 1, Reporter()) == []
+    stages.get("extract").run(s)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "lib").rglob("*") if p.is_file()} == mtimes
+
+
+def test_without_the_random_unet_baseline_only_the_trained_model_is_extracted(project, tmp_path):
+    root, raw = project
+    summary = stages.get("extract").run(settings(raw, baselines=["rgbxy"], out=str(tmp_path / "f")))
+    assert set(summary) == {"train", "test", "unlabeled"}
+
+
+def test_other_settings_rebuild_or_error(project, tmp_path):
+    root, raw = project
+    s = settings(raw, baselines=[], out=str(tmp_path / "x"))
+    stages.get("extract").run(s)
+    with pytest.raises(ConfigError, match="steps"):
+        plan_shards(settings(raw, baselines=[], out=str(tmp_path / "x"), steps=[20], on_change="error"), 1, Reporter())
+    logs = []
+    groups = plan_shards(settings(raw, baselines=[], out=str(tmp_path / "x"), steps=[20]), 1,
+                         CallbackReporter(log=logs.append))
+    assert any("rebuilding" in m for m in logs)
+    train = [g for g in groups if g["split"] == "train"]
+    assert sorted(k for g in train for k in g["shards"]) == [0, 1, 2]  # every shard to do again
+    assert FeatureStore.open(store_path(s, "train")).settings()["steps"] == [20]
+
+
+def test_writers_get_disjoint_shards(project, tmp_path):
+    root, raw = project
+    groups = plan_shards(settings(raw, baselines=[], out=str(tmp_path / "w")), 2, Reporter())
+    train = [g["shards"] for g in groups if g["split"] == "train"]
+    flat = [k for g in train for k in g]
+    assert sorted(flat) == [0, 1, 2] and len(flat) == len(set(flat)) and len(train) == 2

@@ -1,0 +1,39 @@
+"""Stage train_student on a tiny project: trained on the generated set, its test-split
+predictions written, and scored by stage evaluate next to the teacher exactly as an
+independent scoring of its PNGs."""
+
+import json
+
+import pytest
+
+from ddps_core import stages
+from ddps_core.config import parse_settings
+from ddps_core.features.stage import store_path
+from ddps_core.features.store import FeatureStore
+from ddps_core.metrics import ConfusionAccumulator
+from ddps_core.metrics.files import load_label_map
+from tests.generate.test_stage import labelled_project
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_student_is_trained_predicts_and_is_scored_next_to_the_teacher(tmp_path):
+    raw = labelled_project(tmp_path)
+    s = parse_settings(raw)
+    stages.get("generate").run(s)
+    info = stages.get("train_student").run(s)
+    assert info["n_train"] == 13 and info["best_epoch"] == 1
+    pred = tmp_path / "student" / "test"
+    assert len(list(pred.glob("*.png"))) == 3
+    summary = stages.get("evaluate").run(s)
+    assert list(summary) == ["teacher", "student"]
+    truth = FeatureStore.open(store_path(s, "test"), read_only=True)
+    acc = ConfusionAccumulator(7)
+    for i, image_id in enumerate(truth.image_ids):
+        acc.update(load_label_map(pred / f"{image_id}.png"), truth.label(i), image_id)
+    assert summary["student"]["miou"] == pytest.approx(acc.result().miou, nan_ok=True)
+    assert summary["student"]["miou"] == pytest.approx(info["test_miou"], nan_ok=True)
+    metrics = json.loads((tmp_path / "reports" / "metrics" / "evaluate.json").read_text())
+    assert metrics["student"]["miou"] == pytest.approx(summary["student"]["miou"], nan_ok=True)
+    assert (tmp_path / "reports" / "figures" / "overlays" / f"student_{truth.image_ids[0]}.png").is_file()
+    assert (tmp_path / "reports" / "plots" / "per_class_iou" / "student.csv").is_file()

@@ -1,0 +1,127 @@
+"""Stages train_teacher and label: the teacher and a baseline trained, their labels written
+and equal, once scored, to an independent scoring of the PNGs; labelling resumes by part;
+disjoint groups of parts equal one run."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ddps_core import stages
+from ddps_core.config import parse_settings
+from ddps_core.features.stage import store_path
+from ddps_core.features.store import FeatureStore
+from ddps_core.metrics import evaluate_dirs
+from ddps_core.progress import Reporter
+from ddps_core.teacher import labels as labelling
+from ddps_core.teacher.stage import label_group, plan_labels
+from tests.helpers import tiny_project
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    raw = tiny_project(
+        root, {"n_unlabeled": 12, "n_labeled": 5, "n_test": 3},
+        features={"steps": [10], "blocks": [1, 2], "shard_images": 4, "batch_size": 4, "out": str(root / "f")},
+        teacher={"baselines": ["rgbxy"], "members": 2, "max_epochs": 2, "out": str(root / "teacher"),
+                 "baselines_out": str(root / "baselines"), "labels_out": str(root / "labels"),
+                 "min_class_pixels": 1})
+    s = parse_settings(raw)
+    stages.get("extract").run(s)
+    return root, raw
+
+
+def test_teacher_and_baseline_train_label_and_score_like_an_independent_scoring(project, tmp_path):
+    root, raw = project
+    s = parse_settings(raw)
+    summary = stages.get("train_teacher").run(s)
+    assert set(summary) == {"teacher", "rgbxy"} and all(r["epochs"] <= 2 for r in summary.values())
+    assert (root / "teacher" / "ensemble.safetensors").is_file()
+    assert (root / "baselines" / "rgbxy" / "ensemble.safetensors").is_file()
+    done = stages.get("label").run(s)
+    assert set(done) == {"teacher/test", "rgbxy/test", "teacher/unlabeled"}
+    assert done["teacher/unlabeled"]["images"] == 12
+    store = FeatureStore.open(store_path(s, "test"), read_only=True)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for i, image_id in enumerate(store.image_ids):
+        np.save(gt / f"{image_id}.npy", store.label(i))
+    report = stages.get("evaluate").run(parse_settings({
+        **raw, "evaluate": {"student": False, "reports": str(tmp_path / "reports"), "figures": 1}}))
+    for method in ("teacher", "rgbxy"):
+        folder = root / "labels" / method / "test"
+        scores = pd.read_parquet(folder / "scores.parquet")
+        assert list(scores["image_id"]) == store.image_ids
+        assert (scores["score"] >= 0).all() and {"pixels_0", "pixels_6"} <= set(scores.columns)
+        assert not (folder / ".parts").exists()
+        # stage evaluate's figures equal an independent scoring of the label PNGs
+        pred = tmp_path / "pred" / method
+        pred.mkdir(parents=True)
+        for image_id in store.image_ids:
+            (pred / f"{image_id}.png").write_bytes((folder / f"{image_id}.png").read_bytes())
+        again = evaluate_dirs(pred, gt, 7)
+        assert report[method]["miou"] == pytest.approx(again.miou, nan_ok=True)
+        assert report[method]["mbiou"] == pytest.approx(again.mbiou, nan_ok=True)
+        assert (tmp_path / "reports" / "figures" / "overlays" / f"{method}_{store.image_ids[0]}.png").is_file()
+
+
+def test_labelling_in_disjoint_groups_equals_one_run(project, tmp_path, monkeypatch):
+    root, raw = project
+    s = parse_settings(raw)
+    stages.get("train_teacher").run(s)
+    monkeypatch.setattr(labelling, "PART_IMAGES", 4)  # 12 pool images: 3 parts
+    one = parse_settings({**raw, "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "one")}})
+    many = parse_settings({**raw, "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "many")}})
+    stages.get("label").run(one)
+    groups = plan_labels(many, 2, Reporter())
+    pool = [g["parts"] for g in groups if g["split"] == "unlabeled"]
+    assert pool == [[0, 2], [1]]  # disjoint, every part once
+    for g in reversed(groups):  # in any order
+        label_group(many, g, Reporter())
+    assert plan_labels(many, 2, Reporter()) == []  # nothing left to do
+    stages.get("label").main(many, Reporter())
+    for path in sorted((tmp_path / "one").rglob("*")):
+        if path.is_file():
+            twin = tmp_path / "many" / path.relative_to(tmp_path / "one")
+            assert twin.read_bytes() == path.read_bytes(), path
+
+
+def test_labelling_resumes_by_part_to_the_same_files(project, tmp_path, monkeypatch):
+    """A labelling killed after its first part redoes only the parts after it and ends with
+    the same PNGs and scores as an uninterrupted run; parts of another teacher are redone."""
+    from ddps_core.teacher.stage import load_method
+
+    root, raw = project
+    s = parse_settings(raw)
+    stages.get("train_teacher").run(s)
+    monkeypatch.setattr(labelling, "PART_IMAGES", 4)  # 12 pool images: 3 parts
+    ens, store = load_method(s, "teacher"), FeatureStore.open(store_path(s, "unlabeled"), read_only=True)
+    full = labelling.label_images(ens, store, tmp_path / "a", "unlabeled", "t1")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(i, _labels):
+        if i == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        labelling.label_images(ens, store, tmp_path / "b", "unlabeled", "t1", on_image=kill_at_6)
+    assert sorted(p.name for p in (tmp_path / "b" / ".parts").glob("part-*")) == ["part-00000.parquet"]
+    predicted = []
+    real_predict = labelling.predict_store
+    monkeypatch.setattr(labelling, "predict_store", lambda e, src, image_indices: (
+        predicted.extend(image_indices) or real_predict(e, src, image_indices=image_indices)))
+    again = labelling.label_images(ens, store, tmp_path / "b", "unlabeled", "t1")
+    assert predicted == list(range(4, 12))  # the finished part is not redone
+    pd.testing.assert_frame_equal(again, full)
+    for name in (p.name for p in (tmp_path / "a").glob("*.png")):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert not (tmp_path / "b" / ".parts").exists()
+    with pytest.raises(Killed):
+        labelling.label_images(ens, store, tmp_path / "c", "unlabeled", "t1", on_image=kill_at_6)
+    predicted.clear()
+    labelling.label_images(ens, store, tmp_path / "c", "unlabeled", "t2")
+    assert predicted == list(range(12))
