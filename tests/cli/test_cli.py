@@ -1,4 +1,6 @@
-"""The `ddps` command line: evaluate end to end, and bad input -> one message, non-zero exit."""
+"""The `ddps` command line: scoring end to end, bad input -> one message and a non-zero exit,
+honest help (each option's settings key and current value), commands in pipeline order,
+and a missing settings file refused."""
 
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flows.cli import main
+from ddps.cli import main
 
 
 def run(args, capsys):
@@ -28,7 +30,7 @@ def synthetic(tmp_path_factory):
     return root
 
 
-def test_evaluate_ground_truth_vs_perturbed_copy(synthetic, tmp_path, capsys):
+def test_score_ground_truth_vs_perturbed_copy(synthetic, tmp_path, capsys):
     gt_dir = synthetic / "real" / "test"
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -45,7 +47,7 @@ def test_evaluate_ground_truth_vs_perturbed_copy(synthetic, tmp_path, capsys):
         else:
             np.save(pred / f"{npy.stem}.npy", p)
     report = tmp_path / "r" / "report.parquet"
-    code, out, err = run(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--num-classes", "7",
+    code, out, err = run(["score", "--pred", str(pred), "--gt", str(gt_dir), "--num-classes", "7",
                           "--names", str(synthetic / "classes.yaml"), "--out", str(report),
                           "--figures", str(tmp_path / "fig"), "--max-figures", "4"], capsys)
     assert code == 0, err
@@ -75,14 +77,14 @@ def test_evaluate_ground_truth_vs_perturbed_copy(synthetic, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["corrupt", "size", "missing_pred", "bad_names"])
-def test_evaluate_bad_input_one_message(synthetic, tmp_path, capsys, case):
+def test_score_bad_input_one_message(synthetic, tmp_path, capsys, case):
     gt_dir = synthetic / "real" / "test"
     pred = tmp_path / "pred"
     pred.mkdir()
     stems = sorted(p.stem for p in gt_dir.glob("*.npy"))
     for s in stems:
         np.save(pred / f"{s}.npy", np.load(gt_dir / f"{s}.npy"))
-    args = ["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--num-classes", "7",
+    args = ["score", "--pred", str(pred), "--gt", str(gt_dir), "--num-classes", "7",
             "--out", str(tmp_path / "out.parquet")]
     expect = stems[0]
     if case == "corrupt":
@@ -115,7 +117,7 @@ def test_console_script_exit_code_and_debug(tmp_path):
     """The installed entry point: exit status and --debug traceback, in a real process."""
     params = tmp_path / "p.yaml"
     params.write_text("bogus: 1\n")
-    cmd = [sys.executable, "-m", "flows.cli", "config", "show", "--params", str(params)]
+    cmd = [sys.executable, "-m", "ddps", "config", "show", "--params", str(params)]
     plain = subprocess.run(cmd, capture_output=True, text=True)
     assert plain.returncode == 2 and "bogus: unknown key" in plain.stderr
     assert "Traceback" not in plain.stderr
@@ -123,8 +125,32 @@ def test_console_script_exit_code_and_debug(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def test_help_lists_every_command(capsys):
+def test_help_lists_the_commands_in_pipeline_order(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0
-    for command in ("config", "data", "ddpm", "evaluate"):
-        assert command in out
+    listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed == ["config", "data", "ddpm", "features", "teacher", "generate", "student", "refiner",
+                      "evaluate", "score", "deploy"]
+
+
+def test_option_help_shows_its_settings_key_and_current_value(tmp_path, monkeypatch):
+    """Rendered in a project folder whose params.yaml sets ddpm.steps; a key the file leaves
+    out shows the embedded default. Rendered by a fresh process: the values are read when
+    the command module loads."""
+    (tmp_path / "params.yaml").write_text("ddpm:\n  steps: 321\n")
+    proc = subprocess.run([sys.executable, "-m", "ddps", "ddpm", "train", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # help lines wrap: compare the words
+    options = {part.split()[0]: part for part in ("--" + p for p in text.split(" --")[1:])}
+    assert "(ddpm.steps; params.yaml: 321)" in options["--steps"]
+    assert "(ddpm.preset; default 'tiny32')" in options["--preset"]
+    assert options["--steps"].startswith("--steps N ") and "<" not in text  # metavars are words
+
+
+def test_a_missing_settings_file_is_an_error_and_defaults_are_a_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["config", "show", "--params", "typo.yaml"], capsys)
+    assert code == 2 and err.startswith("error: typo.yaml: settings file not found")
+    code, out, _ = run(["config", "show", "--defaults", "--set", "ddpm.steps=9"], capsys)
+    assert code == 0 and "steps: 9" in out and "preset: tiny32" in out

@@ -1,71 +1,24 @@
-"""The DVC plot tables cut from the reports, and the `make run` wrapper's pieces."""
+"""The `make run` wrapper's pieces: the metrics summary, the port, the stage clock, and an
+interrupt that stops the running stage."""
 
 from __future__ import annotations
 
 import json
 import socket
 
-import numpy as np
-import pandas as pd
-
-from ddps_core.metrics import ConfusionAccumulator, plots, report_frame
 from flows.run import free_port, metrics_rows
-
-
-def _report(method: str, pred: np.ndarray, gt: np.ndarray, step=None) -> pd.DataFrame:
-    acc = ConfusionAccumulator(num_classes=3)
-    acc.update(pred, gt, "img0")
-    frame = report_frame(acc.result(), ["bg", "a", "b"])
-    frame.insert(0, "method", method)
-    if step is not False:
-        frame.insert(1, "step", pd.array([step] * len(frame), dtype="Int64"))
-    return frame
-
-
-def test_per_class_table_holds_each_methods_class_iou_in_percent():
-    gt = np.zeros((8, 8), np.int64)
-    gt[:, 4:] = 1
-    gt[6:, :] = 2
-    pred = gt.copy()
-    pred[0, 4] = 0  # one class-1 pixel called background
-    report = pd.concat([_report("ddpm", pred, gt, step=False), _report("rgbxy", gt, gt, step=False)])
-    tables = plots.by_method(plots.per_class_table(report))
-    assert list(tables) == ["ddpm", "rgbxy"]
-    ddpm = tables["ddpm"].set_index("class_name")
-    # by hand: class 1 has 24 label pixels (rows 0-5, columns 4-7), 23 predicted right
-    assert np.isclose(ddpm.loc["a", "iou"], 100 * 23 / 24)
-    # background: 24 label pixels, 25 predicted, 24 right
-    assert np.isclose(ddpm.loc["bg", "iou"], 100 * 24 / 25)
-    assert np.isclose(ddpm.loc["b", "iou"], 100.0)
-    assert np.allclose(tables["rgbxy"]["iou"], 100.0)
-    assert list(tables["rgbxy"].columns) == ["class_id", "class_name", "iou", "biou"]
-
-
-def test_ddps_step_table_puts_the_student_at_step_minus_one():
-    gt = np.zeros((8, 8), np.int64)
-    gt[:4] = 1
-    worse = gt.copy()
-    worse[:2] = 0
-    report = pd.concat([_report("student", worse, gt, step=None),
-                        _report("ddps", gt, gt, step=5), _report("ddps", worse, gt, step=0)])
-    tables = plots.by_method(plots.ddps_step_table(report))
-    assert tables["student"]["step"].tolist() == [-1]
-    assert tables["ddps"]["step"].tolist() == [0, 5]  # sorted by step
-    assert np.isclose(tables["ddps"]["miou"].iloc[1], 100.0)
-    csv = plots.to_csv(tables["ddps"])
-    assert csv.splitlines()[0] == "step,miou,mbiou"
 
 
 def test_metrics_rows_read_the_summary_jsons(tmp_path):
     (tmp_path / "reports/metrics").mkdir(parents=True)
-    (tmp_path / "reports/metrics/ddpm_seg.json").write_text(json.dumps(
-        {"ddpm": {"miou": 0.5, "mbiou": 0.4, "aacc": 0.9, "macc": 0.6}}))
-    (tmp_path / "reports/metrics/ddps.json").write_text(json.dumps(
+    (tmp_path / "reports/metrics/evaluate.json").write_text(json.dumps(
+        {"teacher": {"miou": 0.5, "mbiou": 0.4, "aacc": 0.9, "macc": 0.6}}))
+    (tmp_path / "reports/metrics/refine.json").write_text(json.dumps(
         {"student": {"miou": 0.3, "mbiou": 0.2},
-         "ddps": {"step_0": {"miou": 0.6, "mbiou": 0.5}, "step_10": {"miou": 0.7, "mbiou": 0.55},
+         "refiner": {"step_0": {"miou": 0.6, "mbiou": 0.5}, "step_10": {"miou": 0.7, "mbiou": 0.55},
                   "step_9": {"miou": 0.65, "mbiou": 0.52}}}))
     rows = metrics_rows(tmp_path)
-    assert rows[0] == ("evaluate", "ddpm", 0.5, 0.4)
+    assert rows[0] == ("evaluate", "teacher", 0.5, 0.4)
     # the last step by number (10, not 9 as text order would say)
     assert rows[1][1].endswith("step 10)") and rows[1][2] == 0.7
     assert len(rows) == 2
@@ -84,7 +37,7 @@ def test_stage_clock_times_each_stage_from_dvc_output():
     from flows.run import StageClock
 
     clock = StageClock()
-    lines = [(0.0, "Running stage 'data':\n"), (1.0, "> python -m flows.data\n"),
+    lines = [(0.0, "Running stage 'data':\n"), (1.0, "> python -m flows data\n"),
              (12.5, "Stage 'train_ddpm' didn't change, skipping\n"),
              (13.0, "Running stage 'extract':\n"), (20.0, "Updating lock file 'dvc.lock'\n")]
     for t, line in lines:

@@ -1,16 +1,15 @@
-"""dvc.yaml is wired to the code and settings it runs: every stage lists the modules its
-flow imports (directly or through its tasks) as deps and its params.yaml sections as params,
-metrics point at the summary JSONs, and the plots cover what the README promises."""
+"""dvc.yaml is wired to the code and settings it runs: every stage depends on the library
+code its stage function imports, its params are keys of params.yaml, metrics point at the
+summary JSONs, and every plot is some stage's output."""
 
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = DVC["stages"]
 
@@ -45,65 +44,51 @@ def _covered(path: Path, deps: list[str]) -> bool:
     return any(rel == Path(d) or Path(d) in rel.parents for d in deps)
 
 
-def _stage_module(stage: dict) -> Path:
-    match = re.fullmatch(r"python -m (flows\.\w+)", stage["cmd"])
-    assert match, f"stage command {stage['cmd']!r} is not `python -m flows.<stage>`"
-    return REPO / (match.group(1).replace(".", "/") + ".py")
+#: Library modules every stage shares that cannot change what a stage computes: reading
+#: params.yaml into settings (each stage's params cover the values), the error types, the
+#: progress reporter, the stage registry, and the atomic write of bytes given to it.
+GLUE = {REPO / "ddps_core" / f for f in ("config.py", "errors.py", "progress.py", "stages.py", "io.py",
+                                         "__init__.py")}
 
 
-#: Orchestration glue every stage shares, which cannot change a stage's outputs: reading
-#: params.yaml into settings (the params of each stage cover its values) and the retry policy.
-GLUE = {REPO / "flows/common.py", REPO / "tasks/common.py"}
+def test_every_stage_runs_its_flow_and_depends_on_the_code_it_runs():
+    from ddps_core import stages
 
-
-def test_every_stage_depends_on_the_code_it_runs():
     problems = []
     for name, stage in STAGES.items():
+        assert stage["cmd"] == f"python -m flows {name}", name
         deps = [str(d) for d in stage.get("deps", [])]
-        flow = _stage_module(stage)
-        assert _covered(flow, deps), f"stage {name}: its flow {flow.relative_to(REPO)} is not a dep"
-        # the flow's own imports, and those of the task modules it uses, one level down
-        modules = _imports(flow)
-        for m in list(modules):
-            if m.startswith("tasks."):
-                f = _file_of(m)
-                if f is not None:
-                    modules |= _imports(f)
-        for m in sorted(modules):
-            f = _file_of(m)
-            if f is None or f.name == "__init__.py" and f.parent == REPO / "ddps_core":
-                continue
-            if f in GLUE:
-                continue
+        # the stage's package, and the library modules its stage module imports
+        first = _file_of(stages._MODULES[name])
+        assert _covered(first.parent, deps), f"stage {name}: its package {first.parent} is not a dep"
+        imported = {f for m in _imports(first) if m.startswith("ddps_core") if (f := _file_of(m)) is not None}
+        for f in sorted(imported - GLUE):
             if not _covered(f, deps):
                 problems.append(f"{name}: {f.relative_to(REPO)}")
     assert not problems, "stages miss deps on code they run:\n" + "\n".join(sorted(set(problems)))
 
 
-def test_every_stage_lists_its_params_section():
+def test_every_param_is_a_key_of_params_yaml():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    own = {"train_ddpm": "ddpm", "extract": "features", "train_ensemble": "teacher",
-           "label": "teacher", "generate": "generate", "train_student": "student",
-           "train_ddps": "refiner", "refine": "refiner", "evaluate": "evaluate", "data": "data"}
     for name, stage in STAGES.items():
-        listed = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
-        assert own[name] in listed, f"stage {name} does not list its section {own[name]!r}"
-        for p in listed:
-            top = p.split(".")[0]
-            assert top in params, f"stage {name}: param {p!r} is not in params.yaml"
+        for p in stage.get("params", []):
+            node = params
+            for part in p.split("."):
+                assert isinstance(node, dict) and part in node, f"stage {name}: {p!r} is not in params.yaml"
+                node = node[part]
 
 
 def test_metrics_and_plots_are_declared():
     metrics = {next(iter(m)) if isinstance(m, dict) else m
                for s in STAGES.values() for m in s.get("metrics", [])}
-    assert metrics == {"reports/metrics/ddpm_seg.json", "reports/metrics/ddps.json"}
+    assert metrics == {"reports/metrics/evaluate.json", "reports/metrics/refine.json"}
     plots = {next(iter(p)) if isinstance(p, dict) else p: (p[next(iter(p))] if isinstance(p, dict) else {})
              for p in DVC["plots"]}
     assert plots["reports/plots/per_class_iou"]["y"] == "class_name"
-    assert plots["reports/plots/ddps_steps"]["x"] == "step"
+    assert plots["reports/plots/refine_steps"]["x"] == "step"
     assert plots["data/models/ddpm/loss.csv"]["x"] == "step"
     images = [p for p in plots if p.endswith(".png")]
-    assert {"data/models/ddpm/samples.png", "reports/figures/ddps_refinement.png"} <= set(images)
+    assert {"data/models/ddpm/samples.png", "reports/figures/refinement.png"} <= set(images)
     # every plotted file is produced by some stage (an out, or inside an out folder)
     outs = [next(iter(o)) if isinstance(o, dict) else o for s in STAGES.values() for o in s.get("outs", [])]
     for p in plots:
