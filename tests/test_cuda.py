@@ -149,8 +149,9 @@ def _tiny_params(device: str) -> dict:
     params["ddpm"].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3, sample_count=4,
                           sample_steps=5, log_every=1)
     params["features"].update(shard_images=4, batch_size=4, steps=[10, 50])
-    params["teacher"].update(members=2, max_epochs=2, figures=2)
-    params["generate"].update(drop_certain=4, contact_sheet=2)
+    params["teacher"].update(members=2, max_epochs=2)
+    params["evaluate"].update(figures=2)
+    params["generate"].update(filter="drop_both", drop_certain=4, contact_sheet=2)
     params["student"].update(epochs=2, batch_size=8, warmup_steps=2)
     params["refiner"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
                           log_every=1, figures=2)
@@ -159,37 +160,21 @@ def _tiny_params(device: str) -> dict:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_every_stage_runs_in_process_on_the_device(tmp_path, monkeypatch, device):
-    """data, train_ddpm, extract, train_ensemble, label, generate, train_student, train_ddps,
-    refine and evaluate, called as the flows call them, with the project's relative paths
-    under ``tmp_path``."""
+    """Every stage, in order, in this process, with the project's relative paths under
+    ``tmp_path``."""
+    from ddps_core import stages
     from ddps_core.config import parse_settings
-    from ddps_core.datasets.stage import prepare_dataset
     from ddps_core.diffusion.stage import load_trained
-    from ddps_core.diffusion.train import run_stage as train_ddpm
-    from ddps_core.features.stage import run_stage as extract
-    from ddps_core.generate.stage import run_stage as generate
-    from ddps_core.teacher.stage import run_evaluate, run_label, run_train
-    from ddps_core.refiner.stage import run_refine
-    from ddps_core.refiner.stage import run_train as train_ddps
-    from ddps_core.student.stage import run_stage as train_student
 
     monkeypatch.chdir(tmp_path)
     s = parse_settings(_tiny_params(device))
-    prepare_dataset(s.data)
-    train_ddpm(s)
+    out = {name: stages.get(name).run(s) for name in stages.ORDER}
     model, _ = load_trained(s.ddpm.out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    extract(s)
-    run_train(s)
-    labels = run_label(s)
-    assert labels["ddpm/test"]["images"] == 4 and labels["ddpm/unlabeled"]["images"] == 32
-    generate(s)
-    train_student(s)
-    train_ddps(s)
-    refined = run_refine(s)
-    assert set(refined["method"]) >= {"student", "ddps"}
-    report = run_evaluate(s)
-    assert set(report["method"]) >= {"ddpm", "random_unet", "rgbxy", "student"}
-    for frame in (report, refined):
+    assert out["label"]["teacher/test"]["images"] == 4 and out["label"]["teacher/unlabeled"]["images"] == 32
+    assert {r["method"] for r in out["refine"]["steps"]} >= {"student", "refiner"}
+    assert set(out["evaluate"]) >= {"teacher", "random_unet", "rgbxy", "student"}
+    for name in ("evaluate", "refine"):
+        frame = pd.read_parquet(tmp_path / "reports" / f"{name}.parquet")
         miou = pd.to_numeric(frame["miou"], errors="coerce").dropna()
-        assert len(miou) and ((miou >= 0) & (miou <= 100)).all()
+        assert len(miou) and ((miou >= 0) & (miou <= 1)).all()

@@ -8,7 +8,7 @@ import torch
 
 from ddps_core.refiner.denoiser import DenoiserConfig
 from ddps_core.refiner.multinomial import MultinomialDiffusion, uniform_mask
-from ddps_core.refiner.sample import RefineResult, refine, refinement_picture, refinement_steps
+from ddps_core.refiner.sample import RefineResult, free_renoising, refinement_picture, refinement_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +81,7 @@ def test_step0_uniform_mask_then_renoise_previous_argmax(denoiser, schedule, fea
         return out
 
     monkeypatch.setattr(schedule, "q_sample", q_sample)
-    result = refine(rec, schedule, features, n=2, generator=torch.Generator().manual_seed(7))
+    result = free_renoising(rec, schedule, features, n=2, generator=torch.Generator().manual_seed(7))
     assert result.steps == [0, 10, 19] and [int(c[1][0]) for c in rec.calls] == [0, 10, 19]
     # step 0: exactly the uniformly random mask of the generator's first draw
     x0_input = rec.calls[0][0]
@@ -103,15 +103,15 @@ def test_step0_mask_is_uniform(schedule):
         seen.append(x.clone())
         return torch.zeros(x.shape[0], K, *x.shape[1:])
 
-    refine(model, schedule, torch.zeros(8, C, 16, 16), n=1, generator=torch.Generator().manual_seed(0))
+    free_renoising(model, schedule, torch.zeros(8, C, 16, 16), n=1, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(seen[0].reshape(-1), minlength=K).double()
     expected = seen[0].numel() / K
     assert float(((counts - expected) ** 2 / expected).sum()) < 16.27  # chi-square 3 dof, p = 0.001
 
 
 def test_same_generator_same_result(denoiser, schedule, features):
-    a = refine(denoiser, schedule, features, n=3, generator=torch.Generator().manual_seed(3))
-    b = refine(denoiser, schedule, features, n=3, generator=torch.Generator().manual_seed(3))
+    a = free_renoising(denoiser, schedule, features, n=3, generator=torch.Generator().manual_seed(3))
+    b = free_renoising(denoiser, schedule, features, n=3, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(a.logits[i], b.logits[i]) for i in a.logits)
 
 
@@ -139,12 +139,12 @@ def _manual(denoiser, schedule, features, steps, w, seed):
 @pytest.mark.parametrize("w", [0.0, 0.5, 2.0])
 def test_guidance_is_the_closed_form_combination(denoiser, schedule, features, w):
     steps = refinement_steps(T, 2)
-    got = refine(denoiser, schedule, features, steps=steps, guidance=w, generator=torch.Generator().manual_seed(4))
+    got = free_renoising(denoiser, schedule, features, steps=steps, guidance=w, generator=torch.Generator().manual_seed(4))
     want = _manual(denoiser, schedule, features, steps, w, 4)
     for i in steps:
         assert torch.allclose(got.logits[i], want[i], atol=1e-4), i
     if w == 0.0:
-        plain = refine(denoiser, schedule, features, steps=steps, generator=torch.Generator().manual_seed(4))
+        plain = free_renoising(denoiser, schedule, features, steps=steps, generator=torch.Generator().manual_seed(4))
         assert all(torch.equal(plain.logits[i], got.logits[i]) for i in steps)
     else:
         plain = _manual(denoiser, schedule, features, steps, 0.0, 4)
@@ -152,7 +152,7 @@ def test_guidance_is_the_closed_form_combination(denoiser, schedule, features, w
 
 
 def test_collect_and_output_size(denoiser, schedule, features):
-    res = refine(denoiser, schedule, features, n=4, collect=[0, 19], output_size=(24, 20),
+    res = free_renoising(denoiser, schedule, features, n=4, collect=[0, 19], output_size=(24, 20),
                  generator=torch.Generator().manual_seed(0))
     assert isinstance(res, RefineResult) and res.steps == [0, 5, 10, 15, 19]
     assert set(res.logits) == {0, 19}
@@ -160,9 +160,9 @@ def test_collect_and_output_size(denoiser, schedule, features):
     masks = res.masks()
     assert masks[19].shape == (3, 24, 20) and masks[19].max() < K
     with pytest.raises(ValueError, match="not run"):
-        refine(denoiser, schedule, features, n=1, collect=[5])
+        free_renoising(denoiser, schedule, features, n=1, collect=[5])
     with pytest.raises(ValueError, match="start at 0"):
-        refine(denoiser, schedule, features, steps=[3, 19])
+        free_renoising(denoiser, schedule, features, steps=[3, 19])
 
 
 def test_refinement_picture():
