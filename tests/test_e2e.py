@@ -38,10 +38,11 @@ def pipeline(tmp_path_factory):
     params["ddpm"].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3,
                           sample_count=4, sample_steps=5, log_every=1)
     params["features"].update(shard_images=4, batch_size=4, steps=[10, 50])
-    params["ensemble"].update(members=2, max_epochs=2, figures=2)
-    params["generate"].update(drop_certain=4, contact_sheet=2)
+    params["teacher"].update(members=2, max_epochs=2)
+    params["evaluate"].update(figures=2)
+    params["generate"].update(filter="drop_both", drop_certain=4, contact_sheet=2)
     params["student"].update(epochs=2, batch_size=8, warmup_steps=2)
-    params["ddps"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
+    params["refiner"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
                           log_every=1, figures=2, ablation=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -70,9 +71,9 @@ def test_make_run_shows_flow_runs_on_its_own_server_and_stops_it(pipeline):
     stages = re.findall(r"Beginning flow run '[^']+' for flow '([^']+)'", out)
     assert len(stages) == 10, stages
     assert "Test split: final metrics" in out and "Pipeline wall time" in out
-    for line in ("ddpm", "student", "ddps (step 9)"):
+    for line in ("teacher", "student", "refiner (step 9)"):
         assert line in out
-    assert "reports/ddpm_seg.parquet" in out and "reports/figures/ddps_refinement.png" in out
+    assert "reports/evaluate.parquet" in out and "reports/figures/refinement.png" in out
     # the server is gone: nothing listens on its port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -90,31 +91,33 @@ def test_dvc_repro_builds_every_stage(pipeline):
     for split in ("train", "test", "unlabeled"):
         assert (work / f"data/features/{split}.zarr/zarr.json").is_file()
     # teacher per method, labels of the test split and of the pool, one report
-    for method in ("ddpm", "random_unet", "rgbxy"):
-        assert (work / f"data/models/ensemble/{method}/ensemble.safetensors").is_file()
+    assert (work / "data/models/teacher/ensemble.safetensors").is_file()
+    for method in ("random_unet", "rgbxy"):
+        assert (work / f"data/models/baselines/{method}/ensemble.safetensors").is_file()
+    for method in ("teacher", "random_unet", "rgbxy"):
         assert len(list((work / f"data/labels/{method}/test").glob("test_*_uncertainty.png"))) == 4
-    pool = pd.read_parquet(work / "data/labels/ddpm/unlabeled/scores.parquet")
+    pool = pd.read_parquet(work / "data/labels/teacher/unlabeled/scores.parquet")
     assert len(pool) == 64 and pool["score"].notna().all()
-    report = pd.read_parquet(work / "reports/ddpm_seg.parquet")
-    assert sorted(report["method"].unique()) == ["ddpm", "random_unet", "rgbxy", "student"]
+    report = pd.read_parquet(work / "reports/evaluate.parquet")
+    assert sorted(report["method"].unique()) == ["random_unet", "rgbxy", "student", "teacher"]
     assert (report["scope"] == "summary").sum() == 4
-    metrics = yaml.safe_load((work / "reports/metrics/ddpm_seg.json").read_text())
-    assert set(metrics) == {"ddpm", "random_unet", "rgbxy", "student"} and 0 <= metrics["ddpm"]["miou"] <= 1
+    metrics = yaml.safe_load((work / "reports/metrics/evaluate.json").read_text())
+    assert set(metrics) == {"teacher", "random_unet", "rgbxy", "student"} and 0 <= metrics["teacher"]["miou"] <= 1
     # the generated dataset: 64 pool candidates - 4 most certain - ceil(0.1 * 64) = 7, + 4 real
     manifest = pd.read_parquet(work / "data/generated/manifest.parquet")
     assert int(manifest["kept"].sum()) == 64 - 4 - 7 + 4
     assert (work / "data/generated/contact_sheet.png").is_file()
-    # the student, scored next to the teacher; DDPS per step, with the ablation
+    # the student, scored next to the teacher; the refiner per step, with the ablation
     student = yaml.safe_load((work / "data/models/student/model.json").read_text())
     assert student["epochs"] == 2 and student["n_train"] == 57
     assert (report["method"] == "student").any()
-    ddps = pd.read_parquet(work / "reports/ddps.parquet")
-    summary = ddps[ddps["scope"] == "summary"]
-    assert list(summary["method"]) == ["student", "ddps", "ddps", "ddps", "ddps-gt", "ddps-gt", "ddps-gt"]
+    refined = pd.read_parquet(work / "reports/refine.parquet")
+    summary = refined[refined["scope"] == "summary"]
+    assert list(summary["method"]) == ["student", *["refiner"] * 3, *["refiner-gt"] * 3]
     assert summary["step"].dropna().astype(int).tolist() == [0, 5, 9, 0, 5, 9]  # T = 10, n = 2
     # the student's own row in both reports is the same prediction
     assert summary.iloc[0]["miou"] == pytest.approx(metrics["student"]["miou"])
-    assert (work / "reports/figures/ddps_refinement.png").is_file()
+    assert (work / "reports/figures/refinement.png").is_file()
     assert len(list((work / "reports/figures/overlays").glob("*.png"))) == 8
     # nothing changed: a second repro runs no stage
     again = _sh(["dvc", "repro"], work, env)
@@ -123,40 +126,40 @@ def test_dvc_repro_builds_every_stage(pipeline):
 
 def test_plot_tables_and_an_experiment_with_a_changed_param(pipeline):
     work, env, _ = pipeline
-    per_class = pd.read_csv(work / "reports/plots/per_class_iou/ddpm.csv")
+    per_class = pd.read_csv(work / "reports/plots/per_class_iou/teacher.csv")
     assert len(per_class) == 7 and list(per_class.columns) == ["class_id", "class_name", "iou", "biou"]
-    steps = pd.read_csv(work / "reports/plots/ddps_steps/ddps.csv")
+    steps = pd.read_csv(work / "reports/plots/refine_steps/refiner.csv")
     assert steps["step"].tolist() == [0, 5, 9]
     # dvc renders every declared plot offline: tables as vega specs, PNGs as images
     shown = json.loads(_sh(["dvc", "plots", "show", "--json"], work, env).stdout)["data"]
-    assert shown["reports/plots/per_class_iou/ddpm.csv"][0]["type"] == "vega"
-    assert shown["reports/plots/ddps_steps/ddps.csv"][0]["type"] == "vega"
+    assert shown["reports/plots/per_class_iou/teacher.csv"][0]["type"] == "vega"
+    assert shown["reports/plots/refine_steps/refiner.csv"][0]["type"] == "vega"
     assert shown["data/models/ddpm/loss.csv"][0]["type"] == "vega"
     assert shown["data/models/ddpm/samples.png"][0]["type"] == "image"
     assert sum(k.startswith("reports/figures/overlays/") for k in shown) == 8
-    # commit the run, then an experiment with another ensemble size; metrics diff sees it
+    # commit the run, then an experiment with another teacher size; metrics diff sees it
     _sh(["git", "add", "-A"], work, env)
     _sh(["git", "commit", "-qm", "baseline"], work, env)
     _sh(["dvc", "exp", "run", "-S", "teacher.members=3"], work, env)
     params = yaml.safe_load((work / "params.yaml").read_text())
-    assert params["ensemble"]["members"] == 3
+    assert params["teacher"]["members"] == 3
     diff = json.loads(_sh(["dvc", "metrics", "diff", "--json"], work, env).stdout)
-    changed = diff["reports/metrics/ddpm_seg.json"]
-    assert "ddpm.miou" in changed and changed["ddpm.miou"]["old"] != changed["ddpm.miou"]["new"]
+    changed = diff["reports/metrics/evaluate.json"]
+    assert "teacher.miou" in changed and changed["teacher.miou"]["old"] != changed["teacher.miou"]["new"]
     exps = _sh(["dvc", "exp", "show", "--json"], work, env).stdout
     assert "teacher.members" in exps or '"members": 3' in exps
 
 
 def test_cli_reads_pipeline_outputs(pipeline):
     work, env, _ = pipeline
-    out = _sh([sys.executable, "-m", "flows.cli", "features", "info", "data/features/test.zarr"], work, env)
+    out = _sh([sys.executable, "-m", "ddps", "features", "info", "data/features/test.zarr"], work, env)
     assert "4 / 4" in out.stdout and "ratio" in out.stdout
     gt = work / "data/dataset/real/test"
     pred = work / "pred"
     pred.mkdir()
     for npy in gt.glob("*.npy"):
         shutil.copy(npy, pred / npy.name)
-    out = _sh([sys.executable, "-m", "flows.cli", "evaluate", "--pred", str(pred), "--gt", str(gt),
+    out = _sh([sys.executable, "-m", "ddps", "score", "--pred", str(pred), "--gt", str(gt),
                "--num-classes", "7", "--names", str(work / "data/dataset/classes.yaml"),
                "--out", str(work / "reports/self.parquet")], work, env)
     summary = pd.read_parquet(work / "reports/self.parquet").query("scope == 'summary'").iloc[0]
