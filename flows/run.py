@@ -90,8 +90,10 @@ class LocalServer:
 
     def start(self, timeout_s: float = 180.0) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PREFECT_HOME": str(self.home),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        # The UI the server serves asks the API at PREFECT_UI_API_URL, which defaults to port
+        # 4200 whatever port the server listens on.
+        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_UI_API_URL": self.api_url}
         env.pop("PREFECT_API_URL", None)
         cmd = [sys.executable, "-m", "prefect", "server", "start",
                "--host", self.host, "--port", str(self.port)]

@@ -91,3 +91,30 @@ def test_interrupting_make_run_stops_the_running_stage(tmp_path):
     except ProcessLookupError:
         alive = False
     assert not alive
+
+
+def test_the_local_server_tells_its_ui_the_api_on_its_own_port(tmp_path, monkeypatch):
+    """Prefect's UI asks the API at PREFECT_UI_API_URL, which defaults to port 4200: the
+    server `make run` starts on another port must be given its own address."""
+    import subprocess
+
+    from flows.run import LocalServer
+
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def popen(cmd, env, **_kw):
+        seen.update(cmd=cmd, env=env)
+        raise Started
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    server = LocalServer("127.0.0.1", 4711, tmp_path)
+    try:
+        server.start(timeout_s=1)
+    except Started:
+        pass
+    assert seen["cmd"][-4:] == ["--host", "127.0.0.1", "--port", "4711"]
+    assert seen["env"]["PREFECT_UI_API_URL"] == "http://127.0.0.1:4711/api"
+    assert "PREFECT_API_URL" not in seen["env"]
