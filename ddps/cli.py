@@ -167,15 +167,16 @@ def data_check(
     root: Annotated[Path, typer.Argument(help="Dataset folder.", metavar="DIR")],
     format_: Annotated[str, typer.Option("--format", metavar="FORMAT",
                                          help="ddpm-seg, ade20k, cityscapes or folder.")] = "ddpm-seg",
-    split: Annotated[list[str] | None, typer.Option(metavar="SPLIT", help="Split(s) to read (repeatable).")] = None,
+    split: Annotated[list[str] | None, typer.Option(metavar="SPLIT", help="Split(s) to read (repeatable); "
+                                                                    "default: every split folder present.")] = None,
     num_classes: Annotated[int | None, typer.Option(metavar="K", help="Classes; from classes.yaml if omitted.")] = None,
     ignore_index: Annotated[int, typer.Option(metavar="ID", help="Ignore label value.")] = 255,
 ) -> None:
     """Read and validate every file of a dataset; print counts per split."""
     from ddps_core.datasets import open_dataset
+    from ddps_core.datasets.readers import split_folders
 
-    splits = split or {"ddpm-seg": ["train", "test"], "ade20k": ["training", "validation"],
-                       "cityscapes": ["train", "val"], "folder": ["train"]}.get(format_, ["train"])
+    splits = split or list(split_folders(format_, root)) or ["train"]
     table = Table(title=f"{root} ({format_})")
     for col in ("split", "images", "labelled", "sizes", "classes seen"):
         table.add_column(col)

@@ -51,12 +51,14 @@ class SyntheticSettings(Section):
 DatasetSource = Literal["synthetic", "ddpm-seg", "ade20k", "cityscapes", "folder"]
 
 # Reader split names that make up our canonical train / test / unlabeled splits, per source.
+# A default split whose folder is absent is skipped (train aside); one set in data.splits
+# must exist.
 DEFAULT_SPLITS: dict[str, dict[str, str | None]] = {
     "synthetic": {"train": "train", "test": "test", "unlabeled": "unlabeled"},
-    "ddpm-seg": {"train": "train", "test": "test", "unlabeled": None},
+    "ddpm-seg": {"train": "train", "test": "test", "unlabeled": "unlabeled"},
     "ade20k": {"train": "training", "test": "validation", "unlabeled": None},
     "cityscapes": {"train": "train", "test": "val", "unlabeled": None},
-    "folder": {"train": "train", "test": "test", "unlabeled": None},
+    "folder": {"train": "train", "test": "test", "unlabeled": "unlabeled"},
 }
 
 

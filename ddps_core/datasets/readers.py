@@ -328,6 +328,30 @@ _ADE_SPLIT_ALIASES = {"train": "training", "val": "validation"}
 _CITY_SPLIT_ALIASES = {"validation": "val", "training": "train"}
 
 
+def split_folders(kind: str, root: PathLike) -> dict[str, Path]:
+    """The split folders present in ``root`` for ``kind``, by the reader's split name:
+    ``real/<split>/`` and ``unlabeled/`` (ddpm-seg), ``images/<split>/`` (ade20k),
+    ``leftImg8bit/<split>/`` (cityscapes), ``<split>/`` with an ``images/`` folder (folder)."""
+    root = Path(root)
+
+    def subdirs(folder: Path) -> dict[str, Path]:
+        return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")} \
+            if folder.is_dir() else {}
+
+    if kind == "ddpm-seg":
+        found = subdirs(root / "real")
+        if (root / "unlabeled").is_dir():
+            found["unlabeled"] = root / "unlabeled"
+        return found
+    if kind == "ade20k":
+        return subdirs(root / "images")
+    if kind == "cityscapes":
+        return subdirs(root / "leftImg8bit")
+    if kind == "folder":
+        return {name: p for name, p in subdirs(root).items() if (p / "images").is_dir()}
+    return {}
+
+
 def _check_fixed(kind: str, root: Path, num_classes: int | None, ignore_index: int, n: int) -> None:
     if num_classes is not None and num_classes != n:
         raise DataError(f"{root}: {kind} has {n} classes, but num_classes={num_classes} was given")
@@ -370,7 +394,8 @@ def open_dataset(
         folder = root if split in (None, "", "all") else path_inside(root, split, f"{root}: split")
         if not folder.is_dir():
             raise DataError(f"{folder}: folder for split {split!r} does not exist")
-        return GenericFolder(folder, num_classes=num_classes, ignore_index=ignore_index)
+        return GenericFolder(folder, num_classes=num_classes, ignore_index=ignore_index,
+                             require_labels=split != "unlabeled")
     raise DataError(f"unknown dataset kind {kind!r} (for {root}); valid kinds: {list(DATASET_KINDS)}")
 
 
@@ -385,4 +410,5 @@ __all__ = [
     "GenericFolder",
     "cityscapes_label_ids_to_train_ids",
     "open_dataset",
+    "split_folders",
 ]

@@ -27,7 +27,7 @@ import yaml
 
 from ddps_core.config import DataSettings, Settings
 from ddps_core.datasets.common import npy_bytes, png_bytes
-from ddps_core.datasets.readers import open_dataset
+from ddps_core.datasets.readers import open_dataset, split_folders
 from ddps_core.datasets.synthetic import make_synthetic
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text, partial_folder, swap_folder
@@ -37,11 +37,13 @@ from ddps_core.stages import Stage
 _MARK = "prepared"
 
 
-def prepare_dataset(data: DataSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Make or import the dataset ``data`` describes; a summary with ``counts`` per split."""
+def prepare_dataset(data: DataSettings, progress: Callable[[int], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Make or import the dataset ``data`` describes; a summary with ``counts`` per split.
+    ``warn`` hears of split folders that are present but not imported."""
     if data.source == "synthetic":
         return make_synthetic(data.out, progress=progress, **data.synthetic.model_dump())
-    return import_dataset(data, progress)
+    return import_dataset(data, progress, warn)
 
 
 def data(settings: Settings, report: Reporter) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def data(settings: Settings, report: Reporter) -> dict[str, Any]:
     total = sum(d.synthetic.model_dump()[k] for k in ("n_unlabeled", "n_labeled", "n_test")) \
         if d.source == "synthetic" else None
     report.progress("data", 0, total)
-    summary = prepare_dataset(d, progress=lambda n: report.progress("data", n, total))
+    summary = prepare_dataset(d, progress=lambda n: report.progress("data", n, total), warn=report.log)
     report.log(f"dataset in {d.out}: " + ", ".join(f"{n} {split}" for split, n in summary["counts"].items())
                + (" (reused)" if summary.get("reused") else ""))
     return summary
@@ -77,7 +79,29 @@ def _made_here(out: Path) -> bool:
     return isinstance(doc, dict) and (_MARK in doc or "synthetic" in doc)
 
 
-def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def import_splits(data: DataSettings, warn: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Canonical split -> the reader's split to import. Every split folder found is imported:
+    a default split whose folder is absent is skipped (``train`` must exist); a split set in
+    ``data.splits`` must exist; a folder present but imported as no split is named to
+    ``warn``."""
+    present = split_folders(data.source, data.root)
+    explicit = data.splits or {}
+    chosen = {}
+    for split, reader_split in data.split_map().items():
+        if reader_split is None:
+            continue
+        if reader_split not in present and split != "train" and split not in explicit:
+            continue  # an optional split this dataset does not have
+        chosen[split] = reader_split
+    for name, folder in present.items():
+        if name not in chosen.values() and warn is not None:
+            warn(f"{folder}: split folder not imported (data.splits maps no train / test / unlabeled "
+                 f"split to {name!r})")
+    return chosen
+
+
+def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = None,
+                   warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate a user dataset and write it to ``data.out`` in the canonical layout."""
     out = Path(data.out)
     settings = _settings(data)
@@ -85,9 +109,7 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
         raise DataError(f"{out}: folder exists, is not empty and was not made by the data "
                         "stage; refusing to overwrite it (choose another data.out)")
     readers = {}
-    for split, reader_split in data.split_map().items():
-        if reader_split is None:
-            continue
+    for split, reader_split in import_splits(data, warn).items():
         readers[split] = open_dataset(data.source, data.root, reader_split,
                                       num_classes=data.num_classes, ignore_index=data.ignore_index)
     if "train" not in readers:

@@ -103,3 +103,48 @@ def test_synthetic_source(tmp_path):
     assert summary["counts"] == {"train": 2, "test": 2, "unlabeled": 3}
     assert len(DDPMSegFolder(tmp_path / "syn", "unlabeled")) == 3
     assert json.dumps(summary)  # JSON-serialisable (flows return it)
+
+
+def _ddpm_seg_dataset(root, extra_split=None):
+    """A DDPM-Seg layout folder: real/train (2), real/test (1), unlabeled (3) of 8x8 images."""
+    rng = np.random.default_rng(1)
+    for split, n in (("real/train", 2), ("real/test", 1), ("unlabeled", 3), *([(extra_split, 1)] if extra_split else [])):
+        folder = root / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{folder.name}{i}.png")
+            if split != "unlabeled":
+                np.save(folder / f"{folder.name}{i}.npy", rng.integers(0, 3, (8, 8), dtype=np.uint8))
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": ["a", "b", "c"]}))
+    return root
+
+
+def test_a_ddpm_seg_folder_imports_all_three_splits_with_source_and_root_alone(tmp_path):
+    root = _ddpm_seg_dataset(tmp_path / "src")
+    data = parse_settings({"data": {"source": "ddpm-seg", "root": str(root), "out": str(tmp_path / "out")}}).data
+    warnings = []
+    summary = prepare_dataset(data, warn=warnings.append)
+    assert summary["counts"] == {"train": 2, "test": 1, "unlabeled": 3}
+    assert len(DDPMSegFolder(tmp_path / "out", "unlabeled")) == 3 and warnings == []
+
+
+def test_a_split_folder_present_but_not_imported_is_named(tmp_path):
+    root = _ddpm_seg_dataset(tmp_path / "src", extra_split="real/val")
+    data = parse_settings({"data": {"source": "ddpm-seg", "root": str(root), "out": str(tmp_path / "out")}}).data
+    warnings = []
+    prepare_dataset(data, warn=warnings.append)
+    assert warnings == [f"{root / 'real' / 'val'}: split folder not imported (data.splits maps no train / test / "
+                        "unlabeled split to 'val')"]
+
+
+def test_without_an_unlabeled_folder_the_import_goes_on_but_a_named_split_must_exist(tmp_path):
+    root = _ddpm_seg_dataset(tmp_path / "src")
+    import shutil
+
+    shutil.rmtree(root / "unlabeled")
+    data = parse_settings({"data": {"source": "ddpm-seg", "root": str(root), "out": str(tmp_path / "a")}}).data
+    assert prepare_dataset(data)["counts"] == {"train": 2, "test": 1}
+    named = parse_settings({"data": {"source": "ddpm-seg", "root": str(root), "out": str(tmp_path / "b"),
+                                     "splits": {"unlabeled": "unlabeled"}}}).data
+    with pytest.raises(DataError, match="unlabeled"):
+        prepare_dataset(named)
