@@ -45,11 +45,11 @@ def test_transient_oserror_in_the_data_task_is_retried_and_the_flow_completes(pr
     root, params = project
     real, calls = data_stage.prepare_dataset, []
 
-    def flaky(settings, progress=None):
+    def flaky(settings, progress=None, warn=None):
         calls.append(1)
         if len(calls) == 1:
             raise OSError("injected: NFS server not responding")
-        return real(settings, progress)
+        return real(settings, progress, warn)
 
     monkeypatch.setattr(data_stage, "prepare_dataset", flaky)
     state = data(params_path=str(params), return_state=True)
