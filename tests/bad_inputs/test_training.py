@@ -79,14 +79,14 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
     before = snapshot(out)
     import ddps_core.diffusion.train as train_mod
 
-    real = train_mod._ema_update
+    real = train_mod.ema_update
 
     def poisoning_update(ema, model, rate, step):
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
         real(ema, model, rate, step)
 
-    monkeypatch.setattr(train_mod, "_ema_update", poisoning_update)
+    monkeypatch.setattr(train_mod, "ema_update", poisoning_update)
     res = cli("ddpm", "train", "--params", params, "--steps", "4")
     assert_clear_error(res, "non-finite weights (time_embed.0.weight) after step 3",
                        f"{out / 'state.pt'}, step 2) is kept")

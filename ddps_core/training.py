@@ -1,0 +1,339 @@
+"""The pieces every trainer's loop is made of; the loop itself stays in the trainer.
+
+Each trainer (:func:`~ddps_core.diffusion.train.train_ddpm`,
+:func:`~ddps_core.teacher.train.train_ensemble`, :func:`~ddps_core.student.train.train_student`,
+:func:`~ddps_core.refiner.train.train_denoiser`) writes its loop as one readable function, top
+to bottom, and takes from here what would otherwise be copied four times:
+
+* learning-rate schedules, pure functions of the step: :func:`warmup_cosine`,
+  :func:`warmup_poly`;
+* the EMA whose decay ramps with the step count: :func:`ema_decay`, :func:`ema_update`;
+* one optimiser step (:func:`backward_step`), :func:`set_lr`, :func:`optimizer_to`;
+* the run identity: :func:`run_id` of the settings that change what is trained and of the
+  *content* ids of the inputs (:func:`content_id` hashes files, arrays or tensors);
+* :class:`Checkpoint`: the resume file, written atomically and resumed only under the same run
+  id (otherwise the run starts over and says so), and the non-finite loss / weights checks
+  whose :class:`TrainingError` names the last good checkpoint of this run, if there is one;
+* :class:`LossLog`: the training curve, written as CSV and kept in the checkpoint;
+* :class:`TimeBudget`: stop early after so many seconds.
+
+Determinism: a trainer's output folder is a DVC output, so identical runs must write
+identical bytes. Nothing here puts wall-clock time into a file: the checkpoint, the loss log
+and the run id hold no timing, and :func:`save_checkpoint` writes the same bytes for the same
+state (see there). Timing lives only in :attr:`TimeBudget.elapsed`, for the summary a trainer
+returns.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddps_core.device import nonfinite_tensors
+from ddps_core.errors import CheckpointError, DDPSError
+from ddps_core.io import atomic_path, atomic_write_text
+from ddps_core.progress import Reporter
+
+__all__ = [
+    "Checkpoint",
+    "LossLog",
+    "TimeBudget",
+    "TrainingError",
+    "backward_step",
+    "clear_temporaries",
+    "content_id",
+    "ema_decay",
+    "ema_update",
+    "load_checkpoint",
+    "optimizer_to",
+    "run_id",
+    "save_checkpoint",
+    "set_lr",
+    "warmup_cosine",
+    "warmup_poly",
+]
+
+
+class TrainingError(DDPSError):
+    """Training cannot go on (a non-finite loss or weights); the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- schedules
+def _decayed(step: int, total: int, warmup: int) -> float:
+    """How far ``step`` is through the decay from ``warmup`` to ``total``, in [0, 1]."""
+    return min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+
+
+def warmup_cosine(step: int, *, lr: float, total: int, warmup: int = 0, floor: float = 0.1) -> float:
+    """The learning rate of (0-based) ``step``: a linear warm-up over the first ``warmup``
+    steps (``lr * (step + 1) / warmup``), then a half cosine from ``lr`` down to
+    ``floor * lr`` at step ``total``, and ``floor * lr`` after it."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * _decayed(step, total, warmup))))
+
+
+def warmup_poly(step: int, *, lr: float, total: int, warmup: int = 0, power: float = 0.9) -> float:
+    """The learning rate of (0-based) ``step``: the same linear warm-up, then the poly decay
+    ``lr * (1 - p) ** power`` with ``p`` going from 0 after the warm-up to 1 at ``total``."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (1.0 - _decayed(step, total, warmup)) ** power
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group of ``opt`` the learning rate ``lr``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+# --------------------------------------------------------------------------- EMA, optimiser
+def ema_decay(rate: float, step: int) -> float:
+    """``min(rate, (1 + step) / (10 + step))``: a short run's EMA follows the weights instead of
+    staying near the random initialisation."""
+    return min(rate, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float, step: int) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for every parameter (buffers untouched),
+    with :func:`ema_decay` of the optimiser step just taken (0-based)."""
+    decay = ema_decay(rate, step)
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1.0 - decay)
+
+
+def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter],
+                  grad_clip: float | None = None) -> None:
+    """One optimiser step on ``loss``: fresh gradients, the global norm of ``params`` clipped
+    to ``grad_clip`` (None or 0: no clipping), then ``opt.step()``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move the state of ``opt`` (moment estimates, loaded on the CPU) to ``device``; the step
+    counts stay where the optimiser keeps them."""
+    for group in opt.state.values():
+        for k, v in group.items():
+            if torch.is_tensor(v) and k != "step":
+                group[k] = v.to(device)
+
+
+# --------------------------------------------------------------------------- identity
+def run_id(settings: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """The identity of a training run: 16 hex digits of the sha256 of ``settings`` (the values
+    that change what is trained; not its length, logging or checkpoint interval) and
+    ``inputs`` (name -> content id of each input, e.g. ``{"images": content_id([images])}``).
+
+    A checkpoint is resumed only by a run with the same id. Tuples and lists hash alike."""
+    text = json.dumps({"settings": dict(settings), "inputs": dict(inputs)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+Hashable = str | os.PathLike | bytes | np.ndarray | torch.Tensor
+
+
+def content_id(items: Iterable[Hashable]) -> str:
+    """16 hex digits of the sha256 of the *content* of ``items``, in order: files (a path: its
+    bytes, read in 1 MiB chunks, not its name), arrays and tensors (dtype, shape and bytes), raw
+    bytes. Two inputs with the same names but other content get other ids."""
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            t = item.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {list(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(item, np.ndarray):
+            a = np.ascontiguousarray(item)
+            h.update(f"array {a.dtype.str} {list(a.shape)}\n".encode())
+            h.update(a.reshape(-1).view(np.uint8))
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            h.update(f"bytes {len(item)}\n".encode())
+            h.update(item)
+        elif isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            h.update(f"file {path.stat().st_size}\n".encode())
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+        else:
+            raise TypeError(f"content_id: cannot hash a {type(item).__name__}")
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- checkpoint files
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    """``torch.save(state)`` atomically: into a temporary file in the same folder, fsync, then
+    rename over ``path`` (:func:`ddps_core.io.atomic_path`).
+
+    ``torch.save`` is handed an open file, not the temporary's name: given a name it records
+    the name's stem inside the archive, so the bytes would change with the random temporary
+    name; through a file object it records a fixed one, and the same state gives the same
+    bytes."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(dict(state), fh)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, read with ``torch.load(weights_only=True)``
+    (tensors and plain data only: a pickle with code in it is refused). A missing, truncated,
+    foreign or unsafe file is a :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: training checkpoint not found") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the training checkpoint ({exc}); delete it to "
+                              "start over") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (a {type(state).__name__}); delete it "
+                              "to start over")
+    return state
+
+
+def clear_temporaries(*paths: str | os.PathLike[str]) -> None:
+    """Delete what killed atomic writes of ``paths`` left behind (``.<name>.*.tmp`` beside each):
+    only the trainer writes these files, and the temporaries would stay in its output folder."""
+    for path in map(Path, paths):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+class Checkpoint:
+    """A trainer's resume file, and the checks that guard it.
+
+    ``path`` holds ``{"run_id": ..., <unit>: position, **state}``. :meth:`resume` returns the
+    saved state when its run id is this run's, and otherwise ``None`` (the run starts over; the
+    reporter is told why). :meth:`save` refuses non-finite weights, so the file always holds
+    the last good state. Errors raised through :meth:`error` say which checkpoint of this run
+    is kept, or that none was written yet.
+
+    :param unit: what the position counts (``step``, ``update``, ``epoch``), in messages too.
+    :param hint: the advice that ends a :class:`TrainingError` (``Lower ddpm.lr.``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], run: str, *, unit: str = "step",
+                 report: Reporter | None = None, hint: str = ""):
+        self.path, self.run_id, self.unit = Path(path), run, unit
+        self.report, self.hint = report or Reporter(), hint
+        self.at: int | None = None  # position of this run's last good checkpoint
+        clear_temporaries(self.path)
+
+    def resume(self) -> dict[str, Any] | None:
+        """The saved state of this run (its position in ``state[unit]``), or None."""
+        if not self.path.exists():
+            return None
+        state = load_checkpoint(self.path)
+        if state.get("run_id") != self.run_id:
+            self.report.log(f"{self.path} was trained with other settings or inputs: starting over")
+            return None
+        self.at = int(state[self.unit])
+        self.report.log(f"resuming from {self.unit} {self.at} ({self.path})")
+        return state
+
+    def save(self, at: int, state: Mapping[str, Any], *modules: torch.nn.Module) -> None:
+        """Write ``state`` as position ``at``, after checking that ``modules`` are finite."""
+        self.check_weights(*modules, at=at)
+        save_checkpoint(self.path, {"run_id": self.run_id, self.unit: int(at), **state})
+        self.at = int(at)
+
+    def kept(self) -> str:
+        if self.at is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint ({self.path}, {self.unit} {self.at}) is kept"
+
+    def error(self, what: str) -> TrainingError:
+        """``what`` went wrong: a :class:`TrainingError` that says what is kept and what to do."""
+        return TrainingError(f"{what}; {self.kept()}." + (f" {self.hint}" if self.hint else ""))
+
+    def check_loss(self, loss: torch.Tensor | float, at: int) -> float:
+        """``loss`` as a float; a :class:`TrainingError` when it is NaN or infinite."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            raise self.error(f"non-finite loss ({value}) at {self.unit} {at}")
+        return value
+
+    def check_weights(self, *modules: torch.nn.Module, at: int) -> None:
+        """A :class:`TrainingError` when a parameter or buffer of ``modules`` is not finite (a
+        finite loss does not prove finite weights: NaN gradients give NaN weights)."""
+        bad = nonfinite_tensors(*modules)
+        if bad:
+            names = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+            raise self.error(f"non-finite weights ({names}) after {self.unit} {at}")
+
+
+# --------------------------------------------------------------------------- loss log
+class LossLog:
+    """The training curve: rows of ``columns``, written as CSV (ints as they are, floats with 6
+    significant digits, None as an empty cell) and kept in the checkpoint as JSON text, which
+    round-trips every float exactly and pickles to the same bytes for the same rows."""
+
+    def __init__(self, columns: Sequence[str]):
+        self.columns = tuple(columns)
+        self.rows: list[list[Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, *values: Any) -> None:
+        if len(values) != len(self.columns):
+            raise ValueError(f"a loss-log row has {len(self.columns)} values {self.columns}, got {len(values)}")
+        self.rows.append(list(values))
+
+    def last(self, column: str) -> Any:
+        """The latest value of ``column`` (None before the first row)."""
+        return self.rows[-1][self.columns.index(column)] if self.rows else None
+
+    def state(self) -> str:
+        return json.dumps(self.rows)
+
+    def restore(self, state: str) -> None:
+        self.rows = [list(r) for r in json.loads(state)]
+
+    def csv_text(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.columns)
+        for row in self.rows:
+            writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])
+        return buf.getvalue()
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_text(path, self.csv_text())
+
+
+# --------------------------------------------------------------------------- time budget
+class TimeBudget:
+    """Wall-clock time since the trainer started, and an optional limit on it."""
+
+    def __init__(self, seconds: float | None, report: Reporter | None = None):
+        self.seconds, self.report = seconds, report or Reporter()
+        self._start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def reached(self, where: str) -> bool:
+        """True (and the reporter is told) once more than ``seconds`` have passed."""
+        if self.seconds is None or self.elapsed <= self.seconds:
+            return False
+        self.report.log(f"time budget of {self.seconds:.0f} s reached at {where}")
+        return True
