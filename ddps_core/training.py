@@ -32,7 +32,9 @@ import io
 import json
 import math
 import os
+import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,13 +183,31 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     """``torch.save(state)`` atomically: into a temporary file in the same folder, fsync, then
     rename over ``path`` (:func:`ddps_core.io.atomic_path`).
 
-    ``torch.save`` is handed an open file, not the temporary's name: given a name it records
-    the name's stem inside the archive, so the bytes would change with the random temporary
-    name; through a file object it records a fixed one, and the same state gives the same
-    bytes."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(dict(state), fh)
+    The same state gives the same bytes, which DVC needs of an output: ``torch.save`` is
+    handed an open file, not the temporary's name (given a name, it records the name's stem,
+    random here, inside the archive), and the state is pickled in a canonical form
+    (:func:`_canonical`), so a state loaded from a checkpoint saves as the state it was."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(_canonical(dict(state)), fh)
+
+
+def _canonical(obj: Any) -> Any:
+    """``obj`` with every string interned and every container rebuilt (tensors as they are).
+
+    Pickle writes an object it has seen before as a reference to the first copy, so the bytes
+    depend on which equal values are the same object: a state built in this process shares
+    its key strings (``"step"``), one loaded from a checkpoint holds fresh copies of them. With
+    equal strings one object and no container shared, the bytes depend on the values only."""
+    if type(obj) is str:
+        return sys.intern(obj)
+    if type(obj) in (dict, OrderedDict):
+        out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state dict's per-module versions
+            out._metadata = _canonical(obj._metadata)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -199,9 +219,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: training checkpoint not found") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the training checkpoint ({exc}); delete it to "
-                              "start over") from None
+    except Exception as exc:  # noqa: BLE001 (a truncated zip, a foreign pickle, a refused global: one answer)
+        # torch's own message advises weights_only=False, which would run the file's code
+        raise CheckpointError(f"{path}: cannot read the training checkpoint (truncated, corrupt or not "
+                              f"weights-only: {type(exc).__name__}); delete it to start over") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training checkpoint (a {type(state).__name__}); delete it "
                               "to start over")
@@ -225,20 +246,22 @@ class Checkpoint:
     the last good state. Errors raised through :meth:`error` say which checkpoint of this run
     is kept, or that none was written yet.
 
+    :param path: the file; None for a run that keeps no checkpoint (it still gets the checks).
     :param unit: what the position counts (``step``, ``update``, ``epoch``), in messages too.
     :param hint: the advice that ends a :class:`TrainingError` (``Lower ddpm.lr.``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], run: str, *, unit: str = "step",
+    def __init__(self, path: str | os.PathLike[str] | None, run: str, *, unit: str = "step",
                  report: Reporter | None = None, hint: str = ""):
-        self.path, self.run_id, self.unit = Path(path), run, unit
+        self.path, self.run_id, self.unit = None if path is None else Path(path), run, unit
         self.report, self.hint = report or Reporter(), hint
         self.at: int | None = None  # position of this run's last good checkpoint
-        clear_temporaries(self.path)
+        if self.path is not None:
+            clear_temporaries(self.path)
 
     def resume(self) -> dict[str, Any] | None:
         """The saved state of this run (its position in ``state[unit]``), or None."""
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return None
         state = load_checkpoint(self.path)
         if state.get("run_id") != self.run_id:
@@ -249,12 +272,16 @@ class Checkpoint:
         return state
 
     def save(self, at: int, state: Mapping[str, Any], *modules: torch.nn.Module) -> None:
-        """Write ``state`` as position ``at``, after checking that ``modules`` are finite."""
+        """Write ``state`` as position ``at``, after checking that ``modules`` are finite (only
+        the check without a file)."""
         self.check_weights(*modules, at=at)
-        save_checkpoint(self.path, {"run_id": self.run_id, self.unit: int(at), **state})
-        self.at = int(at)
+        if self.path is not None:
+            save_checkpoint(self.path, {"run_id": self.run_id, self.unit: int(at), **state})
+            self.at = int(at)
 
     def kept(self) -> str:
+        if self.path is None:
+            return "this run keeps no checkpoint"
         if self.at is None:
             return "no checkpoint was written yet"
         return f"the last good checkpoint ({self.path}, {self.unit} {self.at}) is kept"

@@ -56,7 +56,7 @@ def test_same_seed_same_files_different_seed_differs(tmp_path, images):
     train_ddpm(_cfg(tmp_path, "b"), images, CPU, seed=1)
     train_ddpm(_cfg(tmp_path, "c"), images, CPU, seed=2)
     assert_same_files(tmp_path / "a", tmp_path / "b", ["ema.safetensors", "loss.csv", "model.json", "state.pt"])
-    (ma, ea, sa), (mc, _, _) = (_weights(tmp_path / n) for n in "ac")
+    (ma, _, sa), (mc, _, _) = (_weights(tmp_path / n) for n in "ac")
     assert sa == 4
     assert not all(torch.equal(ma[k], mc[k]) for k in ma)
     assert (tmp_path / "a" / "loss.csv").read_text().splitlines()[0] == "step,loss,mse,vb,lr"

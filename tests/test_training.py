@@ -138,6 +138,23 @@ def test_save_checkpoint_is_atomic_and_byte_deterministic(tmp_path):
     assert torch.equal(back["model"]["w"], _state()["model"]["w"]) and back["step"] == 7
 
 
+def test_a_loaded_state_saves_to_the_same_bytes(tmp_path):
+    """A resumed run saves a state partly loaded from the checkpoint (its optimiser's keys, say):
+    equal values must give equal bytes whichever objects hold them."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"step": 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
+    save_checkpoint(tmp_path / "fresh.pt", state)
+    loaded = load_checkpoint(tmp_path / "fresh.pt")
+    opt.load_state_dict(loaded["optimizer"])  # as a resumed trainer does
+    model.load_state_dict(loaded["model"])
+    save_checkpoint(tmp_path / "again.pt", {"step": 1, "model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert (tmp_path / "again.pt").read_bytes() == (tmp_path / "fresh.pt").read_bytes()
+    assert loaded["model"]._metadata == model.state_dict()._metadata  # module versions kept
+
+
 def test_a_failed_save_leaves_the_old_checkpoint(tmp_path):
     path = tmp_path / "state.pt"
     save_checkpoint(path, _state())
@@ -240,7 +257,7 @@ def test_loss_log_csv_and_exact_round_trip(tmp_path):
 
 
 def test_time_budget(monkeypatch):
-    import ddps_core.training as training
+    from ddps_core import training
 
     now = [100.0]
     monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
@@ -260,7 +277,7 @@ def assert_same_files(a, b, names):
     from pathlib import Path
 
     a, b = Path(a), Path(b)
-    listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
     assert listing(a) == listing(b) == sorted(names)
     differ = [n for n in names if (a / n).read_bytes() != (b / n).read_bytes()]
     assert not differ, f"not byte-identical across two identical runs: {differ}"
