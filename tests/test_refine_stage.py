@@ -15,6 +15,7 @@ from ddps_core.datasets import DDPMSegFolder
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.errors import DataError
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, evaluate_arrays, load_label_map, report_frame
+from ddps_core.progress import CallbackReporter
 from ddps_core.refiner.denoiser import denoiser_preset, parameter_counts
 from ddps_core.refiner.stage import (
     TrainBatches,
@@ -108,7 +109,7 @@ def test_train_ddps_trains_both_and_a_rerun_does_nothing(project):
                                ("ddps-gt", root / "ddps" / "ablation-gt", "gt")):
         assert summary["models"][method]["steps"] == 4
         model_json = json.loads((folder / "model.json").read_text())
-        assert model_json["x0_source"] == x0 and model_json["data_id"] == summary["data_id"]
+        assert model_json["x0_source"] == x0 and model_json["inputs"] == {"data": summary["data_id"]}
         assert model_json["denoiser"]["num_classes"] == K and model_json["denoiser"]["feature_channels"] == 256
     assert summary["data_id"].startswith("student=") and "data=generated:" in summary["data_id"]
     before = (root / "ddps" / "ema.safetensors").read_bytes()
@@ -129,13 +130,13 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(project, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop(_method, info):
-        if info.step == 4:
+    def stop(task, step, total, **values):
+        if step == 4:
             raise Stop
 
     part = _settings(root, out=str(tmp_path / "part"), **kw)
     with pytest.raises(Stop):
-        run_train(part, on_step=stop)
+        run_train(part, report=CallbackReporter(stop))
     logs = []
     res = run_train(part, log=logs.append)
     assert any("resuming from step 3" in m for m in logs) and res["models"]["ddps"]["steps_this_run"] == 2

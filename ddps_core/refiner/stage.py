@@ -15,7 +15,8 @@
   ``<refiner.out>`` with ``refiner.x0_source``; with ``refiner.ablation`` the same budget (same seed,
   same batches) is trained with ``x0_source="gt"`` into ``<refiner.out>/ablation-gt``.
 
-The ``data_id`` given to the trainer (part of its resume key, stored in ``model.json``) is
+The ``data_id`` given to the trainer as its ``data`` input (part of its run identity, stored
+in ``model.json``'s ``inputs``) is
 ``student=<weights hash>;data=<kind>:<hash>;n=..;size=..;batch=..;hflip=..``: a state
 trained on another student, other pairs or another batching is not resumed, and ``refine``
 refuses a denoiser whose student is not the current one.
@@ -47,6 +48,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -61,10 +63,11 @@ from ddps_core.device import autocast, resolve_device, torch_threads
 from ddps_core.errors import ConfigError, DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, report_frame, write_report
+from ddps_core.progress import CallbackReporter, Reporter
 from ddps_core.refiner.base import freeze
 from ddps_core.refiner.denoiser import DENOISER_PRESETS, DenoiserConfig, denoiser_preset, describe, parameter_counts
 from ddps_core.refiner.sample import class_argmax, refine, refinement_picture, refinement_steps
-from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, StepInfo, build_config, load_denoiser, train_denoiser
+from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, build_config, load_denoiser, train_denoiser
 
 __all__ = [
     "ABLATION_DIR",
@@ -209,8 +212,8 @@ def _training_set(settings: Settings, size: int) -> tuple[Any, str]:
 
 
 # --------------------------------------------------------------------------- train_ddps
-def run_train(settings: Settings, on_step: Callable[[str, StepInfo], None] | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_train(settings: Settings, on_step: Callable[[str, Any], None] | None = None,
+              log: Callable[[str], None] | None = None, report: Reporter | None = None) -> dict[str, Any]:
     """Stage ``train_ddps``: the denoiser (and, with ``refiner.ablation``, its ``x0_source="gt"``
     twin) on the frozen student; resumes where it stopped (see the module doc).
 
@@ -248,10 +251,15 @@ def run_train(settings: Settings, on_step: Callable[[str, StepInfo], None] | Non
     models: dict[str, Any] = {}
     with torch_threads(cfg.threads):
         for method, tc in runs.items():
-            step_cb = (lambda info, m=method: on_step(m, info)) if on_step is not None else None
+            # on_step gets the trainer's progress as before (step, total, stage, loss, lr; no timing)
+            legacy = CallbackReporter(
+                (lambda _t, step, total, m=method, tc=tc, **v: "loss" in v and on_step(m, SimpleNamespace(
+                    step=step, total=total, stage="single_step" if step <= tc.single_step_steps else "dfp",
+                    images_per_s=float("nan"), **v))) if on_step is not None else None,
+                lambda msg, m=method: say(f"{m}: {msg}"))
             summary = train_denoiser(tc, student, batches, num_classes=num_classes, device=device,
-                                     feature_channels=channels, seed=cfg.seed, data_id=data_id,
-                                     on_step=step_cb, log=lambda msg, m=method: say(f"{m}: {msg}"))
+                                     feature_channels=channels, seed=cfg.seed, inputs={"data": data_id},
+                                     task=method, report=report or legacy)
             say(f"{method}: {summary['steps']} steps ({summary['steps_this_run']} this run), "
                 f"final loss {summary['final_loss']}, {summary['wall_s']:.1f} s -> {tc.out}")
             models[method] = {**summary, "out": str(tc.out), "x0_source": tc.x0_source}
@@ -268,7 +276,7 @@ def _load_denoisers(settings: Settings, sid: str, device: torch.device,
             say(f"{method}: no ablation denoiser in {folder}; skipped (run train_ddps with refiner.ablation)")
             continue
         model, schedule, info = load_denoiser(folder, device)
-        trained_on = _id_part(info.get("data_id", ""), "student")
+        trained_on = _id_part(info.get("inputs", {}).get("data", ""), "student")
         if trained_on != sid:
             raise DataError(f"{folder / INFO_FILE}: the denoiser was trained on another student "
                             f"({trained_on} != {sid}); rerun the train_ddps stage")

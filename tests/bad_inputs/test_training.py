@@ -97,7 +97,7 @@ def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatc
     from ddps_core.refiner import train as refine_train
     from tests.test_refine_train import _cfg, _train
 
-    real = refine_train._ema_update
+    real = refine_train.ema_update
 
     def poisoning_update(ema, model, rate, step):
         if step == 5:  # the 6th update, right before the checkpoint of step 6; step 3 was good
@@ -105,9 +105,10 @@ def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatc
                 next(model.parameters()).view(-1)[0] = float("inf")
         real(ema, model, rate, step)
 
-    monkeypatch.setattr(refine_train, "_ema_update", poisoning_update)
+    monkeypatch.setattr(refine_train, "ema_update", poisoning_update)
     cfg = _cfg(tmp_path, "nan", steps=9, checkpoint_every=3)
-    with pytest.raises(refine_train.RefineTrainingError, match=r"non-finite DDPS weights .* after step 6"):
+    with pytest.raises(refine_train.TrainingError,
+                       match=r"non-finite weights .* after step 6; the last good checkpoint \(.*state.pt, step 3\)"):
         _train(cfg)
     state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
     assert state["step"] == 3 and _finite(state["model"]) and _finite(state["ema"])
