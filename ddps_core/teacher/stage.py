@@ -32,10 +32,11 @@ from ddps_core.features.sampler import PixelSampler
 from ddps_core.features.stage import open_store, store_exists, store_path
 from ddps_core.io import atomic_path, atomic_write_bytes, atomic_write_text
 from ddps_core.metrics import ConfusionAccumulator, SegmentationResult
+from ddps_core.progress import CallbackReporter, Reporter
 from ddps_core.teacher.ensemble import PixelEnsemble, source_id_of
 from ddps_core.teacher.predict import predict_store
 from ddps_core.teacher.sources import RGBXYSource
-from ddps_core.teacher.train import CheckpointSettingsChanged, TrainSummary, train_ensemble
+from ddps_core.teacher.train import train_ensemble
 
 WEIGHTS = "ensemble.safetensors"
 
@@ -71,7 +72,7 @@ def _num_classes(settings: Settings) -> int:
 
 
 def train_method(settings: Settings, method: str,
-                 progress: Callable[..., Any] | None = None) -> dict[str, Any]:
+                 progress: Callable[..., Any] | None = None, report: Reporter | None = None) -> dict[str, Any]:
     """Train (or resume) the ensemble of ``method`` on the labelled training split."""
     cfg = settings.teacher
     source = feature_source(settings, method, "train")
@@ -83,24 +84,19 @@ def train_method(settings: Settings, method: str,
                              seed=cfg.seed, source_id=source_id_of(source))
     out = Path(cfg.out) / method
     out.mkdir(parents=True, exist_ok=True)
-    def train() -> TrainSummary:
-        return train_ensemble(
-            sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
-            min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, progress=progress,
-            checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
-
-    try:
-        summary = train()
-    except CheckpointSettingsChanged:
-        # the stage owns its folder: a checkpoint of other settings (an experiment with
-        # another ensemble.members, say) is not resumable, so the stage starts over
-        (out / "checkpoint.pt").unlink()
-        summary = train()
+    # progress(epoch, updates, active, loss) gets the trainer's progress as before
+    legacy = CallbackReporter((lambda _t, done, _n, **v: "loss" in v and progress(
+        int(v["epoch"]), done, int(v["active"]), v["loss"])) if progress else None)
+    summary = train_ensemble(
+        sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
+        min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, task=method,
+        report=report or legacy, inputs={"features": source_id_of(source)},
+        checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
     ensemble.save(out / WEIGHTS)
     record = {"method": method, "n_train_images": n, "feature_dim": source.feature_dim,
-              "source_id": source_id_of(source), **summary.to_dict()}
+              "source_id": source_id_of(source), **summary.record()}
     atomic_write_text(out / "train.json", json.dumps(record, indent=2, default=str))
-    return record
+    return {**record, "seconds": summary.seconds}
 
 
 def load_method(settings: Settings, method: str) -> PixelEnsemble:
@@ -334,11 +330,11 @@ def overlay_figures(settings: Settings, method: str, split: str, folder: str | P
 
 
 def run_train(settings: Settings, progress: Callable[..., Any] | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, report: Reporter | None = None) -> dict[str, Any]:
     """Stage ``train_ensemble``: one ensemble per method (resumes where it stopped)."""
     out: dict[str, Any] = {}
     for method in settings.teacher.methods:
-        rec = train_method(settings, method, progress)
+        rec = train_method(settings, method, progress, report)
         if log:
             log(f"{method}: {rec['epochs']} epochs ({rec['reason']}), {rec['seconds']:.0f} s")
         out[method] = {k: rec[k] for k in ("epochs", "reason", "seconds", "feature_dim")}

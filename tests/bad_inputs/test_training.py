@@ -140,8 +140,10 @@ def test_pixel_ensemble_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(pixel_train.MemberAdam, "step", poisoning_step)
     ck = tmp_path / "e.ckpt"
     ens = PixelEnsemble(4, 2, members=2, widths=(8, 4))
-    with pytest.raises(pixel_train.NonFiniteLossError, match=r"non-finite ensemble weights .* after update 6") as err:
-        pixel_train.train_ensemble(batches, ens, max_epochs=3, checkpoint_path=ck, checkpoint_every=2)
+    with pytest.raises(pixel_train.TrainingError,
+                       match=r"non-finite weights .* after update 6; the last good checkpoint .* update 4") as err:
+        pixel_train.train_ensemble(batches, ens, max_epochs=3, checkpoint_path=ck, checkpoint_every=2,
+                                   inputs={"features": "random"})
     assert isinstance(err.value, DDPSError) and str(ck) in str(err.value)
     state = pixel_train.load_checkpoint(ck)
     assert state["state"]["updates"] == 4
