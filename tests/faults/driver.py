@@ -1,5 +1,7 @@
 """Runs one stage of a tiny project and prints a progress marker line (``@@ <marker>``) at
-each progress callback, flushed, so that a test can SIGKILL it at a chosen point.
+each progress report, flushed, so that a test can SIGKILL it at a chosen point. The trainers
+report through a :class:`~ddps_core.progress.Reporter` in an order fixed by the settings, so a
+marker (``<task> <done>``) names the same point in every run.
 
 ``python -m tests.faults.driver <stage> <settings.json>``: the settings file is a
 ``Settings.model_dump(mode="json")``. ``run`` is also called in-process for the reference
@@ -12,7 +14,19 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ddps_core.progress import Reporter
+
 STAGES = ("extract", "ensemble", "generate", "ddps")
+
+
+class Markers(Reporter):
+    """A marker ``<task> <done>`` for every progress report."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+
+    def progress(self, task: str, done: int, total: int | None = None, **values: float) -> None:
+        self.emit(f"{task} {done}")
 
 
 def run(stage: str, settings: Any, emit: Callable[[str], None]) -> dict[str, Any]:
@@ -25,7 +39,7 @@ def run(stage: str, settings: Any, emit: Callable[[str], None]) -> dict[str, Any
     if stage == "ensemble":
         from ddps_core.teacher.stage import run_train
 
-        return run_train(settings, progress=lambda epoch, updates, *_: emit(f"epoch {epoch} updates {updates}"))
+        return run_train(settings, report=Markers(emit))
     if stage == "generate":
         from ddps_core.generate.stage import run_stage
 
@@ -33,7 +47,7 @@ def run(stage: str, settings: Any, emit: Callable[[str], None]) -> dict[str, Any
     if stage == "ddps":
         from ddps_core.refiner.stage import run_train
 
-        return run_train(settings, on_step=lambda method, info: emit(f"{method} {info.step}"))
+        return run_train(settings, report=Markers(emit))
     raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
 
 
