@@ -18,6 +18,7 @@ from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder, GenericFolder
 from ddps_core.device import resolve_device, torch_threads
 from ddps_core.errors import DataError
+from ddps_core.progress import CallbackReporter, Reporter
 from ddps_core.student.train import ImageSet, train_student
 
 __all__ = ["export_size", "predict_split", "run_stage"]
@@ -38,7 +39,7 @@ def export_size(reader: GenericFolder) -> int:
 
 def run_stage(settings: Settings, on_epoch: Callable[[dict[str, Any]], None] | None = None,
               on_batch: Callable[[int, int], None] | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, report: Reporter | None = None) -> dict[str, Any]:
     """Stage ``train_student``: train (or resume) and select the student, then predict the
     real test split into ``<student.out>/test/<id>.png`` (what ``evaluate`` scores)."""
     cfg = settings.student
@@ -50,9 +51,20 @@ def run_stage(settings: Settings, on_epoch: Callable[[dict[str, Any]], None] | N
         info = train_student(cfg, ImageSet(reader, cfg.image_size or size), ImageSet(real, cfg.image_size or size),
                              num_classes=reader.num_classes, ignore_index=settings.data.ignore_index,
                              class_names=reader.class_names, device=resolve_device(settings.device),
-                             data_id=data_id, on_epoch=on_epoch, on_batch=on_batch, log=log)
+                             inputs={"train": data_id}, report=report or CallbackReporter(
+                                 lambda _t, done, total, **v: _epoch_or_batch(on_epoch, on_batch, done, total, v), log))
     result = predict_split(settings, "test", Path(cfg.out) / "test", size)
     return {**info, "test_miou": float(result.miou), "test_mbiou": float(result.mbiou)}
+
+
+def _epoch_or_batch(on_epoch: Callable[[dict[str, Any]], None] | None,
+                    on_batch: Callable[[int, int], None] | None, done: int, total: int, v: dict) -> None:
+    """The trainer's progress as :func:`run_stage`'s ``on_epoch`` row (no timing) / ``on_batch``."""
+    if "epoch" in v and on_epoch is not None:
+        on_epoch({"epoch": int(v["epoch"]), "loss": v["loss"], "lr": v["lr"], "val_miou": v.get("mIoU"),
+                  "seconds": float("nan")})
+    elif "epoch" not in v and "loss" in v and on_batch is not None:
+        on_batch(done, total)
 
 
 def predict_split(settings: Settings, split: str, folder: str | Path, size: int,
