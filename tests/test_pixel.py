@@ -13,6 +13,7 @@ import torch
 
 from ddps_core.errors import CheckpointError, DDPSError
 from ddps_core.features.sampler import PixelSampler
+from ddps_core.progress import CallbackReporter
 from ddps_core.teacher import (
     ArraySource,
     MemberAdam,
@@ -29,7 +30,6 @@ from ddps_core.teacher import (
     train_ensemble,
 )
 from ddps_core.teacher import train as train_mod
-from ddps_core.progress import CallbackReporter
 from ddps_core.teacher.train import TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

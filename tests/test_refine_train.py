@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ddps_core.progress import CallbackReporter
 from ddps_core.refiner import multinomial as mn
 from ddps_core.refiner.base import SmpBase, probe_features
 from ddps_core.refiner.denoiser import MaskDenoiser
 from ddps_core.refiner.sample import refine_images
-from ddps_core.progress import CallbackReporter
-from tests.test_training import assert_same_files
 from ddps_core.refiner.train import (
     DDPSTrainConfig,
     TrainingError,
@@ -26,6 +25,7 @@ from ddps_core.refiner.train import (
     masked_cross_entropy,
     train_denoiser,
 )
+from tests.test_training import assert_same_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

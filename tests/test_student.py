@@ -14,8 +14,8 @@ from ddps_core.config import StudentSettings
 from ddps_core.datasets import GenericFolder
 from ddps_core.datasets.common import png_bytes
 from ddps_core.errors import CheckpointError
-from ddps_core.student.model import Student, load_student
 from ddps_core.progress import CallbackReporter
+from ddps_core.student.model import Student, load_student
 from ddps_core.student.train import ImageSet, TrainingError, augment, score_set
 from ddps_core.student.train import train_student as _train_student
 from tests.test_training import assert_same_files
