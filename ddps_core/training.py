@@ -8,14 +8,17 @@ to bottom, and takes from here what would otherwise be copied four times:
 * learning-rate schedules, pure functions of the step: :func:`warmup_cosine`,
   :func:`warmup_poly`;
 * the EMA whose decay ramps with the step count: :func:`ema_decay`, :func:`ema_update`;
-* one optimiser step (:func:`backward_step`), :func:`set_lr`, :func:`optimizer_to`;
+* one optimiser step (:func:`backward_step`), :func:`set_lr`, :func:`optimizer_to`, and
+  :class:`EmaTrainState`, the model + EMA + AdamW + generator of the step-based trainers;
+* :func:`epoch_data`: the batches of one epoch of whatever a trainer is given;
 * the run identity: :func:`run_id` of the settings that change what is trained and of the
   *content* ids of the inputs (:func:`content_id` hashes files, arrays or tensors);
 * :class:`Checkpoint`: the resume file, written atomically and resumed only under the same run
   id (otherwise the run starts over and says so), and the non-finite loss / weights checks
   whose :class:`TrainingError` names the last good checkpoint of this run, if there is one;
 * :class:`LossLog`: the training curve, written as CSV and kept in the checkpoint;
-* :class:`TimeBudget`: stop early after so many seconds.
+* :class:`TimeBudget`: stop early after so many seconds;
+* :func:`read_record`: the JSON record (``model.json``) a later stage reads back.
 
 Determinism: a trainer's output folder is a DVC output, so identical runs must write
 identical bytes. Nothing here puts wall-clock time into a file: the checkpoint, the loss log
@@ -26,6 +29,7 @@ returns.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -35,7 +39,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +47,13 @@ import numpy as np
 import torch
 
 from ddps_core.device import nonfinite_tensors
-from ddps_core.errors import CheckpointError, DDPSError
+from ddps_core.errors import CheckpointError, ConfigError, DataError, DDPSError
 from ddps_core.io import atomic_path, atomic_write_text
 from ddps_core.progress import Reporter
 
 __all__ = [
     "Checkpoint",
+    "EmaTrainState",
     "LossLog",
     "TimeBudget",
     "TrainingError",
@@ -57,8 +62,10 @@ __all__ = [
     "content_id",
     "ema_decay",
     "ema_update",
+    "epoch_data",
     "load_checkpoint",
     "optimizer_to",
+    "read_record",
     "run_id",
     "save_checkpoint",
     "set_lr",
@@ -134,6 +141,60 @@ def optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
         for k, v in group.items():
             if torch.is_tensor(v) and k != "step":
                 group[k] = v.to(device)
+
+
+class EmaTrainState:
+    """What a step-based trainer with an EMA of its weights (the DDPM's, the refiner's) trains
+    and resumes: ``model``, its EMA copy ``ema`` (no gradients), AdamW ``opt`` over the model,
+    and the generator ``gen`` that every random draw of training comes from (with torch's
+    global RNG, which the model's own randomness, dropout, uses). Call ``torch.manual_seed``
+    before building ``model``: its initialisation is part of the run."""
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float, seed: int):
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def to(self, device: torch.device) -> None:
+        """Everything on ``device``; the model in training mode, the EMA in eval mode."""
+        self.model.to(device).train()
+        self.ema.to(device).eval()
+        optimizer_to(self.opt, device)
+
+    def step(self, loss: torch.Tensor, step: int, *, lr: float, grad_clip: float | None, ema_rate: float) -> None:
+        """Optimiser step ``step`` (0-based) on ``loss`` at learning rate ``lr``, then the EMA."""
+        set_lr(self.opt, lr)
+        backward_step(loss, self.opt, self.model.parameters(), grad_clip)
+        ema_update(self.ema, self.model, ema_rate, step)
+
+
+def epoch_data(data: Any, epoch: int) -> Iterator:
+    """The batches of epoch ``epoch`` of ``data``: an object with ``set_epoch`` (a
+    :class:`~ddps_core.features.sampler.PixelSampler`) is set to it and iterated, a callable is
+    called as ``data(epoch)``, any other iterable is iterated again (it must be re-iterable).
+    A resumed run sees the batches of an uninterrupted one only when they are a function of
+    the epoch."""
+    if hasattr(data, "set_epoch"):
+        data.set_epoch(epoch)
+        return iter(data)
+    if callable(data):
+        return iter(data(epoch))
+    if isinstance(data, Iterable):
+        return iter(data)
+    raise ConfigError(f"training data must be iterable, have set_epoch, or be a callable epoch -> batches; "
+                      f"got {type(data).__name__}")
 
 
 # --------------------------------------------------------------------------- identity
@@ -364,3 +425,13 @@ class TimeBudget:
             return False
         self.report.log(f"time budget of {self.seconds:.0f} s reached at {where}")
         return True
+
+
+def read_record(path: str | os.PathLike[str], missing: str) -> dict[str, Any]:
+    """The JSON record a trainer wrote at ``path`` (its ``model.json``); a missing one is a
+    :class:`~ddps_core.errors.DataError` ``"<path>: <missing>"`` (say which stage to run)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: {missing}") from None

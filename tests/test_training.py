@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from ddps_core.errors import CheckpointError, DDPSError
+from ddps_core.errors import CheckpointError, ConfigError, DataError, DDPSError
 from ddps_core.progress import CallbackReporter
 from ddps_core.training import (
     Checkpoint,
+    EmaTrainState,
     LossLog,
     TimeBudget,
     TrainingError,
@@ -24,7 +25,9 @@ from ddps_core.training import (
     content_id,
     ema_decay,
     ema_update,
+    epoch_data,
     load_checkpoint,
+    read_record,
     run_id,
     save_checkpoint,
     warmup_cosine,
@@ -91,6 +94,51 @@ def test_backward_step_clips_the_global_norm():
     assert torch.allclose(w.detach(), torch.tensor([-0.6, -0.8]), atol=1e-6)
     backward_step((w * torch.tensor([3.0, 4.0])).sum(), opt, [w], grad_clip=None)
     assert torch.allclose(w.detach(), torch.tensor([-3.6, -4.8]), atol=1e-6)
+
+
+def test_ema_train_state_step_and_round_trip():
+    torch.manual_seed(0)
+    ts = EmaTrainState(nn.Linear(2, 1), lr=1.0, weight_decay=0.0, seed=3)
+    before_ema = ts.ema.weight.detach().clone()
+    assert torch.equal(before_ema, ts.model.weight) and not ts.ema.weight.requires_grad
+    loss = ts.model(torch.ones(1, 2)).sum()
+    ts.step(loss, 0, lr=0.25, grad_clip=None, ema_rate=0.999)
+    assert ts.opt.param_groups[0]["lr"] == 0.25
+    # AdamW's first step moves each weight by lr * sign(grad) (grad 1 here), decay 0.1 at step 0
+    assert torch.allclose(ts.model.weight.detach(), before_ema - 0.25, atol=1e-6)
+    assert torch.allclose(ts.ema.weight, 0.1 * before_ema + 0.9 * (before_ema - 0.25), atol=1e-6)
+    draws = torch.rand(3, generator=ts.gen)
+    state = ts.state_dict()
+    again = EmaTrainState(nn.Linear(2, 1), lr=1.0, weight_decay=0.0, seed=99)
+    again.load_state_dict(state)
+    assert torch.equal(again.ema.weight, ts.ema.weight) and torch.equal(again.model.bias, ts.model.bias)
+    assert torch.equal(torch.rand(3, generator=again.gen), torch.rand(3, generator=ts.gen))
+    assert not torch.equal(draws, torch.rand(3, generator=again.gen))
+    assert again.opt.state_dict()["state"][0]["step"] == 1
+
+
+def test_epoch_data_of_each_kind():
+    class Sampler:
+        epoch = None
+
+        def set_epoch(self, e):
+            self.epoch = e
+
+        def __iter__(self):
+            return iter([self.epoch] * 2)
+
+    assert list(epoch_data(Sampler(), 3)) == [3, 3]
+    assert list(epoch_data(lambda e: range(e), 2)) == [0, 1]
+    assert list(epoch_data([["a"], ["b"]], 5)) == [["a"], ["b"]]
+    with pytest.raises(ConfigError, match="int"):
+        epoch_data(7, 0)
+
+
+def test_read_record(tmp_path):
+    (tmp_path / "model.json").write_text('{"steps": 4}')
+    assert read_record(tmp_path / "model.json", "run it") == {"steps": 4}
+    with pytest.raises(DataError, match=r"missing\.json: no model here; run the stage"):
+        read_record(tmp_path / "missing.json", "no model here; run the stage")
 
 
 # --------------------------------------------------------------------------- identity

@@ -24,7 +24,6 @@ Output folder (``DDPMSettings.out``); identical runs write identical files (no t
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -45,20 +44,8 @@ from ddps_core.diffusion.unet import UNetModel
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_write_text
 from ddps_core.progress import CallbackReporter, Reporter
-from ddps_core.training import (
-    Checkpoint,
-    LossLog,
-    TimeBudget,
-    TrainingError,
-    backward_step,
-    clear_temporaries,
-    content_id,
-    ema_update,
-    optimizer_to,
-    run_id,
-    set_lr,
-    warmup_cosine,
-)
+from ddps_core.training import Checkpoint, EmaTrainState, LossLog, TimeBudget, TrainingError, clear_temporaries
+from ddps_core.training import content_id, read_record, run_id, warmup_cosine
 from ddps_core.viz import grid, save_png
 
 STATE_FILE = "state.pt"
@@ -189,30 +176,20 @@ def train_ddpm(
     clear_temporaries(out / WEIGHTS_FILE, out / LOSS_FILE, out / INFO_FILE)
 
     torch.manual_seed(seed)
-    model = unet_cfg.build()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    ts = EmaTrainState(unet_cfg.build(), lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed)
     log = LossLog(("step", "loss", "mse", "vb", "lr"))
     step = 0
     if (state := ckpt.resume()) is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        ts.load_state_dict(state)
         log.restore(state["log"])
         step = ckpt.at
-    model.to(device).train()
-    ema.to(device).eval()
-    optimizer_to(opt, device)
-    forward = torch.compile(model) if cfg.compile else model
+    ts.to(device)
+    gen = ts.gen
+    forward = torch.compile(ts.model) if cfg.compile else ts.model
 
     def checkpoint() -> None:
-        ckpt.save(step, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                         "log": log.state()}, model, ema)
-        save_unet(ema, out / WEIGHTS_FILE)
+        ckpt.save(step, {**ts.state_dict(), "log": log.state()}, ts.model, ts.ema)
+        save_unet(ts.ema, out / WEIGHTS_FILE)
         log.write(out / LOSS_FILE)
 
     budget = TimeBudget(cfg.time_budget_s, report)
@@ -220,7 +197,6 @@ def train_ddpm(
     report.progress("ddpm", step, cfg.steps)
     while step < cfg.steps:
         lr = warmup_cosine(step, lr=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps)
-        set_lr(opt, lr)
         x0 = _batch(images, cfg.batch_size, cfg.hflip, gen).to(device)
         t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -228,8 +204,7 @@ def train_ddpm(
             terms = diffusion.training_losses(forward, x0, t, noise)
         loss = terms["loss"].float().mean()
         value = ckpt.check_loss(loss, step + 1)
-        backward_step(loss, opt, model.parameters(), cfg.grad_clip)
-        ema_update(ema, model, cfg.ema_rate, step)
+        ts.step(loss, step, lr=lr, grad_clip=cfg.grad_clip, ema_rate=cfg.ema_rate)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             mse, vb = terms["mse"].float().mean().item(), terms["vb"].float().mean().item()
@@ -241,7 +216,7 @@ def train_ddpm(
             stopped_early = True
             break
     checkpoint()
-    info = model_info(cfg, ema, source="trained", seed=seed, n_images=int(images.shape[0]),
+    info = model_info(cfg, ts.ema, source="trained", seed=seed, n_images=int(images.shape[0]),
                       inputs=dict(inputs), steps=step, stopped_early=stopped_early,
                       final_loss=log.last("loss"))
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
@@ -266,11 +241,7 @@ def use_checkpoint(cfg: DDPMSettings) -> dict[str, Any]:
 def load_trained(out: str | Path, device: torch.device | str = "cpu") -> tuple[UNetModel, dict[str, Any]]:
     """The model a ``train_ddpm`` stage produced (trained EMA weights or the user checkpoint)."""
     out = Path(out)
-    try:
-        info = json.loads((out / INFO_FILE).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out / INFO_FILE}: no diffusion model here; run the train_ddpm stage "
-                        "(`ddps ddpm train`) first") from None
+    info = read_record(out / INFO_FILE, "no diffusion model here; run the train_ddpm stage (`ddps ddpm train`) first")
     path = info.get("checkpoint") or out / WEIGHTS_FILE
     model = load_unet(path, preset=info["preset"])
     return model.to(device).eval(), info

@@ -59,9 +59,8 @@ Output folder (``cfg.out``); identical runs write identical files (no timing in 
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,19 +76,8 @@ from ddps_core.progress import Reporter
 from ddps_core.refiner.base import SegmentationBase, freeze
 from ddps_core.refiner.denoiser import DenoiserConfig, MaskDenoiser, denoiser_preset
 from ddps_core.refiner.multinomial import MultinomialDiffusion, uniform_mask
-from ddps_core.training import (
-    Checkpoint,
-    LossLog,
-    TimeBudget,
-    TrainingError,
-    backward_step,
-    clear_temporaries,
-    ema_update,
-    optimizer_to,
-    run_id,
-    set_lr,
-    warmup_cosine,
-)
+from ddps_core.training import Checkpoint, EmaTrainState, LossLog, TimeBudget, TrainingError, clear_temporaries
+from ddps_core.training import epoch_data, read_record, run_id, warmup_cosine
 
 __all__ = [
     "DDPSTrainConfig",
@@ -237,20 +225,8 @@ def epoch_batches(dataset: Any, batch_size: int, seed: int = 0, shuffle: bool = 
     return make
 
 
-def _epoch_iter(data: Any, epoch: int) -> Iterator:
-    if hasattr(data, "set_epoch"):
-        data.set_epoch(epoch)
-        return iter(data)
-    if callable(data):
-        return iter(data(epoch))
-    if isinstance(data, Iterable):
-        return iter(data)
-    raise ConfigError(f"training data must be iterable, have set_epoch, or be a callable epoch -> batches; "
-                      f"got {type(data).__name__}")
-
-
 def _peek_channels(base: SegmentationBase, data: Any, device: torch.device) -> int:
-    images, _ = next(_epoch_iter(data, 0))
+    images, _ = next(epoch_data(data, 0))
     with torch.no_grad():
         return int(base.decoder_features(images[:1].to(device)).shape[1])
 
@@ -303,29 +279,20 @@ def train_denoiser(
     clear_temporaries(out / WEIGHTS_FILE, out / LOSS_FILE, out / INFO_FILE)
 
     torch.manual_seed(seed)
-    model = config.build()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    ts = EmaTrainState(config.build(), lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed)
     log = LossLog(("step", "stage", "loss", "lr"))
     step, epoch, batch_in_epoch = 0, 0, 0
     if (state := ckpt.resume()) is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        ts.load_state_dict(state)
         log.restore(state["log"])
         step, epoch, batch_in_epoch = ckpt.at, int(state["epoch"]), int(state["batch_in_epoch"])
-    model.to(device).train()
-    ema.to(device).eval()
-    optimizer_to(opt, device)
+    ts.to(device)
+    model, gen = ts.model, ts.gen
 
     def checkpoint() -> None:
-        ckpt.save(step, {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "model": model.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "log": log.state()}, model, ema)
-        save_unet(ema, out / WEIGHTS_FILE)
+        ckpt.save(step, {**ts.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "log": log.state()},
+                  ts.model, ts.ema)
+        save_unet(ts.ema, out / WEIGHTS_FILE)
         log.write(out / LOSS_FILE)
 
     budget = TimeBudget(cfg.time_budget_s, report)
@@ -334,13 +301,12 @@ def train_denoiser(
     report.progress(task, step, cfg.steps)
     while step < cfg.steps and not stopped_early:
         got_batch = False
-        for bi, (images, labels) in enumerate(_epoch_iter(data, epoch)):
+        for bi, (images, labels) in enumerate(epoch_data(data, epoch)):
             if bi < batch_in_epoch:
                 continue  # consumed before the checkpoint this run resumed from
             got_batch = True
             batch_in_epoch = bi + 1
             lr = warmup_cosine(step, lr=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps)
-            set_lr(opt, lr)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, torch.long, non_blocking=True)
             if labels.dim() != 3 or images.shape[0] != labels.shape[0]:
@@ -361,8 +327,7 @@ def train_denoiser(
                 logits = model(x_t, t, feats)
             loss = masked_cross_entropy(logits, labels, cfg.ignore_index)
             value = ckpt.check_loss(loss, step + 1)
-            backward_step(loss, opt, model.parameters(), cfg.grad_clip)
-            ema_update(ema, model, cfg.ema_rate, step)
+            ts.step(loss, step, lr=lr, grad_clip=cfg.grad_clip, ema_rate=cfg.ema_rate)
             step += 1
             n_images += b
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -386,7 +351,7 @@ def train_denoiser(
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in _cfg_dict(cfg).items() if k != "out"},
         "seed": seed, "inputs": dict(inputs), "steps": step, "stopped_early": stopped_early,
         "final_loss": log.last("loss"),
-        "model_id": state_dict_hash(ema.state_dict()),
+        "model_id": state_dict_hash(ts.ema.state_dict()),
     }
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2, default=str))
     wall, done = budget.elapsed, step - start_step
@@ -404,11 +369,7 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
 def load_denoiser(out: str | Path, device: torch.device | str = "cpu") -> tuple[MaskDenoiser, MultinomialDiffusion, dict]:
     """The EMA denoiser, its schedule and ``model.json`` of a finished :func:`train_denoiser`."""
     out = Path(out)
-    try:
-        info = json.loads((out / INFO_FILE).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out / INFO_FILE}: no DDPS denoiser here; run the train_ddps stage "
-                        "(`ddps ddps train`) first") from None
+    info = read_record(out / INFO_FILE, "no DDPS denoiser here; run the train_ddps stage (`ddps ddps train`) first")
     config = DenoiserConfig.from_dict(info["denoiser"])
     model = config.build()
     sd = load_state_dict(out / WEIGHTS_FILE)

@@ -42,18 +42,8 @@ from ddps_core.io import atomic_write_bytes, atomic_write_text
 from ddps_core.metrics import ConfusionAccumulator
 from ddps_core.progress import Reporter
 from ddps_core.student.model import INFO_FILE, WEIGHTS_FILE, Student, build_student
-from ddps_core.training import (
-    Checkpoint,
-    LossLog,
-    TimeBudget,
-    TrainingError,
-    backward_step,
-    clear_temporaries,
-    content_id,
-    run_id,
-    set_lr,
-    warmup_poly,
-)
+from ddps_core.training import Checkpoint, LossLog, TimeBudget, TrainingError, backward_step, clear_temporaries
+from ddps_core.training import content_id, run_id, set_lr, warmup_poly
 
 __all__ = ["ImageSet", "TrainingError", "augment", "predict_labels", "score_set", "train_student"]
 

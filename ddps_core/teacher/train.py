@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,13 +76,7 @@ from torch.optim.adam import adam
 
 from ddps_core.errors import CheckpointError, ConfigError, DataError
 from ddps_core.progress import Reporter
-from ddps_core.training import (
-    Checkpoint,
-    TimeBudget,
-    TrainingError,
-    load_checkpoint,
-    run_id,
-)
+from ddps_core.training import Checkpoint, TimeBudget, TrainingError, epoch_data, load_checkpoint, run_id
 
 from .ensemble import PixelEnsemble
 
@@ -95,7 +89,6 @@ __all__ = [
     "train_ensemble",
 ]
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 # --------------------------------------------------------------------------------------------
 # Member-masked Adam
@@ -315,19 +308,6 @@ def _restore(ck: dict[str, Any], path: Path, ensemble: PixelEnsemble, opt: Membe
 # --------------------------------------------------------------------------------------------
 
 
-def _epoch_batches(sampler: Any, epoch: int) -> Iterator[Batch]:
-    """The batches of epoch ``epoch``: ``sampler.set_epoch(epoch)`` then iterate (a
-    :class:`~ddps_core.features.sampler.PixelSampler`), or ``sampler(epoch)`` (a factory)."""
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-        return iter(sampler)
-    if callable(sampler):
-        return iter(sampler(epoch))
-    if isinstance(sampler, Iterable):
-        return iter(sampler)
-    raise ConfigError(f"sampler must be an iterable with set_epoch or a callable epoch -> batches, got {type(sampler).__name__}")
-
-
 def train_ensemble(
     sampler: Any,
     ensemble: PixelEnsemble,
@@ -425,7 +405,7 @@ def train_ensemble(
                 checkpoint()
                 break
             skip = state.batch_in_epoch
-            for bi, (x, y) in enumerate(_epoch_batches(sampler, state.epoch)):
+            for bi, (x, y) in enumerate(epoch_data(sampler, state.epoch)):
                 if bi < skip:
                     continue
                 state.batch_in_epoch = bi + 1

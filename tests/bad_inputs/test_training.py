@@ -77,16 +77,16 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
     loss that produced them was finite; the checkpoint guard catches that."""
     params, out = ddpm_run
     before = snapshot(out)
-    import ddps_core.diffusion.train as train_mod
+    from ddps_core import training
 
-    real = train_mod.ema_update
+    real = training.ema_update
 
     def poisoning_update(ema, model, rate, step):
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
         real(ema, model, rate, step)
 
-    monkeypatch.setattr(train_mod, "ema_update", poisoning_update)
+    monkeypatch.setattr(training, "ema_update", poisoning_update)
     res = cli("ddpm", "train", "--params", params, "--steps", "4")
     assert_clear_error(res, "non-finite weights (time_embed.0.weight) after step 3",
                        f"{out / 'state.pt'}, step 2) is kept")
@@ -94,10 +94,10 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
 
 
 def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
-    from ddps_core.refiner import train as refine_train
+    from ddps_core import training
     from tests.test_refine_train import _cfg, _train
 
-    real = refine_train.ema_update
+    real = training.ema_update
 
     def poisoning_update(ema, model, rate, step):
         if step == 5:  # the 6th update, right before the checkpoint of step 6; step 3 was good
@@ -105,9 +105,9 @@ def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatc
                 next(model.parameters()).view(-1)[0] = float("inf")
         real(ema, model, rate, step)
 
-    monkeypatch.setattr(refine_train, "ema_update", poisoning_update)
+    monkeypatch.setattr(training, "ema_update", poisoning_update)
     cfg = _cfg(tmp_path, "nan", steps=9, checkpoint_every=3)
-    with pytest.raises(refine_train.TrainingError,
+    with pytest.raises(training.TrainingError,
                        match=r"non-finite weights .* after step 6; the last good checkpoint \(.*state.pt, step 3\)"):
         _train(cfg)
     state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
