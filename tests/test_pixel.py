@@ -423,15 +423,17 @@ class _Kill(Exception):
 def test_resume_gives_identical_weights(tmp_path):
     src = _easy_source(n_images=2, S=16)
 
+    def sampler(batch_size=48):
+        return PixelSampler(src, batch_size=batch_size, buffer_images=1, seed=3, ignore_index=None, min_class_pixels=1)
+
     def run(ck, kill_at=None):
-        sampler = PixelSampler(src, batch_size=48, buffer_images=1, seed=3, ignore_index=None, min_class_pixels=1)
         ens = PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1)
 
         def progress(task, updates, total, **values):
             if kill_at is not None and updates >= kill_at:
                 raise _Kill
 
-        s = train_ensemble(sampler, ens, max_epochs=9, patience=4, min_epoch=2, seed=7,
+        s = train_ensemble(sampler(), ens, max_epochs=9, patience=4, min_epoch=2, seed=7,
                            report=CallbackReporter(progress, logs.append), progress_every=1,
                            checkpoint_path=ck, checkpoint_every=5, inputs={"features": "easy"})
         return ens, s
@@ -459,12 +461,14 @@ def test_resume_gives_identical_weights(tmp_path):
     # a finished run resumes to a no-op; other settings or other inputs start over
     again, s_again = run(ck)
     assert s_again.updates == s_full.updates
-    for kw in ({"lr": 0.5}, {"inputs": {"features": "other"}}):
-        train_ensemble(PixelSampler(src, ignore_index=None, min_class_pixels=1),
-                       PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1),
-                       **{"patience": 4, "min_epoch": 2, "seed": 7, "max_epochs": 1, "inputs": {"features": "easy"},
-                          **kw}, checkpoint_path=ck, report=CallbackReporter(log=logs.append))
-        assert logs[-1] == f"{ck} was trained with other settings or inputs: starting over"
+    same = {"patience": 4, "min_epoch": 2, "seed": 7, "max_epochs": 1, "inputs": {"features": "easy"}}
+    for change in ({"lr": 0.5}, {"inputs": {"features": "other"}}, {"sampler": sampler(batch_size=32)}):
+        what = sorted(change)
+        train_ensemble(change.pop("sampler", sampler()), PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1),
+                       **{**same, **change}, checkpoint_path=ck, report=CallbackReporter(log=logs.append))
+        assert logs[-1] == f"{ck} was trained with other settings or inputs: starting over", what
+        train_ensemble(sampler(), PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1),
+                       **same, checkpoint_path=ck)  # back to the first run's identity (from scratch)
 
 
 def test_non_finite_loss_raises_and_keeps_checkpoint(tmp_path):

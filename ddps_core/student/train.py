@@ -190,7 +190,7 @@ def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classe
     :return: the ``model.json`` record, plus this run's ``train_seconds`` (only here).
     """
     report = report or Reporter()
-    budget = TimeBudget(None)
+    clock = TimeBudget(None)  # no limit: this run's time, for the summary
     device = torch.device(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,4 +265,4 @@ def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classe
             "val_miou": best if select_real else None, "epochs": epoch, "n_train": len(train),
             "inputs": dict(inputs), "encoder_weights": cfg.encoder_weights}
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
-    return {**info, "train_seconds": budget.elapsed}
+    return {**info, "train_seconds": clock.elapsed}

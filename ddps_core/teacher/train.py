@@ -364,7 +364,7 @@ def train_ensemble(
         raise ConfigError("train_ensemble: a checkpoint_path needs the inputs' content ids (inputs=), "
                           "or a checkpoint of other data would be resumed")
     report = report or Reporter()
-    budget = TimeBudget(None)
+    clock = TimeBudget(None)  # no limit: this run's time, for the summary
     M, K = ensemble.members, ensemble.num_classes
     device = next(ensemble.parameters()).device
     identity = run_id(_identity(ensemble, sampler, lr, patience, min_epoch, bootstrap, seed), inputs or {})
@@ -485,5 +485,5 @@ def train_ensemble(
         best_loss=[float(b) for b in state.best],
         epoch_losses=list(state.epoch_losses),
         resumed_from=resumed_from,
-        seconds=budget.elapsed,
+        seconds=clock.elapsed,
     )
