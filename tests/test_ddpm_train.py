@@ -169,3 +169,15 @@ def test_training_images_squared_from_dataset(tmp_path):
     prepare_dataset(data)
     imgs = load_training_images(tmp_path / "d", 32)
     assert imgs.shape == (5, 3, 32, 32) and imgs.dtype == torch.uint8
+
+
+def test_time_budget_stops_with_a_checkpoint_and_the_rerun_finishes_the_same(tmp_path, images):
+    train_ddpm(_cfg(tmp_path, "full"), images, CPU, seed=4)
+    logs = []
+    summary = train_ddpm(_cfg(tmp_path, "budget", time_budget_s=1e-9), images, CPU, seed=4,
+                         report=CallbackReporter(log=logs.append))
+    assert summary["stopped_early"] and summary["steps"] == 1 and _weights(tmp_path / "budget")[2] == 1
+    assert logs[-1].startswith("time budget of 0 s reached at step 1")
+    train_ddpm(_cfg(tmp_path, "budget"), images, CPU, seed=4)  # the budget is not part of the identity
+    (mf, ef, _), (mb, eb, sb) = _weights(tmp_path / "full"), _weights(tmp_path / "budget")
+    assert sb == 4 and all(torch.equal(mf[k], mb[k]) for k in mf) and all(torch.equal(ef[k], eb[k]) for k in ef)

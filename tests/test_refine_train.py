@@ -241,3 +241,14 @@ def test_smp_base_is_frozen_and_refines(tmp_path):
     assert base_logits.shape == (2, K, 32, 32)
     assert result.steps == [0, 5, 9] and set(result.logits) == {0, 5, 9}
     assert all(v.shape == (2, K, 32, 32) for v in result.logits.values())
+
+
+def test_time_budget_stop_mid_epoch_then_rerun_equals_the_uninterrupted_run(tmp_path):
+    _train(_cfg(tmp_path, "full"), seed=2)
+    summary = _train(_cfg(tmp_path, "budget", time_budget_s=1e-9), seed=2)
+    assert summary["stopped_early"] and summary["steps"] == 1  # after the first of 4 batches of epoch 0
+    assert _state(tmp_path / "budget")["batch_in_epoch"] == 1
+    _train(_cfg(tmp_path, "budget"), seed=2)
+    for key in ("model", "ema"):
+        full, resumed = _state(tmp_path / "full")[key], _state(tmp_path / "budget")[key]
+        assert all(torch.equal(full[k], resumed[k]) for k in full)
