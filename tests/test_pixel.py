@@ -268,7 +268,7 @@ def test_training_reduces_loss_and_reaches_high_accuracy():
     assert summary.epoch_losses[-1] < 0.5 * summary.epoch_losses[0]
     E = len(sampler)
     # the first report comes before the first batch; then every 10 updates and each epoch end
-    assert calls[0] == ("teacher", 0, 8 * E, {"epoch": 0, "active": 4})
+    assert calls[0] == ("teacher", 0, None, {"epoch": 0, "active": 4})
     assert all(c[0] == "teacher" and c[2] == 8 * E and c[3]["active"] == 4 and "loss" in c[3] for c in calls[1:])
     done = [c[1] for c in calls[1:]]
     assert done == sorted(done) and {10, 20, E, 8 * E} <= set(done)

@@ -343,11 +343,12 @@ def train_ensemble(
     :param inputs: content ids of what is trained on (name -> id, e.g. the feature store's
         checksum); part of the run identity. Needed with ``checkpoint_path``.
     :param report: gets ``progress(task, updates, total, epoch=, active=, loss=)`` before the
-        first batch (without a loss), every ``progress_every`` updates and at the end of each
-        epoch (``total``: ``max_epochs`` epochs of ``len(sampler)`` batches, None without a
-        length; ``active``: members still training; ``loss``: the mean over the updates since
-        the last report of the active members' mean loss), and the start-over line. An
-        exception from it aborts training (the checkpoint written before stays).
+        first batch (without a loss or a total), every ``progress_every`` updates and at the end
+        of each epoch (``total``: ``max_epochs`` epochs of ``len(sampler)`` batches, None
+        without a length; ``active``: members still training; ``loss``: the mean over the
+        updates since the last report of the active members' mean loss), and the resume /
+        start-over lines. An exception from it aborts training (the checkpoint written before
+        stays).
     :param task: the name progress is reported under (a stage training one ensemble per feature
         method names each).
     :param checkpoint_path: training checkpoint file (written atomically; resumed from when it
@@ -385,7 +386,6 @@ def train_ensemble(
                                   "optimizer": opt.state_dict(), "state": state.to_dict(), "rng": rng.get_state()},
                   ensemble)
 
-    total = max_epochs * len(sampler) if hasattr(sampler, "__len__") else None
     rep_sum, rep_n = 0.0, 0
 
     def progress(epoch: int) -> None:
@@ -396,7 +396,9 @@ def train_ensemble(
         rep_sum, rep_n = 0.0, 0
         report.progress(task, state.updates, total, epoch=epoch, active=M - sum(state.stopped), loss=mean)
 
-    report.progress(task, state.updates, total, epoch=state.epoch, active=M - sum(state.stopped))
+    # the first report comes before len(sampler), which reads every label of the store once
+    report.progress(task, state.updates, None, epoch=state.epoch, active=M - sum(state.stopped))
+    total = max_epochs * len(sampler) if hasattr(sampler, "__len__") else None
     ensemble.train()
     try:
         while not state.finished:
