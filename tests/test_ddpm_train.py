@@ -1,4 +1,5 @@
-"""DDPM training: determinism, resume equals an uninterrupted run, NaN stop, checkpoint use."""
+"""DDPM training: determinism, resume equals an uninterrupted run, new images start over, NaN
+stop, checkpoint use."""
 
 import json
 
@@ -10,7 +11,11 @@ from ddps_core.diffusion import checkpoint as ckpt
 from ddps_core.diffusion import gaussian
 from ddps_core.diffusion.presets import get_preset
 from ddps_core.diffusion.stage import load_trained, load_training_images, use_checkpoint
-from ddps_core.diffusion.train import TrainingError, train_ddpm
+from ddps_core.diffusion.train import TrainingError
+from ddps_core.diffusion.train import train_ddpm as _train_ddpm
+from ddps_core.progress import CallbackReporter
+from ddps_core.training import content_id
+from tests.test_training import assert_same_files
 
 CPU = torch.device("cpu")
 
@@ -21,6 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def images():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def train_ddpm(cfg, images, device, **kw):
+    """The trainer on ``images`` identified by their content."""
+    return _train_ddpm(cfg, images, device, inputs={"images": content_id([images])}, **kw)
 
 
 def _cfg(tmp_path, name, **kw):
@@ -35,15 +45,18 @@ def _weights(out):
     return state["model"], state["ema"], state["step"]
 
 
-def test_same_seed_same_weights_different_seed_differs(tmp_path, images):
+def test_same_seed_same_files_different_seed_differs(tmp_path, images):
+    """Two identical runs write identical bytes (DVC sees the same outputs): weights, state,
+    loss log and model.json hold no timing."""
     train_ddpm(_cfg(tmp_path, "a"), images, CPU, seed=1)
     train_ddpm(_cfg(tmp_path, "b"), images, CPU, seed=1)
     train_ddpm(_cfg(tmp_path, "c"), images, CPU, seed=2)
-    (ma, ea, sa), (mb, eb, sb), (mc, _, _) = (_weights(tmp_path / n) for n in "abc")
-    assert sa == sb == 4
-    assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["ema.safetensors", "loss.csv", "model.json", "state.pt"])
+    (ma, _, sa), (mc, _, _) = (_weights(tmp_path / n) for n in "ac")
+    assert sa == 4
     assert not all(torch.equal(ma[k], mc[k]) for k in ma)
+    assert (tmp_path / "a" / "loss.csv").read_text().splitlines()[0] == "step,loss,mse,vb,lr"
+    assert json.loads((tmp_path / "a" / "model.json").read_text())["inputs"] == {"images": content_id([images])}
     # training moved the weights away from the initialisation
     torch.manual_seed(1)
     init = get_preset("small32-spec").build().state_dict()
@@ -56,15 +69,15 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, images):
     class Killed(Exception):
         pass
 
-    def kill_at_3(info):
-        if info.step == 3:  # after the step-2 checkpoint, before the next one
+    def kill_at_3(task, step, total, **values):
+        if step == 3:  # after the step-2 checkpoint, before the next one
             raise Killed
 
     with pytest.raises(Killed):
-        train_ddpm(_cfg(tmp_path, "resumed"), images, CPU, seed=3, on_step=kill_at_3)
+        train_ddpm(_cfg(tmp_path, "resumed"), images, CPU, seed=3, report=CallbackReporter(kill_at_3))
     assert _weights(tmp_path / "resumed")[2] == 2
     logs = []
-    train_ddpm(_cfg(tmp_path, "resumed"), images, CPU, seed=3, log=logs.append)
+    train_ddpm(_cfg(tmp_path, "resumed"), images, CPU, seed=3, report=CallbackReporter(log=logs.append))
     assert any("resuming from step 2" in m for m in logs)
     (mf, ef, sf), (mr, er, sr) = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
     assert sf == sr == 4
@@ -75,11 +88,23 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, images):
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
-def test_other_settings_start_over(tmp_path, images):
+def test_other_settings_or_other_images_start_over(tmp_path, images):
     train_ddpm(_cfg(tmp_path, "x", steps=2), images, CPU, seed=0)
     logs = []
-    train_ddpm(_cfg(tmp_path, "x", steps=2, lr=5e-4), images, CPU, seed=0, log=logs.append)
+    train_ddpm(_cfg(tmp_path, "x", steps=2, lr=5e-4), images, CPU, seed=0,
+               report=CallbackReporter(log=logs.append))
     assert any("other settings" in m for m in logs)
+    # the same number of images (the same file names, say) with other content: not resumed
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1
+    logs = []
+    train_ddpm(_cfg(tmp_path, "x", steps=2, lr=5e-4), other, CPU, seed=0,
+               report=CallbackReporter(log=logs.append))
+    assert any("other settings or inputs: starting over" in m for m in logs)
+    logs = []
+    train_ddpm(_cfg(tmp_path, "x", steps=2, lr=5e-4), other, CPU, seed=0,
+               report=CallbackReporter(log=logs.append))
+    assert any("resuming from step 2" in m for m in logs)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, images, monkeypatch):
@@ -100,9 +125,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, images, monkeypatch)
     assert step == 2 and all(torch.isfinite(v).all() for v in model.values())
 
 
-def test_ema_and_info_loadable(tmp_path, images):
-    cfg = _cfg(tmp_path, "m", steps=2)
-    summary = train_ddpm(cfg, images, CPU, seed=0)
+def test_ema_and_info_loadable_and_progress_from_step_0(tmp_path, images):
+    cfg = _cfg(tmp_path, "m", steps=3, log_every=2)
+    calls = []
+    summary = train_ddpm(cfg, images, CPU, seed=0,
+                         report=CallbackReporter(lambda *a, **v: calls.append((*a, sorted(v)))))
+    # step 0 before the first batch, then every log_every steps and the last one
+    assert calls == [("ddpm", 0, 3, []), ("ddpm", 2, 3, ["loss", "lr", "mse", "vb"]),
+                     ("ddpm", 3, 3, ["loss", "lr", "mse", "vb"])]
+    assert summary["wall_s"] > 0 and summary["images_per_s"] > 0 and summary["steps_this_run"] == 3
     model, info = load_trained(cfg.out)
     assert info["model_id"] == summary["model_id"] and info["source"] == "trained"
     state = torch.load(tmp_path / "m" / "state.pt", weights_only=True)
@@ -134,3 +165,15 @@ def test_training_images_squared_from_dataset(tmp_path):
     prepare_dataset(data)
     imgs = load_training_images(tmp_path / "d", 32)
     assert imgs.shape == (5, 3, 32, 32) and imgs.dtype == torch.uint8
+
+
+def test_time_budget_stops_with_a_checkpoint_and_the_rerun_finishes_the_same(tmp_path, images):
+    train_ddpm(_cfg(tmp_path, "full"), images, CPU, seed=4)
+    logs = []
+    summary = train_ddpm(_cfg(tmp_path, "budget", time_budget_s=1e-9), images, CPU, seed=4,
+                         report=CallbackReporter(log=logs.append))
+    assert summary["stopped_early"] and summary["steps"] == 1 and _weights(tmp_path / "budget")[2] == 1
+    assert logs[-1].startswith("time budget of 0 s reached at step 1")
+    train_ddpm(_cfg(tmp_path, "budget"), images, CPU, seed=4)  # the budget is not part of the identity
+    (mf, ef, _), (mb, eb, sb) = _weights(tmp_path / "full"), _weights(tmp_path / "budget")
+    assert sb == 4 and all(torch.equal(mf[k], mb[k]) for k in mf) and all(torch.equal(ef[k], eb[k]) for k in ef)

@@ -13,10 +13,10 @@ import torch
 
 from ddps_core.errors import CheckpointError, DDPSError
 from ddps_core.features.sampler import PixelSampler
+from ddps_core.progress import CallbackReporter
 from ddps_core.teacher import (
     ArraySource,
     MemberAdam,
-    NonFiniteLossError,
     PixelEnsemble,
     ReferenceMLP,
     RGBXYSource,
@@ -30,7 +30,7 @@ from ddps_core.teacher import (
     train_ensemble,
 )
 from ddps_core.teacher import train as train_mod
-from ddps_core.teacher.train import CheckpointSettingsChanged
+from ddps_core.teacher.train import TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -272,11 +272,17 @@ def test_training_reduces_loss_and_reaches_high_accuracy():
     sampler = PixelSampler(src, batch_size=64, buffer_images=2, seed=0, ignore_index=None, min_class_pixels=1)
     ens = PixelEnsemble(src.feature_dim, 3, members=4, seed=0)
     calls = []
-    summary = train_ensemble(sampler, ens, max_epochs=8, progress=lambda *a: calls.append(a), progress_every=10)
+    summary = train_ensemble(sampler, ens, max_epochs=8, progress_every=10,
+                             report=CallbackReporter(lambda *a, **v: calls.append((*a, v))))
     assert summary.epochs == 8 and summary.reason == "max_epochs"
     assert summary.epoch_losses[-1] < 0.5 * summary.epoch_losses[0]
-    assert calls and all(len(c) == 4 and c[2] == 4 for c in calls)
-    assert [c[0] for c in calls] == sorted(c[0] for c in calls) and calls[-1][0] == 7
+    E = len(sampler)
+    # the first report comes before the first batch; then every 10 updates and each epoch end
+    assert calls[0] == ("teacher", 0, None, {"epoch": 0, "active": 4})
+    assert all(c[0] == "teacher" and c[2] == 8 * E and c[3]["active"] == 4 and "loss" in c[3] for c in calls[1:])
+    done = [c[1] for c in calls[1:]]
+    assert done == sorted(done) and {10, 20, E, 8 * E} <= set(done)
+    assert [c[3]["epoch"] for c in calls] == sorted(c[3]["epoch"] for c in calls) and calls[-1][3]["epoch"] == 7
     results = list(predict_store(ens, src))
     assert [r[0] for r in results] == src.image_ids
     acc = np.mean([(r[1] == src.label(i)).mean() for i, r in enumerate(results)])
@@ -308,15 +314,16 @@ def test_stopped_member_is_frozen_bit_identical(monkeypatch, tmp_path):
     snap = tmp_path / "at_stop.ckpt"
     seen = []
 
-    def progress(epoch, updates, active, loss):
+    def progress(task, updates, total, epoch, active, loss=None):
         seen.append((epoch, updates, active))
         if active == 2 and not snap.exists():
             shutil.copy(ck, snap)  # the checkpoint written at the update where member 0 stopped
 
     ens = PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=0)
     s = train_ensemble(
-        sampler, ens, max_epochs=max_epochs, patience=patience, min_epoch=min_epoch, progress=progress,
-        progress_every=1, checkpoint_path=ck, checkpoint_every=1,
+        sampler, ens, max_epochs=max_epochs, patience=patience, min_epoch=min_epoch,
+        report=CallbackReporter(progress), progress_every=1, checkpoint_path=ck, checkpoint_every=1,
+        inputs={"features": "easy"},
     )
     # the rule starts at epoch index 4: best set at its first batch, stops after patience + 1 misses
     assert s.stopped == [True, False, False]
@@ -426,17 +433,22 @@ class _Kill(Exception):
 def test_resume_gives_identical_weights(tmp_path):
     src = _easy_source(n_images=2, S=16)
 
+    def sampler(batch_size=48):
+        return PixelSampler(src, batch_size=batch_size, buffer_images=1, seed=3, ignore_index=None, min_class_pixels=1)
+
     def run(ck, kill_at=None):
-        sampler = PixelSampler(src, batch_size=48, buffer_images=1, seed=3, ignore_index=None, min_class_pixels=1)
         ens = PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1)
 
-        def progress(epoch, updates, active, loss):
+        def progress(task, updates, total, **values):
             if kill_at is not None and updates >= kill_at:
                 raise _Kill
 
-        s = train_ensemble(sampler, ens, max_epochs=9, patience=4, min_epoch=2, seed=7, progress=progress,
-                           progress_every=1, checkpoint_path=ck, checkpoint_every=5)
+        s = train_ensemble(sampler(), ens, max_epochs=9, patience=4, min_epoch=2, seed=7,
+                           report=CallbackReporter(progress, logs.append), progress_every=1,
+                           checkpoint_path=ck, checkpoint_every=5, inputs={"features": "easy"})
         return ens, s
+
+    logs = []
 
     full, s_full = run(tmp_path / "a.ckpt")
     # the stopping state is part of what must resume exactly
@@ -448,18 +460,25 @@ def test_resume_gives_identical_weights(tmp_path):
     with pytest.raises(_Kill):
         run(ck, kill_at=47)  # after two members stopped (updates 34, 35); checkpoint at 45
     resumed, s_res = run(ck)
-    assert s_res.resumed_from == 45
+    assert s_res.resumed_from == 45 and logs[-1] == f"resuming from update 45 ({ck})"
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert s_res.stopped == s_full.stopped and s_res.stop_update == s_full.stop_update
     assert s_res.epoch_losses == s_full.epoch_losses
-    # a finished run resumes to a no-op; other settings are refused
+    # the checkpoint and the record too (the run's own resume point and timing aside)
+    assert ck.read_bytes() == (tmp_path / "a.ckpt").read_bytes()
+    assert s_res.record() == s_full.record() and "seconds" not in s_res.record()
+    # a finished run resumes to a no-op; other settings or other inputs start over
     again, s_again = run(ck)
     assert s_again.updates == s_full.updates
-    with pytest.raises(CheckpointSettingsChanged, match="b.ckpt.*lr"):  # a CheckpointError; the stage starts over on it
-        train_ensemble(PixelSampler(src, ignore_index=None, min_class_pixels=1),
-                       PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1),
-                       lr=0.5, patience=4, min_epoch=2, seed=7, checkpoint_path=ck)
+    same = {"patience": 4, "min_epoch": 2, "seed": 7, "max_epochs": 1, "inputs": {"features": "easy"}}
+    for change in ({"lr": 0.5}, {"inputs": {"features": "other"}}, {"sampler": sampler(batch_size=32)}):
+        what = sorted(change)
+        train_ensemble(change.pop("sampler", sampler()), PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1),
+                       **{**same, **change}, checkpoint_path=ck, report=CallbackReporter(log=logs.append))
+        assert logs[-1] == f"{ck} was trained with other settings or inputs: starting over", what
+        train_ensemble(sampler(), PixelEnsemble(src.feature_dim, 3, members=3, widths=(16, 8), seed=1),
+                       **same, checkpoint_path=ck)  # back to the first run's identity (from scratch)
 
 
 def test_non_finite_loss_raises_and_keeps_checkpoint(tmp_path):
@@ -467,24 +486,34 @@ def test_non_finite_loss_raises_and_keeps_checkpoint(tmp_path):
     X = rng.standard_normal((128, 4)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
 
-    def batches(epoch):
-        for b in range(0, 128, 32):
-            xb = X[b : b + 32].copy()
-            if epoch == 1 and b == 64:
-                xb[3, 1] = np.nan
-            yield torch.from_numpy(xb), torch.from_numpy(y[b : b + 32])
+    def poisoned(bad_epoch):
+        def batches(epoch):
+            for b in range(0, 128, 32):
+                xb = X[b : b + 32].copy()
+                if epoch == bad_epoch and b == 64:
+                    xb[3, 1] = np.nan
+                yield torch.from_numpy(xb), torch.from_numpy(y[b : b + 32])
+        return batches
 
+    batches = poisoned(1)
     ck = tmp_path / "t.ckpt"
     ens = PixelEnsemble(4, 2, members=2, widths=(8, 4))
-    with pytest.raises(NonFiniteLossError, match="t.ckpt") as err:
-        train_ensemble(batches, ens, max_epochs=3, checkpoint_path=ck, checkpoint_every=0)
+    with pytest.raises(TrainingError, match=r"member\(s\) \[0, 1\] at epoch 1, batch 2 \(update 7\); "
+                                            r"the last good checkpoint \(.*t.ckpt, update 4\) is kept") as err:
+        train_ensemble(batches, ens, max_epochs=3, checkpoint_path=ck, checkpoint_every=0, inputs={"x": "nan"})
     assert isinstance(err.value, DDPSError)
     state = load_checkpoint(ck)
     assert state["state"]["epoch"] == 1 and state["state"]["updates"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # before any checkpoint: the message says none was written (it does not name a missing file)
+    with pytest.raises(TrainingError, match="no checkpoint was written yet"):
+        train_ensemble(poisoned(0), PixelEnsemble(4, 2, members=2, widths=(8, 4)), max_epochs=3,
+                       checkpoint_path=tmp_path / "new.ckpt", checkpoint_every=100, inputs={"x": "nan"})
+    assert not (tmp_path / "new.ckpt").exists()
     ck.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="t.ckpt"):
-        train_ensemble(batches, PixelEnsemble(4, 2, members=2, widths=(8, 4)), checkpoint_path=ck)
+    with pytest.raises(CheckpointError, match="t.ckpt.*delete it to start over"):
+        train_ensemble(batches, PixelEnsemble(4, 2, members=2, widths=(8, 4)), checkpoint_path=ck,
+                       inputs={"x": "nan"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,19 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ddps_core.progress import CallbackReporter
 from ddps_core.refiner import multinomial as mn
 from ddps_core.refiner.base import SmpBase, probe_features
 from ddps_core.refiner.denoiser import MaskDenoiser
 from ddps_core.refiner.sample import refine_images
 from ddps_core.refiner.train import (
     DDPSTrainConfig,
-    RefineTrainingError,
+    TrainingError,
     downsample_labels,
     epoch_batches,
     load_denoiser,
     masked_cross_entropy,
     train_denoiser,
 )
+from tests.test_training import assert_same_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,9 +65,10 @@ def _cfg(tmp_path, name, **kw):
     return DDPSTrainConfig(**base)
 
 
-def _train(cfg, seed=0, data=None, **kw):
+def _train(cfg, seed=0, data=None, inputs=None, **kw):
     data = data if data is not None else epoch_batches(make_dataset(), batch_size=4, seed=seed)
-    return train_denoiser(cfg, OracleBase(), data, num_classes=K, seed=seed, **kw)
+    return train_denoiser(cfg, OracleBase(), data, num_classes=K, seed=seed,
+                          inputs=inputs or {"data": "make_dataset"}, **kw)
 
 
 def _state(out):
@@ -177,15 +180,15 @@ def test_killed_run_resumes_bit_identically(tmp_path, every, kill):
     class Killed(Exception):
         pass
 
-    def kill_at(info):
-        if info.step == kill:
+    def kill_at(task, step, total, **values):
+        if step == kill:
             raise Killed
 
     with pytest.raises(Killed):
-        _train(_cfg(tmp_path, "resumed", checkpoint_every=every), seed=5, on_step=kill_at)
+        _train(_cfg(tmp_path, "resumed", checkpoint_every=every), seed=5, report=CallbackReporter(kill_at))
     assert _state(tmp_path / "resumed")["step"] == every
     logs = []
-    _train(_cfg(tmp_path, "resumed", checkpoint_every=every), seed=5, log=logs.append)
+    _train(_cfg(tmp_path, "resumed", checkpoint_every=every), seed=5, report=CallbackReporter(log=logs.append))
     assert any(f"resuming from step {every}" in m for m in logs)
     full, resumed = _state(tmp_path / "full"), _state(tmp_path / "resumed")
     assert full["step"] == resumed["step"] == 6
@@ -193,15 +196,19 @@ def test_killed_run_resumes_bit_identically(tmp_path, every, kill):
         assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
     rows = (tmp_path / "resumed" / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
-    full_rows = (tmp_path / "full" / "loss.csv").read_text().splitlines()
-    assert [r.split(",")[:4] for r in full_rows] == [r.split(",")[:4] for r in rows]  # not images/s
+    # every file, the state too: a resumed run's folder is the uninterrupted run's, byte for byte
+    assert_same_files(tmp_path / "full", tmp_path / "resumed", ["ema.safetensors", "loss.csv", "model.json", "state.pt"])
 
 
-def test_other_settings_start_over(tmp_path):
+def test_other_settings_or_inputs_start_over(tmp_path):
     _train(_cfg(tmp_path, "x", steps=2))
     logs = []
-    _train(_cfg(tmp_path, "x", steps=2, x0_source="gt"), log=logs.append)
+    _train(_cfg(tmp_path, "x", steps=2, x0_source="gt"), report=CallbackReporter(log=logs.append))
     assert any("other settings" in m for m in logs)
+    logs = []
+    _train(_cfg(tmp_path, "x", steps=2, x0_source="gt"), inputs={"data": "other pairs"},
+           report=CallbackReporter(log=logs.append))
+    assert any("starting over" in m for m in logs)
 
 
 def test_non_finite_loss_stops(tmp_path):
@@ -209,7 +216,7 @@ def test_non_finite_loss_stops(tmp_path):
     images, labels = ds[:]
     images = images.clone()
     images[0, 0, 0, 0] = float("nan")
-    with pytest.raises(RefineTrainingError, match="non-finite"):
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 1; no checkpoint was written yet"):
         _train(_cfg(tmp_path, "nan", steps=2, single_step_steps=2), data=[(images, labels)])
 
 
@@ -225,7 +232,7 @@ def test_smp_base_is_frozen_and_refines(tmp_path):
     images = torch.randn(2, 3, 32, 32, generator=g)
     labels = torch.randint(0, K, (2, 32, 32), generator=g)
     cfg = _cfg(tmp_path, "smp", width=8, steps=2, single_step_steps=1, checkpoint_every=100)
-    train_denoiser(cfg, base, [(images, labels)], num_classes=K, seed=0)
+    train_denoiser(cfg, base, [(images, labels)], num_classes=K, seed=0, inputs={"data": "random"})
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
     model, schedule, info = load_denoiser(tmp_path / "smp")
@@ -234,3 +241,14 @@ def test_smp_base_is_frozen_and_refines(tmp_path):
     assert base_logits.shape == (2, K, 32, 32)
     assert result.steps == [0, 5, 9] and set(result.logits) == {0, 5, 9}
     assert all(v.shape == (2, K, 32, 32) for v in result.logits.values())
+
+
+def test_time_budget_stop_mid_epoch_then_rerun_equals_the_uninterrupted_run(tmp_path):
+    _train(_cfg(tmp_path, "full"), seed=2)
+    summary = _train(_cfg(tmp_path, "budget", time_budget_s=1e-9), seed=2)
+    assert summary["stopped_early"] and summary["steps"] == 1  # after the first of 4 batches of epoch 0
+    assert _state(tmp_path / "budget")["batch_in_epoch"] == 1
+    _train(_cfg(tmp_path, "budget"), seed=2)
+    for key in ("model", "ema"):
+        full, resumed = _state(tmp_path / "full")[key], _state(tmp_path / "budget")[key]
+        assert all(torch.equal(full[k], resumed[k]) for k in full)

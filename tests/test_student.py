@@ -1,7 +1,9 @@
 """The student: smp models behind one interface (decoder features at stride 4, any input
 size), encoder weights from a file, augmentation, and training that learns, selects by the
-real images' mIoU and resumes to the same weights."""
+real images' mIoU and resumes to the same files."""
 
+
+import json
 
 import numpy as np
 import pytest
@@ -12,8 +14,11 @@ from ddps_core.config import StudentSettings
 from ddps_core.datasets import GenericFolder
 from ddps_core.datasets.common import png_bytes
 from ddps_core.errors import CheckpointError
+from ddps_core.progress import CallbackReporter
 from ddps_core.student.model import Student, load_student
-from ddps_core.student.train import ImageSet, augment, score_set, train_student
+from ddps_core.student.train import ImageSet, TrainingError, augment, score_set
+from ddps_core.student.train import train_student as _train_student
+from tests.test_training import assert_same_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,6 +88,10 @@ def _folder(root, n, size=32, seed=0):
     return GenericFolder(root)
 
 
+def train_student(cfg, train, val, **kw):
+    return _train_student(cfg, train, val, inputs={"train": "synthetic shapes"}, **kw)
+
+
 def _cfg(tmp_path, name, **kw):
     return StudentSettings(**{"arch": "segformer", "encoder": "mit_b0", "epochs": 3, "batch_size": 8,
                               "lr": 3e-3, "warmup_steps": 2, "out": str(tmp_path / name), **kw})
@@ -91,7 +100,14 @@ def _cfg(tmp_path, name, **kw):
 def test_training_learns_selects_and_resumes(tmp_path):
     train = ImageSet(_folder(tmp_path / "train", 24), 32)
     val = ImageSet(_folder(tmp_path / "val", 6, seed=1), 32)
-    full = train_student(_cfg(tmp_path, "a"), train, val, num_classes=4, class_names=["bg", "left", "right", "box"])
+    calls = []
+    full = train_student(_cfg(tmp_path, "a"), train, val, num_classes=4, class_names=["bg", "left", "right", "box"],
+                         report=CallbackReporter(lambda *a, **v: calls.append((*a, v))))
+    # progress from batch 0, then every batch (3 per epoch) and each epoch with its val mIoU
+    assert [c[1] for c in calls] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 9] and {c[2] for c in calls} == {9}
+    epochs = [c[3] for c in calls if "epoch" in c[3]]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and all(0 <= e["mIoU"] <= 1 for e in epochs)
+    assert all(set(c[3]) == {"loss", "lr"} for c in calls[1:] if "epoch" not in c[3])
     rows = np.genfromtxt(tmp_path / "a" / "history.csv", delimiter=",", names=True)
     assert len(rows) == 3 and rows["loss"][-1] < rows["loss"][0]
     assert full["best_epoch"] == int(rows["epoch"][np.nanargmax(rows["val_miou"])])
@@ -105,25 +121,31 @@ def test_training_learns_selects_and_resumes(tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_first(row):
-        if row["epoch"] == 1:
+    def stop_after_first(task, done, total, epoch=None, **values):
+        if epoch == 1:
             raise Stop
 
     with pytest.raises(Stop):
-        train_student(_cfg(tmp_path, "b"), train, val, num_classes=4, on_epoch=stop_after_first)
+        train_student(_cfg(tmp_path, "b"), train, val, num_classes=4, class_names=["bg", "left", "right", "box"],
+                      report=CallbackReporter(stop_after_first))
     logs = []
-    train_student(_cfg(tmp_path, "b"), train, val, num_classes=4, log=logs.append)
-    assert any("resuming student training after epoch 1" in m for m in logs)
-    a = (tmp_path / "a" / "student.safetensors").read_bytes()
-    b = (tmp_path / "b" / "student.safetensors").read_bytes()
-    assert a == b
+    train_student(_cfg(tmp_path, "b"), train, val, num_classes=4, class_names=["bg", "left", "right", "box"],
+                  report=CallbackReporter(log=logs.append))
+    assert any("resuming from epoch 1" in m for m in logs)
+    # the resumed run's folder is the uninterrupted run's, byte for byte: no timing anywhere
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["history.csv", "model.json", "state.pt", "student.safetensors"])
+    assert "train_seconds" in full and "train_seconds" not in json.loads((tmp_path / "a" / "model.json").read_text())
+
+    # other validation images (the selection depends on them): not resumed
+    other_val = ImageSet(_folder(tmp_path / "val2", 6, seed=2), 32)
+    logs = []
+    train_student(_cfg(tmp_path, "b"), train, other_val, num_classes=4, report=CallbackReporter(log=logs.append))
+    assert any("other settings or inputs: starting over" in m for m in logs)
 
 
 def test_nan_weights_from_a_finite_loss_keep_the_last_checkpoint(tmp_path, monkeypatch):
     """An optimiser step that turns weights into NaN (NaN gradients, finite loss) in the
     second epoch stops training with a clear error; the checkpoint of epoch 1 is kept."""
-    from ddps_core.student.train import StudentTrainingError
-
     train = ImageSet(_folder(tmp_path / "train", 8), 32)
     cfg = _cfg(tmp_path, "n", epochs=3)
     step = torch.optim.AdamW.step
@@ -139,7 +161,8 @@ def test_nan_weights_from_a_finite_loss_keep_the_last_checkpoint(tmp_path, monke
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
-    with pytest.raises(StudentTrainingError, match=r"non-finite student weights .* after epoch 2"):
+    with pytest.raises(TrainingError, match=r"non-finite weights .* after epoch 2; the last good checkpoint "
+                                            r"\(.*state.pt, epoch 1\) is kept"):
         train_student(cfg, train, None, num_classes=4)
     ckpt = torch.load(tmp_path / "n" / "state.pt", weights_only=True)
     assert ckpt["epoch"] == 1

@@ -27,12 +27,13 @@ from ddps_core.diffusion.checkpoint import load_unet
 from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
 from ddps_core.diffusion import train as training
-from ddps_core.diffusion.train import INFO_FILE, SAMPLES_FILE, WEIGHTS_FILE, StepInfo, model_info
+from ddps_core.diffusion.train import INFO_FILE, SAMPLES_FILE, WEIGHTS_FILE, model_info
 from ddps_core.diffusion.unet import UNetModel
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_write_text
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
+from ddps_core.training import content_id, read_record
 from ddps_core.viz import grid, save_png
 
 __all__ = ["TRAIN_DDPM", "load_trained", "load_training_images", "sample_grid", "train_ddpm",
@@ -98,11 +99,7 @@ def use_checkpoint(cfg: DDPMSettings) -> dict[str, Any]:
 def load_trained(out: str | Path, device: torch.device | str = "cpu") -> tuple[UNetModel, dict[str, Any]]:
     """The model stage ``train_ddpm`` produced (trained EMA weights or the user checkpoint)."""
     out = Path(out)
-    try:
-        info = json.loads((out / INFO_FILE).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out / INFO_FILE}: no diffusion model here; run the train_ddpm stage "
-                        "(`ddps ddpm train`) first") from None
+    info = read_record(out / INFO_FILE, "no diffusion model here; run the train_ddpm stage (`ddps ddpm train`) first")
     path = info.get("checkpoint") or out / WEIGHTS_FILE
     model = load_unet(path, preset=info["preset"])
     return model.to(device).eval(), info
@@ -120,13 +117,10 @@ def train_ddpm(settings: Settings, report: Reporter) -> dict[str, Any]:
         report.progress("load images", 0, None)
         images = load_training_images(settings.data.out, get_preset(cfg.preset).image_size,
                                       lambda n: report.progress("load images", n, None))
-
-        def on_step(info: StepInfo) -> None:
-            report.progress("ddpm", info.step, info.total, loss=info.loss, lr=info.lr,
-                            images_per_s=info.images_per_s)
-
-        report.progress("ddpm", 0, cfg.steps)
-        summary = training.train_ddpm(cfg, images, device, seed=settings.seed, on_step=on_step, log=report.log)
+        summary = training.train_ddpm(cfg, images, device, seed=settings.seed,
+                                      inputs={"images": content_id([images])}, report=report)
+        report.log(f"diffusion model: {summary['steps']} steps ({summary['steps_this_run']} this run, "
+                   f"{summary['images_per_s'] or 0:.1f} images/s) -> {cfg.out}")
         if cfg.sample_count:
             model, info = load_trained(cfg.out, device)
             diffusion = GaussianDiffusion.from_name(info["schedule"], info["num_timesteps"])

@@ -15,7 +15,8 @@
   ``<refiner.out>`` with ``refiner.x0_source``; with ``refiner.ablation`` the same budget (same
   seed, same batches) is trained with ``x0_source="gt"`` into ``<refiner.out>/ablation-gt``.
 
-The ``data_id`` given to the trainer (part of its resume key, stored in ``model.json``) is
+The ``data_id`` given to the trainer as its ``data`` input (part of its run identity, stored
+in ``model.json``'s ``inputs``) is
 ``student=<weights hash>;data=<kind>:<hash>;n=..;size=..;batch=..;hflip=..``: a state
 trained on another student, other pairs or another batching is not resumed, and ``refine``
 refuses a denoiser whose student is not the current one.
@@ -221,7 +222,7 @@ def _training_set(settings: Settings, size: int) -> tuple[Any, str]:
     return data, digest
 
 
-# --------------------------------------------------------------------------- train_ddps
+# --------------------------------------------------------------------------- train_refiner
 def train_refiner(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``train_refiner``: the denoiser (and, with ``refiner.ablation``, its
     ``x0_source="gt"`` twin) on the frozen student; resumes where it stopped (see the module
@@ -257,11 +258,9 @@ def train_refiner(settings: Settings, report: Reporter) -> dict[str, Any]:
     models: dict[str, Any] = {}
     with torch_threads(cfg.threads):
         for method, tc in runs.items():
-            report.progress(method, 0, tc.steps)
-            step_cb = (lambda info, m=method: report.progress(m, info.step, info.total, loss=info.loss, lr=info.lr))
             summary = train_denoiser(tc, student, batches, num_classes=num_classes, device=device,
-                                     feature_channels=channels, seed=cfg.seed, data_id=data_id,
-                                     on_step=step_cb, log=lambda msg, m=method: say(f"{m}: {msg}"))
+                                     feature_channels=channels, seed=cfg.seed, inputs={"data": data_id},
+                                     task=method, report=report)
             say(f"{method}: {summary['steps']} steps ({summary['steps_this_run']} this run), "
                 f"final loss {summary['final_loss']}, {summary['wall_s']:.1f} s -> {tc.out}")
             models[method] = {**summary, "out": str(tc.out), "x0_source": tc.x0_source}
@@ -278,10 +277,10 @@ def _load_denoisers(settings: Settings, sid: str, device: torch.device,
             say(f"{method}: no ablation denoiser in {folder}; skipped (run train_refiner with refiner.ablation)")
             continue
         model, schedule, info = load_denoiser(folder, device)
-        trained_on = _id_part(info.get("data_id", ""), "student")
+        trained_on = _id_part(info.get("inputs", {}).get("data", ""), "student")
         if trained_on != sid:
             raise DataError(f"{folder / INFO_FILE}: the denoiser was trained on another student "
-                            f"({trained_on} != {sid}); rerun the train_ddps stage")
+                            f"({trained_on} != {sid}); rerun the train_refiner stage")
         stale = [k for k in ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "num_timesteps",
                              "schedule", "steps") if info.get("train", {}).get(k) != getattr(expected, k)]
         if stale:

@@ -32,7 +32,8 @@ learning-rate schedule and one EMA.
 
 Optimisation: AdamW, linear warm-up then cosine decay to 10% (as the DDPM trainer), gradient
 clipping, an EMA of the weights whose decay ramps with the step count
-(``min(ema_rate, (1 + step) / (10 + step))``); the EMA weights are what later stages use.
+(``min(ema_rate, (1 + step) / (10 + step))``); the EMA weights are what later stages use. The
+loop's pieces are :mod:`ddps_core.training`'s.
 
 Data: ``data`` yields ``(images float [B, 3, H, W] in the base's normalisation, labels long
 [B, H, W])``. It is read epoch after epoch: an object with ``set_epoch`` gets it called, a
@@ -42,48 +43,45 @@ resume the batches of an epoch must be a function of the epoch (:func:`epoch_bat
 such a factory over a dataset); a DataLoader with ``shuffle=True`` and no per-epoch seed is not.
 
 Resume: a checkpoint (weights, EMA, optimiser, step, epoch and position in it, the generator
-and the global torch RNG states, the loss history) is written atomically every
-``checkpoint_every`` steps and at the end; a run with the same settings resumes from it and
-ends with the same weights as an uninterrupted one (on CPU; cuDNN kernels may differ).
+and the global torch RNG states, the loss log) is written atomically every
+``checkpoint_every`` steps and at the end; a run with the same identity (the settings that
+change what is trained, ``_IDENTITY_FIELDS``, the denoiser's config, the seed, and the content
+ids of the inputs the caller passes) resumes from it and ends with the same weights as an
+uninterrupted one (on CPU; cuDNN kernels may differ). Any other run starts over.
 
-Output folder (``cfg.out``)::
+Output folder (``cfg.out``); identical runs write identical files (no timing in any)::
 
-    model.json        denoiser config, schedule, x0_source, steps, model id (EMA weights hash)
+    model.json        denoiser config, schedule, x0_source, inputs, steps, model id (EMA weights hash)
     ema.safetensors   the EMA weights: what refinement uses
     state.pt          resume state
-    loss.csv          step, stage, loss, lr, images/s (one row per ``log_every`` steps)
+    loss.csv          step, stage, loss, lr (one row per ``log_every`` steps)
 """
 
 from __future__ import annotations
 
-import copy
-import csv
-import hashlib
-import io
 import json
-import math
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ddps_core.device import autocast, nonfinite_tensors
+from ddps_core.device import autocast
 from ddps_core.diffusion.checkpoint import load_state_dict, save_unet, state_dict_hash
-from ddps_core.errors import CheckpointError, ConfigError, DataError, DDPSError
-from ddps_core.io import atomic_write_bytes, atomic_write_text
+from ddps_core.errors import CheckpointError, ConfigError, DataError
+from ddps_core.io import atomic_write_text
+from ddps_core.progress import Reporter
 from ddps_core.refiner.base import SegmentationBase, freeze
 from ddps_core.refiner.denoiser import DenoiserConfig, MaskDenoiser, denoiser_preset
 from ddps_core.refiner.multinomial import MultinomialDiffusion, uniform_mask
+from ddps_core.training import Checkpoint, EmaTrainState, LossLog, TimeBudget, TrainingError, clear_temporaries
+from ddps_core.training import epoch_data, read_record, run_id, warmup_cosine
 
 __all__ = [
     "DDPSTrainConfig",
-    "RefineTrainingError",
-    "StepInfo",
+    "TrainingError",
     "downsample_labels",
     "epoch_batches",
     "first_prediction",
@@ -98,10 +96,6 @@ INFO_FILE = "model.json"
 LOSS_FILE = "loss.csv"
 
 X0Source = Literal["first_prediction", "gt"]
-
-
-class RefineTrainingError(DDPSError):
-    """Denoiser training cannot go on (non-finite loss); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -139,18 +133,6 @@ class DDPSTrainConfig:
 _IDENTITY_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "dropout",
                     "num_timesteps", "schedule", "x0_source", "single_step_steps", "lr",
                     "warmup_steps", "weight_decay", "ema_rate", "grad_clip", "ignore_index")
-
-
-@dataclass
-class StepInfo:
-    """What a progress callback receives after each logged step."""
-
-    step: int
-    total: int
-    stage: str  # "single_step" or "dfp"
-    loss: float
-    lr: float
-    images_per_s: float
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -243,65 +225,8 @@ def epoch_batches(dataset: Any, batch_size: int, seed: int = 0, shuffle: bool = 
     return make
 
 
-def _epoch_iter(data: Any, epoch: int) -> Iterator:
-    if hasattr(data, "set_epoch"):
-        data.set_epoch(epoch)
-        return iter(data)
-    if callable(data):
-        return iter(data(epoch))
-    if isinstance(data, Iterable):
-        return iter(data)
-    raise ConfigError(f"training data must be iterable, have set_epoch, or be a callable epoch -> batches; "
-                      f"got {type(data).__name__}")
-
-
-def _lr_at(cfg: Any, step: int) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to 10% of it at ``steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, rate: float, step: int) -> None:
-    decay = min(rate, (1.0 + step) / (10.0 + step))
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1.0 - decay)
-
-
-def _digest(cfg: Any, config: DenoiserConfig, seed: int, data_id: str) -> str:
-    ident = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
-    ident["channel_mult"] = list(ident["channel_mult"]) if ident["channel_mult"] else None
-    ident.update(denoiser=config.to_dict(), seed=seed, data_id=data_id)
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file
-        raise CheckpointError(f"{path}: cannot read the DDPS training state ({exc}); delete it to start over") from None
-
-
-def _write_loss_csv(path: Path, history: list[list]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["step", "stage", "loss", "lr", "images_per_s"])
-    for step, stage, loss, lr, ips in history:
-        writer.writerow([int(step), stage, f"{loss:.6g}", f"{lr:.6g}", f"{ips:.6g}"])
-    atomic_write_text(path, buf.getvalue())
-
-
 def _peek_channels(base: SegmentationBase, data: Any, device: torch.device) -> int:
-    images, _ = next(_epoch_iter(data, 0))
+    images, _ = next(epoch_data(data, 0))
     with torch.no_grad():
         return int(base.decoder_features(images[:1].to(device)).shape[1])
 
@@ -313,12 +238,12 @@ def train_denoiser(
     data: Any,
     *,
     num_classes: int,
+    inputs: Mapping[str, str],
     device: torch.device | str = "cpu",
     feature_channels: int | None = None,
     seed: int = 0,
-    data_id: str = "",
-    on_step: Callable[[StepInfo], None] | None = None,
-    log: Callable[[str], None] | None = None,
+    report: Reporter | None = None,
+    task: str = "refiner",
 ) -> dict[str, Any]:
     """Train (or resume) the denoiser of ``cfg`` on a frozen ``base`` over ``data``.
 
@@ -326,18 +251,21 @@ def train_denoiser(
     :param base: frozen in place (:func:`~ddps_core.refiner.base.freeze`) and moved to ``device``.
     :param data: batches ``(images [B, 3, H, W], labels long [B, H, W])``, see the module doc.
     :param num_classes: K.
+    :param inputs: content ids of the data and the base (name -> id; e.g. their hashes and the
+        batching): part of the run identity, recorded in ``model.json``.
     :param feature_channels: C of ``base.decoder_features``; probed on the first batch if None.
     :param seed: seeds the initialisation and every random draw of training.
-    :param data_id: identifies the data and base (e.g. their hashes): part of the resume key.
-    :param on_step: called with a :class:`StepInfo` every ``log_every`` steps; an exception
-        from it stops training (the last checkpoint stays).
-    :param log: receives one-line messages (resume, time budget).
-    :return: a summary (steps, final loss, images/s, wall time, model id, stopped_early).
+    :param report: gets ``progress(task, step, steps, loss=, lr=)`` before the first step and
+        every ``log_every`` steps (an exception from it stops training; the last checkpoint
+        stays), and the resume / start-over / budget lines.
+    :param task: the name progress is reported under (a stage training two denoisers names each).
+    :return: a summary (steps, final loss, model id, stopped_early, and this run's ``wall_s``
+        and ``images_per_s``: timing is only here, never in a file).
     """
-    say = log or (lambda _msg: None)
+    report = report or Reporter()
     device = torch.device(device)
     if cfg.single_step_steps >= cfg.steps:
-        say(f"single_step_steps ({cfg.single_step_steps}) >= steps ({cfg.steps}): no DFP stage")
+        report.log(f"single_step_steps ({cfg.single_step_steps}) >= steps ({cfg.steps}): no DFP stage")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     base = freeze(base).to(device)
@@ -345,65 +273,40 @@ def train_denoiser(
         feature_channels = _peek_channels(base, data, device)
     config = build_config(cfg, num_classes, feature_channels)
     schedule = MultinomialDiffusion(num_classes, cfg.num_timesteps, cfg.schedule)
-    digest = _digest(cfg, config, seed, data_id)
+    settings = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
+    ckpt = Checkpoint(out / STATE_FILE, run_id({**settings, "denoiser": config.to_dict(), "seed": seed}, inputs),
+                      unit="step", report=report, hint="Lower refiner.lr or check the labels.")
+    clear_temporaries(out / WEIGHTS_FILE, out / LOSS_FILE, out / INFO_FILE)
 
     torch.manual_seed(seed)
-    model = config.build()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    step, epoch, batch_in_epoch, history = 0, 0, 0, []
-
-    state_path = out / STATE_FILE
-    if state_path.exists():
-        state = _load_state(state_path)
-        if state.get("digest") == digest:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-            history = [list(r) for r in state["history"]]
-            say(f"resuming from step {step} ({state_path})")
-        else:
-            say(f"{state_path} was trained with other settings: starting over")
-
-    model.to(device).train()
-    ema.to(device).eval()
-    for group in opt.state.values():  # optimiser state follows the model's device
-        for k, v in group.items():
-            if torch.is_tensor(v) and k != "step":
-                group[k] = v.to(device)
+    ts = EmaTrainState(config.build(), lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed)
+    log = LossLog(("step", "stage", "loss", "lr"))
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if (state := ckpt.resume()) is not None:
+        ts.load_state_dict(state)
+        log.restore(state["log"])
+        step, epoch, batch_in_epoch = ckpt.at, int(state["epoch"]), int(state["batch_in_epoch"])
+    ts.to(device)
+    model, gen = ts.model, ts.gen
 
     def checkpoint() -> None:
-        bad = nonfinite_tensors(model, ema)
-        if bad:
-            raise RefineTrainingError(
-                f"non-finite DDPS weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) "
-                f"after step {step}; the last good checkpoint ({state_path}) is kept. Lower refiner.lr.")
-        _save_state(state_path, {
-            "digest": digest, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-        })
-        save_unet(ema, out / WEIGHTS_FILE)
-        _write_loss_csv(out / LOSS_FILE, history)
+        ckpt.save(step, {**ts.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "log": log.state()},
+                  ts.model, ts.ema)
+        save_unet(ts.ema, out / WEIGHTS_FILE)
+        log.write(out / LOSS_FILE)
 
-    start, start_step, n_images = time.perf_counter(), step, 0
-    t_log, n_log = time.perf_counter(), 0
-    stopped_early = False
+    budget = TimeBudget(cfg.time_budget_s, report)
+    start_step, n_images, stopped_early = step, 0, False
     T = schedule.num_timesteps
+    report.progress(task, step, cfg.steps)
     while step < cfg.steps and not stopped_early:
         got_batch = False
-        for bi, (images, labels) in enumerate(_epoch_iter(data, epoch)):
+        for bi, (images, labels) in enumerate(epoch_data(data, epoch)):
             if bi < batch_in_epoch:
                 continue  # consumed before the checkpoint this run resumed from
             got_batch = True
             batch_in_epoch = bi + 1
-            lr = _lr_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = warmup_cosine(step, lr=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, torch.long, non_blocking=True)
             if labels.dim() != 3 or images.shape[0] != labels.shape[0]:
@@ -413,7 +316,7 @@ def train_denoiser(
                 feats = base.decoder_features(images)
             feats = feats.float()
             b = feats.shape[0]
-            single = step < cfg.single_step_steps
+            single = step < cfg.single_step_steps  # the single-step pre-stage: t = 0 only
             if single:
                 t = torch.zeros(b, dtype=torch.long)
             else:
@@ -423,32 +326,16 @@ def train_denoiser(
             with autocast(device):
                 logits = model(x_t, t, feats)
             loss = masked_cross_entropy(logits, labels, cfg.ignore_index)
-            if not torch.isfinite(loss):
-                raise RefineTrainingError(
-                    f"non-finite DDPS loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
-                    f"({state_path}) is kept. Lower refiner.lr or check the labels.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            _ema_update(ema, model, cfg.ema_rate, step)
+            value = ckpt.check_loss(loss, step + 1)
+            ts.step(loss, step, lr=lr, grad_clip=cfg.grad_clip, ema_rate=cfg.ema_rate)
             step += 1
-            n_log += b
             n_images += b
             if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                ips = n_log / max(now - t_log, 1e-9)
-                t_log, n_log = now, 0
-                row = [step, "single_step" if single else "dfp", loss.item(), lr, ips]
-                history.append(row)
-                if on_step is not None:
-                    on_step(StepInfo(step, cfg.steps, *row[1:]))
+                log.add(step, "single_step" if single else "dfp", value, lr)
+                report.progress(task, step, cfg.steps, loss=value, lr=lr)
             if step % cfg.checkpoint_every == 0:
                 checkpoint()
-            if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
-                say(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
-                stopped_early = True
+            stopped_early = budget.reached(f"step {step}")
             if step >= cfg.steps or stopped_early:
                 break
         else:
@@ -456,20 +343,20 @@ def train_denoiser(
                 raise DataError("the DDPS training data yielded no batch")
             epoch, batch_in_epoch = epoch + 1, 0
     checkpoint()
-    wall = time.perf_counter() - start
-    done = step - start_step
     info = {
         "denoiser": config.to_dict(),
         "schedule": schedule.to_dict(),
         "x0_source": cfg.x0_source,
-        "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in _cfg_dict(cfg).items()},
-        "seed": seed, "data_id": data_id, "steps": step, "stopped_early": stopped_early,
-        "final_loss": history[-1][2] if history else None,
-        "model_id": state_dict_hash(ema.state_dict()),
+        # the settings, not where they were written: the folder may move (a DVC cache)
+        "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in _cfg_dict(cfg).items() if k != "out"},
+        "seed": seed, "inputs": dict(inputs), "steps": step, "stopped_early": stopped_early,
+        "final_loss": log.last("loss"),
+        "model_id": state_dict_hash(ts.ema.state_dict()),
     }
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2, default=str))
+    wall, done = budget.elapsed, step - start_step
     return {"steps": step, "steps_this_run": done, "stopped_early": stopped_early,
-            "final_loss": info["final_loss"], "wall_s": wall, "model_id": info["model_id"],
+            "final_loss": info["final_loss"], "model_id": info["model_id"], "wall_s": wall,
             "images_per_s": n_images / wall if done else None}
 
 
@@ -482,11 +369,7 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
 def load_denoiser(out: str | Path, device: torch.device | str = "cpu") -> tuple[MaskDenoiser, MultinomialDiffusion, dict]:
     """The EMA denoiser, its schedule and ``model.json`` of a finished :func:`train_denoiser`."""
     out = Path(out)
-    try:
-        info = json.loads((out / INFO_FILE).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out / INFO_FILE}: no DDPS denoiser here; run the train_ddps stage "
-                        "(`ddps ddps train`) first") from None
+    info = read_record(out / INFO_FILE, "no DDPS denoiser here; run the train_ddps stage (`ddps ddps train`) first")
     config = DenoiserConfig.from_dict(info["denoiser"])
     model = config.build()
     sd = load_state_dict(out / WEIGHTS_FILE)

@@ -47,18 +47,12 @@ def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
     size = export_size(reader)
     real = DDPMSegFolder(settings.data.out, "train", ignore_index=settings.data.ignore_index)
     data_id = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
-
-    def on_epoch(row: dict[str, Any]) -> None:
-        val = "-" if row["val_miou"] is None else f"{100 * row['val_miou']:.2f}"
-        report.log(f"epoch {row['epoch']}/{cfg.epochs}: loss {row['loss']:.4f}, real-image mIoU {val}")
-
     report.progress("student", 0, None)
     with torch_threads(cfg.threads):
-        info = training.train_student(cfg, ImageSet(reader, cfg.image_size or size), ImageSet(real, cfg.image_size or size),
-                             num_classes=reader.num_classes, ignore_index=settings.data.ignore_index,
-                             class_names=reader.class_names, device=resolve_device(settings.device),
-                             data_id=data_id, on_epoch=on_epoch,
-                             on_batch=lambda it, total: report.progress("student", it, total), log=report.log)
+        info = training.train_student(
+            cfg, ImageSet(reader, cfg.image_size or size), ImageSet(real, cfg.image_size or size),
+            num_classes=reader.num_classes, ignore_index=settings.data.ignore_index, class_names=reader.class_names,
+            device=resolve_device(settings.device), inputs={"train": data_id}, report=report)
     result = predict_split(settings, "test", Path(cfg.out) / "test", size,
                            progress=lambda d, n: report.progress("predict test", d, n))
     report.log(f"student {info['arch']}/{info['encoder']}: epoch {info['best_epoch']} selected; test mIoU "

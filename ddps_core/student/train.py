@@ -1,6 +1,6 @@
 """Training the student on a labelled image folder (the generated export), resumably.
 
-Recipe (METHODS.md §5 leaves it open; this is ours): AdamW, a linear warm-up then poly decay
+Recipe (the reference leaves it open; this is ours): AdamW, a linear warm-up then poly decay
 ``lr * (1 - it / total) ** poly_power``, cross-entropy with the ignore index, random
 horizontal flips and random scales (resize by ``s ~ U[scale_min, scale_max]``, then a random
 crop, or a pad with the ignore label, back to the training size), one epoch over the data
@@ -10,24 +10,25 @@ Checkpoint selection (the reference): after every epoch the model is scored (mIo
 real labelled images and the best epoch is kept (``select_on: real``); or the last epoch
 (``select_on: last``).
 
-Resume: ``state.pt`` (weights, optimiser, epoch, best score, RNG state, history) is written
-atomically after every epoch; a rerun with the same settings continues with the next epoch
-and ends with the same weights as an uninterrupted run (on CPU). Outputs in ``out``::
+Resume: ``state.pt`` (weights, optimiser, epoch, best score and weights, RNG state, history)
+is written atomically after every epoch; a rerun with the same identity continues with the
+next epoch and ends with the same weights as an uninterrupted run (on CPU). The identity is
+the settings that change what is trained (``_IDENTITY``, the classes), the content ids of the
+training data the caller passes, and the content of the validation images (hashed here: they
+decide the selected epoch, and are decoded for scoring anyway); any other run starts over.
+The loop's pieces are :mod:`ddps_core.training`'s. Outputs in ``out``; identical runs write
+identical files (no timing in any)::
 
-    student.safetensors   the selected weights        model.json   config, selection, classes
-    history.csv           epoch, loss, lr, val_miou, seconds         state.pt     resume state
+    student.safetensors   the selected weights        model.json   config, selection, classes, inputs
+    history.csv           epoch, loss, lr, val_miou   state.pt     resume state
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import hashlib
-import io
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +36,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddps_core.device import nonfinite_tensors
 from ddps_core.datasets import to_square
-from ddps_core.errors import CheckpointError, DataError, DDPSError
+from ddps_core.errors import DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
 from ddps_core.metrics import ConfusionAccumulator
+from ddps_core.progress import Reporter
 from ddps_core.student.model import INFO_FILE, WEIGHTS_FILE, Student, build_student
+from ddps_core.training import Checkpoint, LossLog, TimeBudget, TrainingError, backward_step, clear_temporaries
+from ddps_core.training import content_id, run_id, set_lr, warmup_poly
 
-__all__ = ["ImageSet", "StudentTrainingError", "augment", "predict_labels", "score_set", "train_student"]
+__all__ = ["ImageSet", "TrainingError", "augment", "predict_labels", "score_set", "train_student"]
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.csv"
 _CACHE_BYTES = 1 << 30
-
-
-class StudentTrainingError(DDPSError):
-    """Student training cannot go on (non-finite loss); the last good checkpoint is kept."""
 
 
 class ImageSet:
@@ -159,22 +158,14 @@ def score_set(model: Student, data: ImageSet, num_classes: int, ignore_index: in
     return acc.result()
 
 
-def _lr_at(cfg: Any, it: int, total: int) -> float:
-    if cfg.warmup_steps and it < cfg.warmup_steps:
-        return cfg.lr * (it + 1) / cfg.warmup_steps
-    frac = min(max(it - cfg.warmup_steps, 0) / max(total - cfg.warmup_steps, 1), 1.0)
-    return cfg.lr * (1.0 - frac) ** cfg.poly_power
-
-
 _IDENTITY = ("arch", "encoder", "encoder_weights", "image_size", "epochs", "batch_size", "lr",
              "weight_decay", "poly_power", "warmup_steps", "hflip", "scale_min", "scale_max",
              "select_on", "seed")
 
 
-def _digest(cfg: Any, extra: dict[str, Any]) -> str:
-    ident = {k: getattr(cfg, k) for k in _IDENTITY}
-    ident.update(extra)
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _content(data: ImageSet) -> str:
+    """The content id of ``data``'s pairs as trained on (squared), with their ids."""
+    return content_id(x for i in range(len(data)) for x in (data.ids[i].encode(), *data[i]))
 
 
 def _save_weights(model: Student, path: Path) -> None:
@@ -185,100 +176,85 @@ def _save_weights(model: Student, path: Path) -> None:
 
 
 def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classes: int,
-                  ignore_index: int = 255, class_names: list[str] | None = None,
-                  device: torch.device | str = "cpu", data_id: str = "",
-                  on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                  on_batch: Callable[[int, int], None] | None = None,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  inputs: Mapping[str, str], ignore_index: int = 255, class_names: list[str] | None = None,
+                  device: torch.device | str = "cpu", report: Reporter | None = None) -> dict[str, Any]:
     """Train (or resume) the student of ``cfg`` (a :class:`~ddps_core.config.StudentSettings`)
-    on ``train``; select on ``val`` (the real labelled images). Returns the summary written
-    to ``model.json``."""
-    say = log or (lambda _m: None)
+    on ``train``; select on ``val`` (the real labelled images).
+
+    :param inputs: content ids of the training data (name -> id, e.g. the export manifest's
+        hash): part of the run identity, recorded in ``model.json``.
+    :param report: gets ``progress("student", batches, total, loss=, lr=)`` before the first
+        batch (no values) and after every batch, and after each epoch's selection
+        ``progress("student", batches, total, epoch=, loss=, lr=, mIoU=)`` (the epoch's mean
+        loss; ``mIoU`` on ``val`` when selecting on it); and the resume / start-over lines.
+    :return: the ``model.json`` record, plus this run's ``train_seconds`` (only here).
+    """
+    report = report or Reporter()
+    clock = TimeBudget(None)  # no limit: this run's time, for the summary
     device = torch.device(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if len(train) < 1:
         raise DataError("the student's training set is empty")
     select_real = cfg.select_on == "real" and val is not None and len(val) > 0
-    digest = _digest(cfg, {"data_id": data_id, "num_classes": num_classes, "n_train": len(train),
-                           "n_val": len(val) if val is not None else 0})
+    settings = {**{k: getattr(cfg, k) for k in _IDENTITY}, "num_classes": num_classes, "ignore_index": ignore_index}
+    identity = run_id(settings, {**inputs, **({"val": _content(val)} if select_real else {})})
+    ckpt = Checkpoint(out / STATE_FILE, identity, unit="epoch", report=report, hint="Lower student.lr.")
+    clear_temporaries(out / WEIGHTS_FILE, out / HISTORY_FILE, out / INFO_FILE)
     torch.manual_seed(cfg.seed)
     model = build_student(cfg, num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    epoch, best, best_epoch, history = 0, -1.0, -1, []
+    log = LossLog(("epoch", "loss", "lr", "val_miou"))
+    epoch, best, best_epoch = 0, -1.0, -1
     best_state: dict[str, torch.Tensor] | None = None
-    state_path = out / STATE_FILE
-    if state_path.exists():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{state_path}: cannot read the student training state ({exc}); "
-                                  "delete it to start over") from None
-        if state.get("digest") == digest:
-            model.net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            epoch, best, best_epoch = int(state["epoch"]), float(state["best"]), int(state["best_epoch"])
-            best_state = state.get("best_model")
-            history = [dict(h) for h in json.loads(state["history"])]
-            say(f"resuming student training after epoch {epoch} ({state_path})")
-        else:
-            say(f"{state_path} was trained with other settings or data: starting over")
+    if (state := ckpt.resume()) is not None:
+        model.net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        epoch, best, best_epoch = ckpt.at, float(state["best"]), int(state["best_epoch"])
+        best_state = state["best_model"]
+        log.restore(state["log"])
+    report.progress("student", epoch * steps_per_epoch, total)
     model.train()
     while epoch < cfg.epochs:
-        t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(len(train), generator=gen).tolist()
         losses = []
         for j in range(steps_per_epoch):
             it = epoch * steps_per_epoch + j
-            lr = _lr_at(cfg, it, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = warmup_poly(it, lr=cfg.lr, total=total, warmup=cfg.warmup_steps, power=cfg.poly_power)
+            set_lr(opt, lr)
             idx = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
             images, labels = train.batch(idx)
             images, labels = augment(images, labels, gen, cfg.hflip, cfg.scale_min, cfg.scale_max, ignore_index)
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
-            if not torch.isfinite(loss):
-                if (labels == ignore_index).all():
-                    continue  # a batch of only ignore pixels has no loss to follow
-                raise StudentTrainingError(f"non-finite student loss at epoch {epoch + 1}; the last good "
-                                           f"checkpoint ({state_path}) is kept. Lower student.lr.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if on_batch is not None:
-                on_batch(it + 1, total)
+            value = float(loss.detach())
+            if math.isnan(value) and bool((labels == ignore_index).all()):
+                continue  # a batch of only ignore pixels has no loss to follow
+            ckpt.check_loss(value, epoch + 1)
+            backward_step(loss, opt, model.parameters())
+            losses.append(value)
+            report.progress("student", it + 1, total, loss=value, lr=lr)
         epoch += 1
-        bad = nonfinite_tensors(model)
-        if bad:  # a finite loss does not prove finite weights (NaN gradients)
-            raise StudentTrainingError(
-                f"non-finite student weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) "
-                f"after epoch {epoch}; the last good checkpoint ({state_path}) is kept. Lower student.lr.")
+        ckpt.check_weights(model, at=epoch)  # before NaN weights are scored and selected
         val_miou = None
         if select_real:
             val_miou = float(score_set(model, val, num_classes, ignore_index, device=device).miou)
-        better = (val_miou if select_real else epoch) > best
-        if better:
+        if (val_miou if select_real else epoch) > best:
             best, best_epoch = (val_miou if select_real else float(epoch)), epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
-        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
-               "val_miou": val_miou, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        buf = io.BytesIO()
-        torch.save({"digest": digest, "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                    "model": model.net.state_dict(), "optimizer": opt.state_dict(),
-                    "best_model": best_state, "torch_rng": torch.get_rng_state(),
-                    "history": json.dumps(history)}, buf)
-        atomic_write_bytes(state_path, buf.getvalue())
-        _write_history(out / HISTORY_FILE, history)
-        if on_epoch is not None:
-            on_epoch(row)
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        log.add(epoch, mean_loss, lr, val_miou)
+        ckpt.save(epoch, {"best": best, "best_epoch": best_epoch, "model": model.net.state_dict(),
+                          "optimizer": opt.state_dict(), "best_model": best_state,
+                          "torch_rng": torch.get_rng_state(), "log": log.state()}, model)
+        log.write(out / HISTORY_FILE)
+        report.progress("student", epoch * steps_per_epoch, total, epoch=epoch, loss=mean_loss, lr=lr,
+                        **({"mIoU": val_miou} if val_miou is not None else {}))
     final = copy.deepcopy(model)
     if best_state is not None:
         final.net.load_state_dict(best_state)
@@ -287,17 +263,6 @@ def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classe
             "feature_stride": model.feature_stride, "class_names": class_names, "ignore_index": ignore_index,
             "select_on": "real" if select_real else "last", "best_epoch": best_epoch,
             "val_miou": best if select_real else None, "epochs": epoch, "n_train": len(train),
-            "data_id": data_id, "encoder_weights": cfg.encoder_weights,
-            "train_seconds": float(sum(h["seconds"] for h in history))}
+            "inputs": dict(inputs), "encoder_weights": cfg.encoder_weights}
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
-    return info
-
-
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["epoch", "loss", "lr", "val_miou", "seconds"])
-    w.writeheader()
-    for h in history:
-        w.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v))
-                    for k, v in h.items()})
-    atomic_write_text(path, buf.getvalue())
+    return {**info, "train_seconds": clock.elapsed}

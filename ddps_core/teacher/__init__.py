@@ -6,16 +6,16 @@ non-diffusion feature sources for baselines (:mod:`.sources`)."""
 from .ensemble import PixelEnsemble, ReferenceMLP, default_widths, init_reference_, reference_mlp, source_id_of
 from .predict import image_score, js_divergence, majority_vote, predict_image, predict_store, vote_and_uncertainty
 from .sources import ArraySource, RGBXYSource, rgbxy_features
-from .train import MemberAdam, NonFiniteLossError, TrainSummary, load_checkpoint, member_losses, train_ensemble
+from .train import MemberAdam, TrainingError, TrainSummary, load_checkpoint, member_losses, train_ensemble
 
 __all__ = [
     "ArraySource",
     "MemberAdam",
-    "NonFiniteLossError",
     "PixelEnsemble",
     "RGBXYSource",
     "ReferenceMLP",
     "TrainSummary",
+    "TrainingError",
     "default_widths",
     "image_score",
     "init_reference_",

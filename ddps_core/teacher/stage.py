@@ -34,7 +34,7 @@ from ddps_core.stages import Stage, Step
 from ddps_core.teacher.ensemble import PixelEnsemble, source_id_of
 from ddps_core.teacher.labels import finish_labels, label_parts, pending_parts, start_labels, teacher_id
 from ddps_core.teacher.sources import RGBXYSource
-from ddps_core.teacher.train import CheckpointSettingsChanged, train_ensemble
+from ddps_core.teacher.train import train_ensemble
 
 __all__ = ["LABEL", "TRAIN_TEACHER", "WEIGHTS", "feature_source", "label_folder", "load_method", "methods",
            "model_folder"]
@@ -114,31 +114,18 @@ def train_method(settings: Settings, method: str, report: Reporter) -> dict[str,
                              seed=cfg.seed, source_id=source_id_of(source))
     out = model_folder(settings, method)
     out.mkdir(parents=True, exist_ok=True)
-
-    def progress(epoch: int, updates: int, active: int, loss: float) -> None:
-        report.progress(method, epoch, cfg.max_epochs, loss=loss, active_members=active)
-
-    def train() -> Any:
-        return train_ensemble(
-            sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
-            min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, progress=progress,
-            checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
-
-    report.progress(method, 0, cfg.max_epochs)
-    try:
-        summary = train()
-    except CheckpointSettingsChanged:
-        # the stage owns its folder: a checkpoint of other settings (an experiment with
-        # another teacher.members, say) is not resumable, so the stage starts over
-        report.log(f"{method}: {out / 'checkpoint.pt'} was made with other settings; starting over")
-        (out / "checkpoint.pt").unlink()
-        summary = train()
+    # a checkpoint of another run (other settings or features) is not resumed: it starts over
+    summary = train_ensemble(
+        sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
+        min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, task=method, report=report,
+        inputs={"features": source_id_of(source)},
+        checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
     ensemble.save(out / WEIGHTS)
     record = {"method": method, "n_train_images": n, "feature_dim": source.feature_dim,
-              "source_id": source_id_of(source), **summary.to_dict()}
+              "source_id": source_id_of(source), **summary.record()}
     atomic_write_text(out / "train.json", json.dumps(record, indent=2, default=str))
     report.log(f"{method}: {record['epochs']} epochs ({record['reason']}) -> {out}")
-    return record
+    return {**record, "seconds": summary.seconds}
 
 
 def train_teacher(settings: Settings, report: Reporter) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 :func:`train_ensemble` reads every batch ONCE for all ``M`` members (one wide matmul for the
 first layer of all of them, see :class:`~ddps_core.teacher.ensemble.PixelEnsemble`) and trains
 each member with Adam (lr 1e-3) on the cross-entropy, with the reference stopping rule applied
-to each member separately (METHODS §4).
+to each member separately.
 
 How the members differ
 ----------------------
@@ -47,20 +47,25 @@ forward pass (their outputs are simply not part of the loss).
 Checkpoints and resume
 ----------------------
 With ``checkpoint_path``, a checkpoint (ensemble, optimiser, per-member best / counter /
-stopped, epoch, position in the epoch, bootstrap RNG state, settings) is written atomically
-every ``checkpoint_every`` updates and at the end of every epoch, and a run that finds one
+stopped, epoch, position in the epoch, bootstrap RNG state) is written atomically every
+``checkpoint_every`` updates and at the end of every epoch, and a run with the same identity
 resumes from it: the sampler is set to the saved epoch (``set_epoch``) and the batches of that
 epoch already trained on are skipped (read, not trained on), so a resumed run gives the same
-final weights as an uninterrupted one. A non-finite loss raises :class:`NonFiniteLossError`
-before any update, leaving the last good checkpoint untouched.
+final weights, and the same checkpoint bytes, as an uninterrupted one. The identity is the
+settings that change what is trained (the ensemble's shape and init seed, lr, patience,
+min_epoch, bootstrap, seed, a :class:`~ddps_core.features.sampler.PixelSampler`'s batching)
+and the content ids of the inputs the caller passes; a checkpoint of another run is not
+resumed (the run starts over and says so). A non-finite loss raises
+:class:`~ddps_core.training.TrainingError` before any update, and non-finite weights are never
+checkpointed, so the last good checkpoint stays. The loop's pieces are
+:mod:`ddps_core.training`'s.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,30 +74,20 @@ import torch
 import torch.nn.functional as F
 from torch.optim.adam import adam
 
-from ddps_core.device import nonfinite_tensors
-from ddps_core.errors import CheckpointError, ConfigError, DataError, DDPSError
-from ddps_core.io import atomic_path
+from ddps_core.errors import CheckpointError, ConfigError, DataError
+from ddps_core.progress import Reporter
+from ddps_core.training import Checkpoint, TimeBudget, TrainingError, epoch_data, load_checkpoint, run_id
 
 from .ensemble import PixelEnsemble
 
 __all__ = [
     "MemberAdam",
-    "NonFiniteLossError",
     "TrainSummary",
+    "TrainingError",
     "load_checkpoint",
     "member_losses",
     "train_ensemble",
 ]
-
-CHECKPOINT_FORMAT = "ddps-pixel-train"
-CHECKPOINT_VERSION = 1
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-ProgressFn = Callable[[int, int, int, float], Any]
-
-
-class NonFiniteLossError(DDPSError):
-    """A member's training loss became NaN or infinite (the last good checkpoint is kept)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,11 +211,20 @@ class TrainSummary:
     best_loss: list[float]
     epoch_losses: list[float]  # mean active-member loss of each epoch
     resumed_from: int | None = None  # the update count of the checkpoint resumed from
-    seconds: float = 0.0
+    seconds: float = 0.0  # this process's training time
     extra: dict[str, Any] = field(default_factory=dict)
+
+    #: What this process did rather than what was trained: an interrupted and resumed run
+    #: differs from an uninterrupted one here only.
+    RUN_FIELDS = ("resumed_from", "seconds")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def record(self) -> dict[str, Any]:
+        """Everything but :attr:`RUN_FIELDS`: what an output file (``train.json``) may hold,
+        the same for identical runs."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUN_FIELDS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +232,9 @@ class TrainSummary:
 # --------------------------------------------------------------------------------------------
 
 
-def _settings(ensemble: PixelEnsemble, lr: float, patience: int, min_epoch: int, bootstrap: bool, seed: int) -> dict[str, Any]:
+def _identity(ensemble: PixelEnsemble, sampler: Any, lr: float, patience: int, min_epoch: int,
+              bootstrap: bool, seed: int) -> dict[str, Any]:
+    """The settings that change what is trained (the run identity, with the inputs' ids)."""
     return {
         "feature_dim": ensemble.feature_dim,
         "num_classes": ensemble.num_classes,
@@ -241,24 +247,19 @@ def _settings(ensemble: PixelEnsemble, lr: float, patience: int, min_epoch: int,
         "min_epoch": int(min_epoch),
         "bootstrap": bool(bootstrap),
         "seed": int(seed),
+        "sampler": _sampler_settings(sampler),
     }
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a training checkpoint (``torch.load(weights_only=True)``); ``CheckpointError``
-    naming the file when it is unreadable or not one."""
-    path = Path(path)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"pixel training checkpoint {path}: file not found") from None
-    except Exception as exc:
-        raise CheckpointError(f"pixel training checkpoint {path}: unreadable (truncated, corrupt or unsafe): {exc}") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"pixel training checkpoint {path}: not a pixel training checkpoint")
-    if ck.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"pixel training checkpoint {path}: version {ck.get('version')!r} is not supported")
-    return ck
+def _sampler_settings(sampler: Any) -> dict[str, Any] | None:
+    """How a :class:`~ddps_core.features.sampler.PixelSampler` cuts its store into batches: a
+    checkpoint's position in an epoch means nothing under another batching. None for other
+    samplers (a callable's batches are the caller's to identify, in ``inputs``)."""
+    keys = ("batch_size", "buffer_images", "seed", "ignore_index", "min_class_pixels")
+    if not all(hasattr(sampler, k) for k in (*keys, "image_indices")):
+        return None
+    return {**{k: getattr(sampler, k) for k in keys},
+            "image_indices": [int(i) for i in getattr(sampler, "image_indices")]}
 
 
 class _State:
@@ -290,68 +291,21 @@ class _State:
             setattr(self, k, d[k])
 
 
-def _save_checkpoint(path: Path, ensemble: PixelEnsemble, opt: MemberAdam, state: _State, rng: torch.Generator,
-                     settings: dict[str, Any]) -> None:
-    ck = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "settings": settings,
-        "model": {k: v.detach().cpu().clone() for k, v in ensemble.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "state": state.to_dict(),
-        "rng": rng.get_state(),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(ck, tmp)
-
-
-class CheckpointSettingsChanged(CheckpointError):
-    """The checkpoint to resume from was made with other settings (the caller may start over)."""
-
-
-def _restore(path: Path, ensemble: PixelEnsemble, opt: MemberAdam, state: _State, rng: torch.Generator,
-             settings: dict[str, Any]) -> None:
-    ck = load_checkpoint(path)
-    have = ck.get("settings", {})
-    diffs = [f"{k}: checkpoint {have.get(k)!r}, now {v!r}" for k, v in settings.items() if have.get(k) != v]
-    if diffs:
-        raise CheckpointSettingsChanged(
-            f"pixel training checkpoint {path}: made with other settings ({'; '.join(diffs)}); "
-            "delete it to start over"
-        )
+def _restore(ck: dict[str, Any], path: Path, ensemble: PixelEnsemble, opt: MemberAdam, state: _State,
+             rng: torch.Generator) -> None:
     try:
         ensemble.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state.load(ck["state"])
         rng.set_state(ck["rng"])
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"pixel training checkpoint {path}: inconsistent content ({exc})") from None
+        raise CheckpointError(f"{path}: inconsistent pixel training checkpoint ({exc}); delete it to "
+                              "start over") from None
 
 
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-
-
-def _remove_stale_temporaries(ck_path: Path) -> None:
-    """Delete the temporaries (``.checkpoint.pt.*.tmp``) of checkpoint writes that a killed run
-    left behind: only this trainer writes its checkpoint, and they would otherwise stay in the
-    stage's output folder."""
-    for stale in ck_path.parent.glob(f".{ck_path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def _epoch_batches(sampler: Any, epoch: int) -> Iterator[Batch]:
-    """The batches of epoch ``epoch``: ``sampler.set_epoch(epoch)`` then iterate (a
-    :class:`~ddps_core.features.sampler.PixelSampler`), or ``sampler(epoch)`` (a factory)."""
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-        return iter(sampler)
-    if callable(sampler):
-        return iter(sampler(epoch))
-    if isinstance(sampler, Iterable):
-        return iter(sampler)
-    raise ConfigError(f"sampler must be an iterable with set_epoch or a callable epoch -> batches, got {type(sampler).__name__}")
 
 
 def train_ensemble(
@@ -364,7 +318,9 @@ def train_ensemble(
     min_epoch: int = 4,
     bootstrap: bool = True,
     seed: int = 0,
-    progress: ProgressFn | None = None,
+    inputs: Mapping[str, str] | None = None,
+    report: Reporter | None = None,
+    task: str = "teacher",
     progress_every: int = 100,
     checkpoint_path: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 1000,
@@ -384,12 +340,19 @@ def train_ensemble(
     :param bootstrap: Poisson(1) per-member pixel weights (False: plain mean cross-entropy,
         members then differ by their initialisation only).
     :param seed: seed of the bootstrap weights.
-    :param progress: called as ``progress(epoch, batches_done, active_members, mean_loss)``
-        every ``progress_every`` updates and at the end of each epoch (``mean_loss``: mean over
-        the updates since the last call of the active members' mean loss); an exception from
-        it aborts training (the checkpoint written before stays).
+    :param inputs: content ids of what is trained on (name -> id, e.g. the feature store's
+        checksum); part of the run identity. Needed with ``checkpoint_path``.
+    :param report: gets ``progress(task, updates, total, epoch=, active=, loss=)`` before the
+        first batch (without a loss or a total), every ``progress_every`` updates and at the end
+        of each epoch (``total``: ``max_epochs`` epochs of ``len(sampler)`` batches, None
+        without a length; ``active``: members still training; ``loss``: the mean over the
+        updates since the last report of the active members' mean loss), and the resume /
+        start-over lines. An exception from it aborts training (the checkpoint written before
+        stays).
+    :param task: the name progress is reported under (a stage training one ensemble per feature
+        method names each).
     :param checkpoint_path: training checkpoint file (written atomically; resumed from when it
-        exists and ``resume``).
+        exists, belongs to this run and ``resume``).
     :param checkpoint_every: also checkpoint every this many updates (0: only at epoch ends).
     :return: a :class:`TrainSummary`.
     """
@@ -398,43 +361,44 @@ def train_ensemble(
             "max_epochs, patience, min_epoch and checkpoint_every must be >= 0 and progress_every >= 1, got "
             f"{max_epochs}, {patience}, {min_epoch}, {checkpoint_every}, {progress_every}"
         )
-    t0 = time.perf_counter()
+    if checkpoint_path is not None and inputs is None:
+        raise ConfigError("train_ensemble: a checkpoint_path needs the inputs' content ids (inputs=), "
+                          "or a checkpoint of other data would be resumed")
+    report = report or Reporter()
+    clock = TimeBudget(None)  # no limit: this run's time, for the summary
     M, K = ensemble.members, ensemble.num_classes
     device = next(ensemble.parameters()).device
-    settings = _settings(ensemble, lr, patience, min_epoch, bootstrap, seed)
+    identity = run_id(_identity(ensemble, sampler, lr, patience, min_epoch, bootstrap, seed), inputs or {})
+    ckpt = Checkpoint(checkpoint_path, identity, unit="update", report=report,
+                      hint="Lower teacher.lr or check the features.")
     opt = MemberAdam(ensemble, lr=lr)
     rng = torch.Generator().manual_seed(int(seed))
     state = _State(M)
-    ck_path = None if checkpoint_path is None else Path(checkpoint_path)
     resumed_from = None
-    if ck_path is not None:
-        _remove_stale_temporaries(ck_path)
-    if ck_path is not None and resume and ck_path.exists():
-        _restore(ck_path, ensemble, opt, state, rng, settings)
+    if resume and (ck := ckpt.resume()) is not None:
+        _restore(ck, ckpt.path, ensemble, opt, state, rng)
         resumed_from = state.updates
         if state.finished and state.reason == "max_epochs" and state.epoch < max_epochs:
             state.finished, state.reason = False, ""  # continue a run stopped by a smaller max_epochs
 
     def checkpoint() -> None:
-        bad = nonfinite_tensors(ensemble)
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite ensemble weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) "
-                f"after update {state.updates}; "
-                + (f"last good checkpoint kept at {ck_path}" if ck_path is not None else "no checkpoint"))
-        if ck_path is not None:
-            _save_checkpoint(ck_path, ensemble, opt, state, rng, settings)
+        ckpt.save(state.updates, {"model": {k: v.detach().cpu().clone() for k, v in ensemble.state_dict().items()},
+                                  "optimizer": opt.state_dict(), "state": state.to_dict(), "rng": rng.get_state()},
+                  ensemble)
 
     rep_sum, rep_n = 0.0, 0
 
-    def report(epoch: int) -> None:
+    def progress(epoch: int) -> None:
         nonlocal rep_sum, rep_n
-        if progress is None or rep_n == 0:
+        if rep_n == 0:
             return
         mean = rep_sum / rep_n
         rep_sum, rep_n = 0.0, 0
-        progress(epoch, state.updates, M - sum(state.stopped), mean)
+        report.progress(task, state.updates, total, epoch=epoch, active=M - sum(state.stopped), loss=mean)
 
+    # the first report comes before len(sampler), which reads every label of the store once
+    report.progress(task, state.updates, None, epoch=state.epoch, active=M - sum(state.stopped))
+    total = max_epochs * len(sampler) if hasattr(sampler, "__len__") else None
     ensemble.train()
     try:
         while not state.finished:
@@ -443,7 +407,7 @@ def train_ensemble(
                 checkpoint()
                 break
             skip = state.batch_in_epoch
-            for bi, (x, y) in enumerate(_epoch_batches(sampler, state.epoch)):
+            for bi, (x, y) in enumerate(epoch_data(sampler, state.epoch)):
                 if bi < skip:
                     continue
                 state.batch_in_epoch = bi + 1
@@ -469,11 +433,8 @@ def train_ensemble(
                 loss_list, wsum_list = losses.detach().cpu().tolist(), wsum.detach().cpu().tolist()
                 bad = [m for m in range(M) if not state.stopped[m] and not math.isfinite(loss_list[m])]
                 if bad:
-                    raise NonFiniteLossError(
-                        f"non-finite training loss of member(s) {bad} at epoch {state.epoch}, batch {bi} "
-                        f"(update {state.updates + 1}); "
-                        + (f"last good checkpoint kept at {ck_path}" if ck_path is not None else "no checkpoint")
-                    )
+                    raise ckpt.error(f"non-finite training loss of member(s) {bad} at epoch {state.epoch}, "
+                                     f"batch {bi} (update {state.updates + 1})")
                 losses[active.to(device)].sum().backward()  # frozen members: not in the loss
                 opt.step(active)
                 state.updates += 1
@@ -500,7 +461,7 @@ def train_ensemble(
                 if checkpoint_every and state.updates % checkpoint_every == 0:
                     checkpoint()
                 if state.updates % progress_every == 0:
-                    report(state.epoch)
+                    progress(state.epoch)
             # end of the epoch (or every member stopped)
             done_epoch = state.epoch
             state.epoch_losses.append(state.epoch_loss_sum / state.epoch_loss_n if state.epoch_loss_n else float("nan"))
@@ -512,7 +473,7 @@ def train_ensemble(
             elif state.epoch >= max_epochs:
                 state.finished, state.reason = True, "max_epochs"
             checkpoint()
-            report(done_epoch)
+            progress(done_epoch)
     finally:
         ensemble.eval()
     return TrainSummary(
@@ -526,5 +487,5 @@ def train_ensemble(
         best_loss=[float(b) for b in state.best],
         epoch_losses=list(state.epoch_losses),
         resumed_from=resumed_from,
-        seconds=time.perf_counter() - t0,
+        seconds=clock.elapsed,
     )

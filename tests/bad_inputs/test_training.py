@@ -77,16 +77,16 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
     loss that produced them was finite; the checkpoint guard catches that."""
     params, out = ddpm_run
     before = snapshot(out)
-    import ddps_core.diffusion.train as train_mod
+    from ddps_core import training
 
-    real = train_mod._ema_update
+    real = training.ema_update
 
     def poisoning_update(ema, model, rate, step):
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
         real(ema, model, rate, step)
 
-    monkeypatch.setattr(train_mod, "_ema_update", poisoning_update)
+    monkeypatch.setattr(training, "ema_update", poisoning_update)
     res = cli("ddpm", "train", "--params", params, "--steps", "4")
     assert_clear_error(res, "non-finite weights (time_embed.0.weight) after step 3",
                        f"{out / 'state.pt'}, step 2) is kept")
@@ -94,10 +94,10 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
 
 
 def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
-    from ddps_core.refiner import train as refine_train
+    from ddps_core import training
     from tests.test_refine_train import _cfg, _train
 
-    real = refine_train._ema_update
+    real = training.ema_update
 
     def poisoning_update(ema, model, rate, step):
         if step == 5:  # the 6th update, right before the checkpoint of step 6; step 3 was good
@@ -105,9 +105,10 @@ def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatc
                 next(model.parameters()).view(-1)[0] = float("inf")
         real(ema, model, rate, step)
 
-    monkeypatch.setattr(refine_train, "_ema_update", poisoning_update)
+    monkeypatch.setattr(training, "ema_update", poisoning_update)
     cfg = _cfg(tmp_path, "nan", steps=9, checkpoint_every=3)
-    with pytest.raises(refine_train.RefineTrainingError, match=r"non-finite DDPS weights .* after step 6"):
+    with pytest.raises(training.TrainingError,
+                       match=r"non-finite weights .* after step 6; the last good checkpoint \(.*state.pt, step 3\)"):
         _train(cfg)
     state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
     assert state["step"] == 3 and _finite(state["model"]) and _finite(state["ema"])
@@ -139,8 +140,10 @@ def test_pixel_ensemble_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(pixel_train.MemberAdam, "step", poisoning_step)
     ck = tmp_path / "e.ckpt"
     ens = PixelEnsemble(4, 2, members=2, widths=(8, 4))
-    with pytest.raises(pixel_train.NonFiniteLossError, match=r"non-finite ensemble weights .* after update 6") as err:
-        pixel_train.train_ensemble(batches, ens, max_epochs=3, checkpoint_path=ck, checkpoint_every=2)
+    with pytest.raises(pixel_train.TrainingError,
+                       match=r"non-finite weights .* after update 6; the last good checkpoint .* update 4") as err:
+        pixel_train.train_ensemble(batches, ens, max_epochs=3, checkpoint_path=ck, checkpoint_every=2,
+                                   inputs={"features": "random"})
     assert isinstance(err.value, DDPSError) and str(ck) in str(err.value)
     state = pixel_train.load_checkpoint(ck)
     assert state["state"]["updates"] == 4

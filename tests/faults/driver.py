@@ -1,5 +1,7 @@
 """Runs one stage of a tiny project and prints a progress marker line (``@@ <marker>``) at
-each progress report, flushed, so that a test can SIGKILL it at a chosen point.
+each progress report, flushed, so that a test can SIGKILL it at a chosen point. The trainers
+report through a :class:`~ddps_core.progress.Reporter` in an order fixed by the settings, so a
+marker (``<task> <done>``) names the same point in every run.
 
 ``python -m tests.faults.driver <stage> <settings.json>``: the settings file is a
 ``Settings.model_dump(mode="json")``. ``run`` is also called in-process for the reference

@@ -17,6 +17,7 @@ from ddps_core.datasets import DDPMSegFolder
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.errors import DataError
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, evaluate_arrays, load_label_map, report_frame
+from ddps_core.progress import CallbackReporter
 from ddps_core.refiner.denoiser import denoiser_preset, parameter_counts
 from ddps_core.refiner.stage import (
     TrainBatches,
@@ -25,7 +26,6 @@ from ddps_core.refiner.stage import (
     info_text,
     step_table,
 )
-from ddps_core.progress import CallbackReporter
 from ddps_core.student.model import Student, load_student
 from ddps_core.student.train import ImageSet
 
@@ -109,7 +109,7 @@ def test_train_refiner_trains_both_and_a_rerun_does_nothing(project):
                                ("refiner-gt", root / "refiner" / "ablation-gt", "gt")):
         assert summary["models"][method]["steps"] == 4
         model_json = json.loads((folder / "model.json").read_text())
-        assert model_json["x0_source"] == x0 and model_json["data_id"] == summary["data_id"]
+        assert model_json["x0_source"] == x0 and model_json["inputs"] == {"data": summary["data_id"]}
         assert model_json["denoiser"]["num_classes"] == K and model_json["denoiser"]["feature_channels"] == 256
     assert summary["data_id"].startswith("student=") and "data=generated:" in summary["data_id"]
     before = (root / "refiner" / "ema.safetensors").read_bytes()
