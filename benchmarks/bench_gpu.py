@@ -3,7 +3,7 @@ GPU's bf16 peak; ensemble training pixels/s; DDPS refinement images/s.
 
 Extraction, ``adm-256-lsun`` with random weights, bf16 autocast, the pipeline's memory layout
 (contiguous; channels-last too, for the comparison), the configuration's features (blocks 5,
-6, 7, 8, 12; steps 50, 150, 250; METHODS §3):
+6, 7, 8, 12; steps 50, 150, 250; docs/method.md):
 
 - ``forward``: the bare UNet (full network, ``out`` head included) on the same batches at the
   same steps. Its rate is the baseline of every extraction row. Its FLOPs

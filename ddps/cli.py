@@ -301,9 +301,11 @@ def features_info(store: Annotated[str, typer.Argument(metavar="STORE", help="A 
     from ddps_core.features.stage import reference_footprint
     from ddps_core.features.store import FeatureStore
 
-    if not FeatureStore.exists(store):
+    here = Path("params.yaml")
+    options = settings_from(here, not here.is_file(), None).storage.options  # credentials of a URL
+    if not FeatureStore.exists(store, options):
         raise DDPSError(f"{store}: not a feature store (no zarr.json)")
-    fs = FeatureStore.open(store, read_only=True)
+    fs = FeatureStore.open(store, read_only=True, storage_options=options)
     table = Table(title=f"{store}: arrays (native resolution, float16)")
     for col in ("array", "C", "h x w"):
         table.add_column(col)
@@ -545,7 +547,7 @@ def score(
     gt: Annotated[Path, typer.Option(metavar="DIR", help="Ground truth: PNG or .npy label maps.")],
     num_classes: Annotated[int, typer.Option(min=1, metavar="K", help="Number of classes.")],
     out: Annotated[Path, typer.Option(metavar="FILE", help="Parquet report to write.")],
-    ignore_index: Annotated[int | None, Key("evaluate.ignore_index", "Ignore label.", metavar="ID")] = None,
+    ignore_index: Annotated[int | None, Key("data.ignore_index", "Ignore label.", metavar="ID")] = None,
     names: Annotated[Path | None, typer.Option(metavar="FILE", help="classes.yaml with class names.")] = None,
     boundary_ratio: Annotated[float | None, Key("evaluate.boundary_ratio", "Band width / image diagonal.",
                                                 metavar="RATIO")] = None,
@@ -559,12 +561,12 @@ def score(
 
     here = Path("params.yaml")
     s = settings_from(here, not here.is_file(), None, **{
-        "evaluate.ignore_index": ignore_index, "evaluate.boundary_ratio": boundary_ratio})
+        "data.ignore_index": ignore_index, "evaluate.boundary_ratio": boundary_ratio})
     class_names = load_class_names(names) if names else None
     if class_names is not None and len(class_names) != num_classes:
         raise DDPSError(f"{names}: lists {len(class_names)} class names, --num-classes is {num_classes}")
     with RichReporter() as report:
-        result = evaluate_dirs(pred, gt, num_classes, ignore_index=s.evaluate.ignore_index,
+        result = evaluate_dirs(pred, gt, num_classes, ignore_index=s.data.ignore_index,
                                boundary_ratio=s.evaluate.boundary_ratio,
                                progress=lambda done, total: report.progress("score", done, total))
     frame = report_frame(result, class_names)
@@ -574,7 +576,7 @@ def score(
     if figures is not None:
         from ddps_core.viz.pictures import write_overlays
 
-        paths = write_overlays(pred, gt, images or gt, figures, max_figures, s.evaluate.ignore_index)
+        paths = write_overlays(pred, gt, images or gt, figures, max_figures, s.data.ignore_index)
         console.print(f"{len(paths)} overlay figures in {figures}")
 
 

@@ -127,10 +127,10 @@ class DDPMSettings(Section):
 class FeaturesSettings(Section):
     """Stage ``extract``: DDPM-Seg features of each split into a Zarr store at native size.
 
-    ``steps`` / ``blocks`` are the reference's knobs (METHODS.md §3: [50, 150, 250] and
+    ``steps`` / ``blocks`` are the reference's knobs (docs/method.md: [50, 150, 250] and
     output blocks [5, 6, 7, 8, 12] of the 256 model). Our defaults for the small synthetic
     domain are a documented choice: early steps [10, 50, 100] and all decoder blocks
-    (``blocks: null``), which measured better on a small domain (METHODS.md §8).
+    (``blocks: null``), which measured better on a small domain (docs/method.md).
     """
 
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1)
@@ -280,8 +280,8 @@ class StudentSettings(Section):
 
 
 class RefinerSettings(Section):
-    """Stages ``train_ddps`` and ``refine``: the DDPS mask prior on the frozen student
-    (METHODS.md §6). The denoiser fields are those of
+    """Stages ``train_refiner`` and ``refine``: the DDPS mask prior on the frozen student
+    (docs/method.md). The denoiser fields are those of
     :class:`~ddps_core.refiner.train.DDPSTrainConfig` (``preset`` plus optional overrides of its
     width, channel_mult and num_res_blocks).
     """
@@ -314,7 +314,7 @@ class RefinerSettings(Section):
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
     out: str = "data/models/refiner"
-    ablation: bool = Field(False, description="Also train x0_source=gt with the same budget (<out>/ablation-gt); doubles train_ddps.")
+    ablation: bool = Field(False, description="Also train x0_source=gt with the same budget (<out>/ablation-gt); doubles train_refiner.")
     # refinement (Free-Re-noising)
     refine_steps: int = Field(2, ge=1, description="n: network steps range(0, T, T // n) plus T - 1.")
     guidance: float = Field(0.0, ge=0, description="w: logits = (1 + w) f(F, x) - w f(0, x).")
@@ -329,9 +329,8 @@ class RefinerSettings(Section):
 
 
 class EvaluateSettings(Section):
-    """Metric conventions shared by every evaluation (METHODS.md §7)."""
+    """Stage ``evaluate`` and the metric conventions every evaluation shares (docs/method.md)."""
 
-    ignore_index: int = Field(255, ge=0, le=65535)
     boundary_ratio: float = Field(0.02, gt=0, le=0.5)
     student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
     figures: int = Field(8, ge=0, description="Overlay pictures per method in <reports>/figures/overlays.")

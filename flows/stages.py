@@ -31,22 +31,21 @@ def run(name: str, params_path: str | None, overrides: dict[str, Any] | None) ->
     stage = stages.get(name)
     if not stage.steps:
         return tagged(run_stage, name)(name, settings)
-    for step in stage.steps:
-        n = step.groups(settings) if step.groups else parallel_tasks(settings)
-        groups = tagged(plan_step, name)(name, step.name, settings, n)
-        if groups:
-            _run_parts(name, step.name, settings, groups, n)
+    widths = {step.name: step.groups(settings) if step.groups else parallel_tasks(settings) for step in stage.steps}
+    with task_runner(settings, max_workers=max(widths.values())) as runner:  # one cluster for the run
+        for step in stage.steps:
+            groups = tagged(plan_step, name)(name, step.name, settings, widths[step.name])
+            if groups:
+                _run_parts(runner, name, step.name, settings, groups)
     return tagged(finish_stage, name)(name, settings)
 
 
-def _run_parts(name: str, step: str, settings: Settings, groups: list[Any], n: int) -> None:
+def _run_parts(runner: Any, name: str, step: str, settings: Settings, groups: list[Any]) -> None:
     part = tagged(run_part, name)
-    with task_runner(settings, max_workers=n) as runner:
-        futures = [runner.submit(part, {"name": name, "step": step, "settings": settings, "group": g})
-                   for g in groups]
-        wait(futures)
-        for future in futures:
-            future.result()  # the first failed part fails the stage, with its own message
+    futures = [runner.submit(part, {"name": name, "step": step, "settings": settings, "group": g}) for g in groups]
+    wait(futures)
+    for future in futures:
+        future.result()  # the first failed part fails the stage, with its own message
 
 
 # One flow per stage, spelled out so that a deployment's entrypoint names a plain function.

@@ -2,7 +2,7 @@
 
 The model is passed in as an argument wherever it is needed and is called as
 ``model(x_t, t, **model_kwargs)`` with the *raw integer timestep of the original schedule*
-(METHODS §1): a respaced schedule maps its own step index back through ``timestep_map``;
+(docs/method.md): a respaced schedule maps its own step index back through ``timestep_map``;
 nothing is rescaled to 0..1000.
 
 Model outputs with twice the input channels (``learn_sigma``) are read as [eps, v] where v in

@@ -1,7 +1,7 @@
 """Small building blocks shared by the UNet: dimension-generic layers, GroupNorm32, the
 sinusoidal timestep embedding and fp16 conversion helpers.
 
-Everything here follows the guided-diffusion conventions described in ``METHODS.md`` §2 so
+Everything here follows the guided-diffusion conventions described in docs/method.md so
 that official checkpoints load with ``strict=True`` and compute the same function.
 """
 

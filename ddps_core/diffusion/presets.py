@@ -11,7 +11,7 @@
                  32 channels, 1 res block, channel_mult (1,2), attention at 16 (ds 2),
                  16-channel heads, learn_sigma, resblock_updown, scale-shift (828,358
                  parameters). Used to test checkpoint compatibility.
-``tiny32``       This project's CPU default for the 32x32 synthetic domain (METHODS §8): 32
+``tiny32``       This project's CPU default for the 32x32 synthetic domain (docs/method.md): 32
                  channels, 1 res block per level, channel_mult (1,2,2), attention at 16 and 8
                  with 32-channel heads, learn_sigma, resblock_updown, scale-shift, no dropout
                  (~1.4 M parameters).

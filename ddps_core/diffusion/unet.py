@@ -1,6 +1,6 @@
 """A UNet with exactly the module layout and function of OpenAI guided-diffusion's ``UNetModel``.
 
-Written from the architecture description in ``METHODS.md`` §2 so that the official
+Written from the architecture description in docs/method.md so that the official
 checkpoints (ffhq.pt, lsun_*.pt) load with ``strict=True`` and compute the same outputs.
 State-dict key names are part of the contract:
 
@@ -491,7 +491,7 @@ def randomize_zero_init_(model: nn.Module, generator: torch.Generator | None = N
     every attention ``proj_out`` and the output conv) PyTorch's default random init instead.
 
     A "random UNet" feature baseline otherwise passes its input mostly through the skips
-    (METHODS §8). ``generator`` makes the draw reproducible.
+    (docs/method.md). ``generator`` makes the draw reproducible.
     """
     targets: list[nn.Module] = []
     for m in model.modules():

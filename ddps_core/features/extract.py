@@ -1,4 +1,4 @@
-"""DDPM-Seg pixel features: hooked activations of a diffusion UNet's decoder (METHODS §3).
+"""DDPM-Seg pixel features: hooked activations of a diffusion UNet's decoder (docs/method.md).
 
 :class:`FeatureExtractor` noises an image batch to each configured timestep with ONE fixed
 noise tensor (``share_noise`` of the reference), runs the UNet and returns the outputs of the

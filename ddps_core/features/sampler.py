@@ -7,7 +7,7 @@ computes their upsampled features on demand (4-tap bilinear blends, in blocks of
 to cut batches. Memory is bounded by one group (native maps plus pixel coordinates) and one
 block of features, independent of the number of images.
 
-Valid pixels follow the reference rule (METHODS §4): the label is not ``ignore_index``, and its
+Valid pixels follow the reference rule (docs/method.md): the label is not ``ignore_index``, and its
 class has at least ``min_class_pixels`` pixels in that image (rarer classes are treated as
 ignore in that image).
 

@@ -1,4 +1,4 @@
-"""Export of the filtered, teacher-labelled dataset as ordinary files (METHODS.md §5).
+"""Export of the filtered, teacher-labelled dataset as ordinary files (docs/method.md).
 
 Layout of ``<out>/`` (readable by :class:`~ddps_core.datasets.GenericFolder` on ``<out>``)::
 

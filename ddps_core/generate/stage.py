@@ -1,22 +1,22 @@
-"""The ``generate`` stage: candidates from the pool and / or the DDPM, filtered, exported.
+"""Stage ``generate``: candidates from the pool and / or the DDPM, filtered, exported.
 
 Sources (``generate.source``):
 
-* ``pool``: the unlabelled images, with the labels and scores the ``label`` stage wrote
-  (``<ensemble.labels_out>/ddpm/unlabeled/``; the teacher recorded there must be the current
-  one);
+* ``pool``: the unlabelled images, with the labels and scores stage ``label`` wrote
+  (``<teacher.labels_out>/teacher/unlabeled/``; the teacher recorded there must be the
+  current one);
 * ``generated``: ``generate.n_samples`` images sampled from the trained DDPM
   (:mod:`.sample`), their features extracted into a feature store with the extract stage's
-  settings and shared noise (:func:`~ddps_core.features.stage.fill_store`) and labelled by the
-  ``ddpm`` teacher (:func:`~ddps_core.teacher.stage.label_images`), all under ``generate.work``
-  and each step resumable (sampling per batch, extraction per shard, labelling per part);
+  settings and shared noise, and labelled by the teacher, all under ``generate.work``. These
+  are the stage's three fan-out steps (sampling per batch, extraction per shard, labelling
+  per part), each resumable;
 * ``both``.
 
 Each source is filtered on its own (:mod:`.filter`): the score distributions of real and
 sampled images differ, so one rule over the union would mostly keep one source. The real
 labelled training images are added unfiltered (``include_real``). :mod:`.export` writes the
 result. The generated images' feature store is deleted after a successful export unless
-``generate.keep_work`` (it is the largest intermediate: ~1 MB per 32 px image).
+``generate.keep_work`` (it is the largest intermediate).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """DDPS (Lai et al. 2023): a discrete-diffusion mask prior that refines a frozen base
-segmentor's first prediction (METHODS.md §6).
+segmentor's first prediction (docs/method.md).
 
 * :mod:`ddps_core.refiner.multinomial` -- the uniform multinomial schedule (apart from the
   network): marginals, Gumbel-max sampling, posterior; network step t = T - 1 - s.

@@ -1,5 +1,5 @@
 """The DDPS denoiser: a time-embedded U-Net that predicts x_0 logits from a noisy mask and the
-base segmentor's decoder features (METHODS.md §6).
+base segmentor's decoder features (docs/method.md).
 
 Input: the noisy mask ``x [B, h, w]`` (long, K classes) enters through a learned embedding
 (K -> ``embed_dim`` = 16 channels) and is concatenated with the base features
@@ -253,8 +253,8 @@ class _Preset:
 
 DENOISER_PRESETS: dict[str, _Preset] = {
     # Our choice for the paper's headline configuration: SegFormer-B2's MLP decode head has
-    # 256 channels at stride 4 (mmseg's ``channels=256``), ADE20K has 150 classes. METHODS.md
-    # does not fix the denoiser's size; width 64 / (1, 2, 4) / 2 blocks gives 15.4 M
+    # 256 channels at stride 4 (mmseg's ``channels=256``), ADE20K has 150 classes. The
+    # paper does not fix the denoiser's size; width 64 / (1, 2, 4) / 2 blocks gives 15.4 M
     # parameters, about half of SegFormer-B2 itself (27 M), and its lowest level (stride 16
     # of the image, 32 x 32 positions at 512 px) is cheap for attention.
     "ddps-segformer-b2": _Preset("DDPS-SegFormer-B2-like: ADE20K (K=150), F = 256 ch at stride 4",

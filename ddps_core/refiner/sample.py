@@ -1,4 +1,4 @@
-"""Inference with Free-Re-noising (METHODS.md §6) and the refinement picture.
+"""Inference with Free-Re-noising (docs/method.md) and the refinement picture.
 
 Steps: ``range(0, T, T // n)`` plus ``T - 1`` (network steps, 0 = noisiest). Step 0 starts
 from a uniformly random mask, so its prediction is the denoiser's *first prediction* from the

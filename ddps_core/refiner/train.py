@@ -1,4 +1,4 @@
-"""Training the DDPS denoiser with Diffusion-on-First-Prediction (METHODS.md §6).
+"""Training the DDPS denoiser with Diffusion-on-First-Prediction (docs/method.md).
 
 Per image of a batch a network step t is drawn uniformly from 0..T-1 (t = 0 noisiest):
 

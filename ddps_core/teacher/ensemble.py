@@ -1,4 +1,4 @@
-"""The DDPM-Seg pixel classifier ensemble (METHODS §4), evaluated as ONE batched module.
+"""The DDPM-Seg pixel classifier ensemble (docs/method.md), evaluated as ONE batched module.
 
 Reference member (``pixel_classifier`` of DDPM-Seg)::
 

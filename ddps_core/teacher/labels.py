@@ -106,7 +106,8 @@ def label_parts(ensemble: PixelEnsemble, source: Any, folder: str | Path, split:
             continue
         rows = []
         for i, (image_id, labels, unc, score) in zip(range(a, b), predict_store(ensemble, source, image_indices=list(range(a, b)))):
-            atomic_write_bytes(folder / f"{image_id}.png", png_bytes(labels.astype(np.uint8)))
+            atomic_write_bytes(folder / f"{image_id}.png",
+                               png_bytes(labels.astype(np.uint8 if k <= 256 else np.uint16)))
             heat = np.clip(unc / np.log(ensemble.members) * 255.0, 0, 255).astype(np.uint8)
             atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
             counts = np.bincount(labels.ravel(), minlength=k)[:k]
