@@ -537,7 +537,7 @@ def evaluate(
     for col in ("method", "mIoU", "mBIoU", "aAcc", "mAcc"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for method, m in summary.items():
-        table.add_row(method, percent(m["miou"]), percent(m["mbiou"]), percent(m["aacc"]), percent(m["macc"]))
+        table.add_row(method, *(f"{m[k]:.2f}" for k in ("miou", "mbiou", "aacc", "macc")))
     console.print(table)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ddps_core.progress import Reporter
@@ -28,7 +29,7 @@ from ddps_core.progress import Reporter
 if TYPE_CHECKING:
     from ddps_core.config import Settings
 
-__all__ = ["ORDER", "Stage", "Step", "get"]
+__all__ = ["ORDER", "Stage", "Step", "get", "pictures"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Stage:
     #: Where its work belongs: ``gpu`` work is tagged so that a Prefect work pool and the
     #: ``gpu`` concurrency limit route it; ``cpu`` work runs anywhere.
     device: Literal["cpu", "gpu"] = "gpu"
+    #: The files and folders it writes, from the settings (what a flow run lists and shows).
+    products: Callable[[Settings], list[str]] = lambda _settings: []
 
     def run(self, settings: Settings, report: Reporter | None = None) -> dict[str, Any]:
         """The whole stage in this process: every step's groups, one after the other, then
@@ -80,6 +83,18 @@ _MODULES: dict[str, str] = {
     "evaluate": "ddps_core.metrics.stage",
 }
 ORDER: tuple[str, ...] = tuple(_MODULES)
+
+
+def pictures(paths: list[str], limit: int = 6) -> list[Path]:
+    """The PNG pictures among ``paths`` and directly inside those that are folders (at most
+    ``limit``, in order), e.g. a stage's :attr:`Stage.products`."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(p.glob("*.png"))[: limit - len(found)]
+        elif p.suffix.lower() == ".png" and p.is_file():
+            found.append(p)
+    return found[:limit]
 
 
 def get(name: str) -> Stage:

@@ -178,7 +178,7 @@ def print_summary(root: Path, elapsed_s: float) -> None:
         table.add_column("mBIoU", justify="right")
         for _, method, miou, mbiou in rows:
             what = WHAT.get(method.split(" ")[0], "")
-            table.add_row(method, what, f"{100 * miou:.2f}", f"{100 * mbiou:.2f}")
+            table.add_row(method, what, f"{miou:.2f}", f"{mbiou:.2f}")
         console.print(table)
     console.print("Outputs:")
     for label, patterns in OUTPUTS:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.futures import wait
 
 from ddps_core import stages
 from ddps_core.config import Settings
+from flows.artifacts import publish
 from flows.common import parallel_tasks, settings_for, task_runner
 from tasks.stage import finish_stage, plan_step, run_part, run_stage, tagged
 
@@ -26,9 +27,21 @@ __all__ = ["FLOWS", "run"]
 
 
 def run(name: str, params_path: str | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Stage ``name`` inside the current flow run (see the module text)."""
+    """Stage ``name`` inside the current flow run (see the module text); then its summary,
+    pictures and outputs as artifacts of the run."""
     settings = settings_for(params_path, overrides)
     stage = stages.get(name)
+    summary = _run(stage, settings)
+    products = stage.products(settings)
+    try:
+        publish(name, summary, stages.pictures(products), products)
+    except Exception as exc:  # the artifacts are a courtesy: the stage's work is done and kept
+        get_run_logger().warning("stage %s: artifacts not published: %s", name, exc)
+    return summary
+
+
+def _run(stage: stages.Stage, settings: Settings) -> dict[str, Any]:
+    name = stage.name
     if not stage.steps:
         return tagged(run_stage, name)(name, settings)
     widths = {step.name: step.groups(settings) if step.groups else parallel_tasks(settings) for step in stage.steps}

@@ -102,7 +102,7 @@ def test_dvc_repro_builds_every_stage(pipeline):
     assert sorted(report["method"].unique()) == ["random_unet", "rgbxy", "student", "teacher"]
     assert (report["scope"] == "summary").sum() == 4
     metrics = yaml.safe_load((work / "reports/metrics/evaluate.json").read_text())
-    assert set(metrics) == {"teacher", "random_unet", "rgbxy", "student"} and 0 <= metrics["teacher"]["miou"] <= 1
+    assert set(metrics) == {"teacher", "random_unet", "rgbxy", "student"} and 0 <= metrics["teacher"]["miou"] <= 100
     # the generated dataset: 64 pool candidates - 4 most certain - ceil(0.1 * 64) = 7, + 4 real
     manifest = pd.read_parquet(work / "data/generated/manifest.parquet")
     assert int(manifest["kept"].sum()) == 64 - 4 - 7 + 4
@@ -116,7 +116,7 @@ def test_dvc_repro_builds_every_stage(pipeline):
     assert list(summary["method"]) == ["student", *["refiner"] * 3, *["refiner-gt"] * 3]
     assert summary["step"].dropna().astype(int).tolist() == [0, 5, 9, 0, 5, 9]  # T = 10, n = 2
     # the student's own row in both reports is the same prediction
-    assert summary.iloc[0]["miou"] == pytest.approx(metrics["student"]["miou"])
+    assert 100 * summary.iloc[0]["miou"] == pytest.approx(metrics["student"]["miou"], abs=1e-4)
     assert (work / "reports/figures/refinement.png").is_file()
     assert len(list((work / "reports/figures/overlays").glob("*.png"))) == 8
     # nothing changed: a second repro runs no stage

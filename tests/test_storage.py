@@ -204,7 +204,7 @@ def test_extraction_and_ensemble_on_s3_equal_the_local_run(project, tmp_path, s3
                                   report)
     metrics = json.loads(storage.read_bytes(f"{s3}/reports/metrics/evaluate.json"))
     assert metrics == json.loads((tmp_path / "reports" / "metrics" / "evaluate.json").read_text())
-    assert metrics["teacher"]["miou"] == pytest.approx(report.query("scope == 'summary'")["miou"].iloc[0])
+    assert metrics["teacher"]["miou"] == pytest.approx(100 * report.query("scope == 'summary'")["miou"].iloc[0], abs=1e-4)
     assert storage.exists(f"{s3}/reports/figures/overlays/teacher_{open_store(local, 'test').image_ids[0]}.png")
     # a bucket that does not exist: one line naming the URL
     with pytest.raises(DataError, match=r"^s3://no-such-bucket-ddps/features/train.zarr: cannot "):

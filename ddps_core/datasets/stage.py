@@ -58,7 +58,7 @@ def data(settings: Settings, report: Reporter) -> dict[str, Any]:
     return summary
 
 
-DATA = Stage("data", main=data, device="cpu")
+DATA = Stage("data", main=data, device="cpu", products=lambda s: [s.data.out])
 
 
 def reader_split_of(data: DataSettings, split: str) -> str | None:

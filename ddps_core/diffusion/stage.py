@@ -133,4 +133,4 @@ def train_ddpm(settings: Settings, report: Reporter) -> dict[str, Any]:
     return summary
 
 
-TRAIN_DDPM = Stage("train_ddpm", main=train_ddpm)
+TRAIN_DDPM = Stage("train_ddpm", main=train_ddpm, products=lambda s: [s.ddpm.out])

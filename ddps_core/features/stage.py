@@ -186,7 +186,7 @@ def extract(settings: Settings, report: Reporter) -> dict[str, Any]:
     return summary
 
 
-EXTRACT = Stage("extract", main=extract,
+EXTRACT = Stage("extract", main=extract, products=lambda s: [str(s.features.out)],
                 steps=(Step("shards", plan_shards, extract_shards, groups=lambda s: s.features.workers),))
 
 

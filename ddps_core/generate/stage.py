@@ -337,7 +337,7 @@ def generate(settings: Settings, report: Reporter) -> dict[str, Any]:
     return stats
 
 
-GENERATE = Stage("generate", main=generate, steps=(
+GENERATE = Stage("generate", main=generate, products=lambda s: [s.generate.out], steps=(
     Step("sample", plan_sampling, sample_batches),
     Step("extract", plan_sample_features, extract_sample_shards),
     Step("label", plan_sample_labels, label_sample_parts),

@@ -6,8 +6,8 @@ scored against the test split's labels as the feature stores hold them, with the
 conventions of ``evaluate`` (ignore index, boundary band width). Outputs, under
 ``evaluate.reports`` (a folder or an fsspec URL)::
 
-    evaluate.parquet                 the ``ddps score`` schema with a ``method`` column
-    metrics/evaluate.json            {method: {miou, mbiou, aacc, macc}}
+    evaluate.parquet                 the ``ddps score`` schema with a ``method`` column (fractions)
+    metrics/evaluate.json            {method: {miou, mbiou, aacc, macc}} in percent
     plots/per_class_iou/<method>.csv per-class IoU and Boundary IoU, for ``dvc plots``
     figures/overlays/<method>_<id>.png  image | truth | prediction [| uncertainty]
 """
@@ -33,7 +33,7 @@ from ddps_core.metrics.segmentation import ConfusionAccumulator
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
 
-__all__ = ["EVALUATE", "overlay_figures", "prediction_folders", "report_locations", "write_plot_tables"]
+__all__ = ["EVALUATE", "overlay_figures", "percent", "prediction_folders", "report_locations", "write_plot_tables"]
 
 
 def prediction_folders(settings: Settings) -> dict[str, Path]:
@@ -95,7 +95,8 @@ def overlay_figures(settings: Settings, method: str, split: str, folder: str | P
 
 def evaluate(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``evaluate``: the report, metrics, plot tables and overlays (see the module
-    text); each file is written atomically. Returns ``{method: {miou, mbiou, aacc, macc}}``."""
+    text); each file is written atomically. Returns ``{method: {miou, mbiou, aacc, macc}}`` in
+    percent."""
     from ddps_core.features.stage import open_store
 
     where = report_locations(settings)
@@ -118,9 +119,9 @@ def evaluate(settings: Settings, report: Reporter) -> dict[str, Any]:
         frame = report_frame(result, names)
         frame.insert(0, "method", method)
         frames.append(frame)
-        summary[method] = {k: float(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
+        summary[method] = {k: percent(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
         overlay_figures(settings, method, "test", folder, where["figures"], settings.evaluate.figures)
-        report.log(f"{method:12s} mIoU {100 * summary[method]['miou']:.2f}  mBIoU {100 * summary[method]['mbiou']:.2f}")
+        report.log(f"{method:12s} mIoU {summary[method]['miou']:.2f}  mBIoU {summary[method]['mbiou']:.2f}")
     report.progress("evaluate", len(folders), len(folders))
     df = pd.concat(frames, ignore_index=True)[["method", *REPORT_COLUMNS]]
     write_report(df, where["report"], options)
@@ -129,4 +130,10 @@ def evaluate(settings: Settings, report: Reporter) -> dict[str, Any]:
     return summary
 
 
-EVALUATE = Stage("evaluate", main=evaluate, device="cpu")
+def percent(fraction: float) -> float:
+    """A metric as the reports show it: percent, rounded to 1e-4 (NaN stays NaN)."""
+    return round(100.0 * float(fraction), 4)
+
+
+EVALUATE = Stage("evaluate", main=evaluate, device="cpu",
+                 products=lambda s: [str(v) for v in report_locations(s).values()])

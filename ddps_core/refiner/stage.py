@@ -38,7 +38,7 @@ through bf16 and cuDNN). Outputs, the reports under ``evaluate.reports``::
     <refined_out>/student/<id>.png                  the student's labels
     <refined_out>/<method>/step_<i>/<id>.png        labels after network step i
     <reports>/refine.parquet                        the ``ddps score`` schema + method, step
-    <reports>/metrics/refine.json                   {method: {step_<i>: {miou, mbiou}}}, student flat
+    <reports>/metrics/refine.json                   {method: {step_<i>: {miou, mbiou}}}, student flat (%)
     <reports>/plots/refine_steps/<method>.csv       step, miou, mbiou, for ``dvc plots``
     <reports>/figures/refinement.png                image | student | step i ... | truth
 """
@@ -309,7 +309,7 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
     module text). Returns the step table's records (:func:`step_table`)."""
     from ddps_core import storage
     from ddps_core.metrics import plots
-    from ddps_core.metrics.stage import write_plot_tables
+    from ddps_core.metrics.stage import percent, write_plot_tables
     from ddps_core.student.model import load_student
     from ddps_core.student.train import ImageSet
 
@@ -399,13 +399,12 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
         frame.insert(0, "step", pd.array([i] * len(frame), dtype="Int64"))
         frame.insert(0, "method", method)
         frames.append(frame)
-        scores = {"miou": float(result.miou), "mbiou": float(result.mbiou)}
+        scores = {"miou": percent(result.miou), "mbiou": percent(result.mbiou)}
         if i is None:
             summary[method] = scores
         else:
             summary.setdefault(method, {})[f"step_{i}"] = scores
-        say(f"{method}{'' if i is None else f' step {i}'}: mIoU {100 * scores['miou']:.2f}  "
-            f"mBIoU {100 * scores['mbiou']:.2f}")
+        say(f"{method}{'' if i is None else f' step {i}'}: mIoU {scores['miou']:.2f}  mBIoU {scores['mbiou']:.2f}")
     df = pd.concat(frames, ignore_index=True)[["method", "step", *REPORT_COLUMNS]]
     write_report(df, where["report"], options)
     storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
@@ -484,8 +483,9 @@ def _data_shape(settings: Settings) -> tuple[int, int, str]:
     return preset.num_classes, preset.feature_channels, "the preset's defaults (no student or dataset yet)"
 
 
-TRAIN_REFINER = Stage("train_refiner", main=train_refiner)
-REFINE = Stage("refine", main=refine)
+TRAIN_REFINER = Stage("train_refiner", main=train_refiner, products=lambda s: [s.refiner.out])
+REFINE = Stage("refine", main=refine, products=lambda s: [
+    s.refiner.refined_out, *(str(v) for v in report_locations(s).values())])
 
 
 def info(settings: Settings) -> list[dict[str, Any]]:

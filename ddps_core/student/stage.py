@@ -60,7 +60,7 @@ def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
     return {**info, "test_miou": float(result.miou), "test_mbiou": float(result.mbiou)}
 
 
-TRAIN_STUDENT = Stage("train_student", main=train_student)
+TRAIN_STUDENT = Stage("train_student", main=train_student, products=lambda s: [s.student.out])
 
 
 def predict_split(settings: Settings, split: str, folder: str | Path, size: int,

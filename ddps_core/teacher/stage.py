@@ -135,7 +135,8 @@ def train_teacher(settings: Settings, report: Reporter) -> dict[str, Any]:
             for m in methods(settings)}
 
 
-TRAIN_TEACHER = Stage("train_teacher", main=train_teacher)
+TRAIN_TEACHER = Stage("train_teacher", main=train_teacher,
+                      products=lambda s: [s.teacher.out, s.teacher.baselines_out])
 
 
 # --------------------------------------------------------------------------- label
@@ -181,4 +182,5 @@ def label(settings: Settings, report: Reporter) -> dict[str, Any]:
     return out
 
 
-LABEL = Stage("label", main=label, steps=(Step("parts", plan_labels, label_group),))
+LABEL = Stage("label", main=label, steps=(Step("parts", plan_labels, label_group),),
+              products=lambda s: [s.teacher.labels_out])

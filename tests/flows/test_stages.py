@@ -163,3 +163,42 @@ def test_pipeline_runs_every_stage_in_order_with_the_overrides(monkeypatch, tmp_
     with pytest.raises(ConfigError, match=r"refiner\.stepz: unknown key"):
         pipeline.pipeline(overrides={"refiner": {"stepz": 3}}, params_path=str(params))
     assert calls == []
+
+
+def test_a_stage_run_publishes_its_summary_table_and_its_outputs(tmp_path):
+    """The Artifacts tab of a run: the stage's summary as a table, its outputs and pictures
+    as a markdown page, under keys per stage."""
+    import json
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.stages import data
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  out: {tmp_path / 'ds'}\n  synthetic:\n    n_unlabeled: 2\n    n_labeled: 2\n    n_test: 2\n")
+    data(params_path=str(params))
+
+    def latest(key):
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        assert found, key
+        return max(found, key=lambda a: a.created)
+
+    table = latest("data-summary")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    counts = next(r for r in rows if r["name"] == "counts")
+    assert {k: counts[k] for k in ("train", "test", "unlabeled")} == {"train": 2, "test": 2, "unlabeled": 2}
+    page = latest("data-outputs")
+    assert page.type == "markdown" and f"`{tmp_path / 'ds'}`" in page.data
+
+
+def test_summary_rows_flatten_what_the_stages_return():
+    from flows.artifacts import summary_rows
+
+    rows = summary_rows({"steps": 5, "final_loss": float("nan"), "models": {"refiner": {"steps": 5, "out": "x"}},
+                         "teacher": {"miou": 55.123456, "mbiou": 44.0}, "table": [{"method": "a", "mIoU": 1.0}]})
+    assert rows == [{"name": "summary", "steps": 5, "final_loss": None},
+                    {"name": "models/refiner", "steps": 5, "out": "x"},
+                    {"name": "teacher", "miou": 55.1235, "mbiou": 44.0},
+                    {"method": "a", "mIoU": 1.0}]
