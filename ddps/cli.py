@@ -27,8 +27,8 @@ from ddps_core.config import Settings, load_settings, parse_assignment
 from ddps_core.errors import ConfigError, DDPSError
 
 #: Commands in the order of the pipeline, then the tools that stand beside it.
-ORDER = ("config", "data", "ddpm", "features", "teacher", "generate", "student", "refiner", "evaluate", "score",
-         "deploy")
+ORDER = ("config", "data", "ddpm", "features", "teacher", "generate", "student", "refiner", "evaluate", "report",
+         "score", "deploy")
 
 
 class _PipelineOrder(TyperGroup):
@@ -539,6 +539,19 @@ def evaluate(
     for method, m in summary.items():
         table.add_row(method, *(f"{m[k]:.2f}" for k in ("miou", "mbiou", "aacc", "macc")))
     console.print(table)
+
+
+@app.command("report")
+def report_command(
+    overlays: Annotated[int | None, Key("report.overlays", "Overlay pictures per method.", metavar="N")] = None,
+    refinement: Annotated[int | None, Key("report.refinement", "Test images in the refinement picture.",
+                                          metavar="N")] = None,
+    params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
+) -> None:
+    """Run stage report: the plot tables (one column per method) and the pictures (overlays,
+    the refinement picture) of the evaluate and refine reports."""
+    s = settings_from(params, defaults, set_, **{"report.overlays": overlays, "report.refinement": refinement})
+    run_stage("report", s)
 
 
 @app.command("score")

@@ -319,7 +319,6 @@ class RefinerSettings(Section):
     refine_steps: int = Field(2, ge=1, description="n: network steps range(0, T, T // n) plus T - 1.")
     guidance: float = Field(0.0, ge=0, description="w: logits = (1 + w) f(F, x) - w f(0, x).")
     refined_out: str = "data/refined"
-    figures: int = Field(8, ge=0, description="Images in the refinement picture.")
 
     @model_validator(mode="after")
     def _check_steps(self) -> RefinerSettings:
@@ -333,11 +332,18 @@ class EvaluateSettings(Section):
 
     boundary_ratio: float = Field(0.02, gt=0, le=0.5)
     student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
-    figures: int = Field(8, ge=0, description="Overlay pictures per method in <reports>/figures/overlays.")
     reports: str = Field(
-        "reports", description="Folder or fsspec URL of stage evaluate's evaluate.parquet, metrics/, figures/.")
+        "reports", description="Folder or fsspec URL of the reports: evaluate.parquet, refine.parquet, metrics/, "
+                               "and stage report's plots/ and figures/.")
 
     _check_reports = field_validator("reports")(_known_location)
+
+
+class ReportSettings(Section):
+    """Stage ``report``: how many pictures to draw (nothing here changes a score)."""
+
+    overlays: int = Field(8, ge=0, description="Overlay pictures per method in <reports>/figures/overlays.")
+    refinement: int = Field(8, ge=0, description="Test images (rows) in <reports>/figures/refinement.png.")
 
 
 class DaskSettings(Section):
@@ -381,6 +387,7 @@ class Settings(Section):
     student: StudentSettings = StudentSettings()
     refiner: RefinerSettings = RefinerSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+    report: ReportSettings = ReportSettings()
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

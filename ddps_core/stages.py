@@ -81,6 +81,7 @@ _MODULES: dict[str, str] = {
     "train_refiner": "ddps_core.refiner.stage",
     "refine": "ddps_core.refiner.stage",
     "evaluate": "ddps_core.metrics.stage",
+    "report": "ddps_core.viz.stage",
 }
 ORDER: tuple[str, ...] = tuple(_MODULES)
 

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ddps_core import stages
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a setting (repeatable)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    # Prefect's local server would otherwise send usage telemetry, and log each failure to
+    # reach it on a machine without internet; a user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from ddps import console
     from ddps_core.config import parse_assignment

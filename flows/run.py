@@ -291,6 +291,27 @@ def print_times(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def default_remote() -> Path:
+    """The local DVC remote ``make run`` sets up when a project has none: outside the
+    checkout, so that a fresh clone can ``dvc pull`` what an earlier run pushed here."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ddps" / "dvc-remote"
+
+
+def ensure_remote(root: Path, env: dict[str, str]) -> str | None:
+    """A default DVC remote when none is configured: ``dvc remote add --local -d local
+    <default_remote()>`` (``.dvc/config.local``, not committed). Returns the remote's path
+    when one was added."""
+    listed = subprocess.run(["dvc", "remote", "list"], cwd=root, env=env, capture_output=True, text=True)
+    if listed.returncode != 0 or listed.stdout.strip():
+        return None
+    where = default_remote()
+    where.mkdir(parents=True, exist_ok=True)
+    added = subprocess.run(["dvc", "remote", "add", "--local", "-d", "local", str(where)], cwd=root, env=env,
+                           capture_output=True, text=True)
+    return str(where) if added.returncode == 0 else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
@@ -323,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             env["PREFECT_API_URL"] = server.api_url
             console.print(f"Prefect UI: [bold]{server.ui_url}[/]  (flow runs of every stage show there)")
+        remote = ensure_remote(root, env)
+        if remote:
+            console.print(f"DVC remote 'local' -> {remote} (`dvc push` keeps this run's data and models there)")
         clock = StageClock()
         code = run_dvc(args.dvc_args, env, clock)
         rows = clock.finish()

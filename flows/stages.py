@@ -122,5 +122,11 @@ def evaluate(overrides: dict[str, Any] | None = None, params_path: str = "params
     return run("evaluate", params_path, overrides)
 
 
+@flow(name="report", log_prints=True)
+def report(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Stage report: the pictures and plot tables of the scores."""
+    return run("report", params_path, overrides)
+
+
 #: Stage name -> its flow, in pipeline order.
 FLOWS = {name: globals()[name] for name in stages.ORDER}

@@ -150,11 +150,11 @@ def _tiny_params(device: str) -> dict:
                           sample_steps=5, log_every=1)
     params["features"].update(shard_images=4, batch_size=4, steps=[10, 50])
     params["teacher"].update(members=2, max_epochs=2)
-    params["evaluate"].update(figures=2)
+    params["report"].update(overlays=2, refinement=2)
     params["generate"].update(filter="drop_both", drop_certain=4, contact_sheet=2)
     params["student"].update(epochs=2, batch_size=8, warmup_steps=2)
     params["refiner"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
-                          log_every=1, figures=2)
+                             log_every=1)
     return params
 
 

@@ -39,17 +39,17 @@ def pipeline(tmp_path_factory):
                           sample_count=4, sample_steps=5, log_every=1)
     params["features"].update(shard_images=4, batch_size=4, steps=[10, 50])
     params["teacher"].update(members=2, max_epochs=2)
-    params["evaluate"].update(figures=2)
+    params["report"].update(overlays=2, refinement=2)
     params["generate"].update(filter="drop_both", drop_certain=4, contact_sheet=2)
     params["student"].update(epochs=2, batch_size=8, warmup_steps=2)
     params["refiner"].update(steps=6, single_step_steps=2, batch_size=4, warmup_steps=2, checkpoint_every=3,
-                          log_every=1, figures=2, ablation=True)
+                             log_every=1, ablation=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PREFECT_HOME": str(work / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "OMP_NUM_THREADS": "1",
            # the test session logs Prefect at WARNING; the run's flow-run lines are INFO
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+           "PREFECT_LOGGING_LEVEL": "INFO", "XDG_CACHE_HOME": str(work.parent / "cache")}
     env.pop("PREFECT_API_URL", None)
     env.update(GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
                GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid")
@@ -60,20 +60,22 @@ def pipeline(tmp_path_factory):
 
 
 def test_make_run_shows_flow_runs_on_its_own_server_and_stops_it(pipeline):
-    _, _, out = pipeline
+    work, env, out = pipeline
     match = re.search(r"Prefect UI: (http://127\.0\.0\.1:(\d+))", out)
     assert match, out[-2000:]
     ui, port = match.group(1), int(match.group(2))
     # every stage's flow run (and sub-flow run) reported to that server, not to a temporary
     # server of its own (which would show another port)
     views = re.findall(r"View at (http://[^/\s]+)/runs/flow-run/", out)
-    assert len(views) >= 10 and set(views) == {ui}
+    assert len(views) >= 11 and set(views) == {ui}
     stages = re.findall(r"Beginning flow run '[^']+' for flow '([^']+)'", out)
-    assert len(stages) == 10, stages
+    assert stages == list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]), stages
     assert "Test split: final metrics" in out and "Pipeline wall time" in out
     for line in ("teacher", "student", "refiner (step 9)"):
         assert line in out
     assert "reports/evaluate.parquet" in out and "reports/figures/refinement.png" in out
+    # a default DVC remote outside the checkout, in the git-ignored local config
+    assert "DVC remote 'local' ->" in out and "url" in (work / ".dvc/config.local").read_text()
     # the server is gone: nothing listens on its port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -124,20 +126,53 @@ def test_dvc_repro_builds_every_stage(pipeline):
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout.lower()
 
 
-def test_plot_tables_and_an_experiment_with_a_changed_param(pipeline):
+def test_one_chart_compares_the_methods_and_every_stage_published_its_table(pipeline):
     work, env, _ = pipeline
-    per_class = pd.read_csv(work / "reports/plots/per_class_iou/teacher.csv")
-    assert len(per_class) == 7 and list(per_class.columns) == ["class_id", "class_name", "iou", "biou"]
-    steps = pd.read_csv(work / "reports/plots/refine_steps/refiner.csv")
-    assert steps["step"].tolist() == [0, 5, 9]
-    # dvc renders every declared plot offline: tables as vega specs, PNGs as images
+    per_class = pd.read_csv(work / "reports/plots/per_class_iou.csv")
+    assert len(per_class) == 7 and list(per_class.columns)[:6] == ["class_id", "class_name", "teacher",
+                                                                  "random_unet", "rgbxy", "student"]
+    steps = pd.read_csv(work / "reports/plots/refine_steps.csv")
+    assert steps["step"].tolist() == [0, 5, 9] and steps["refiner-gt"].notna().all()
+    # dvc renders every declared plot offline; one chart holds every method
     shown = json.loads(_sh(["dvc", "plots", "show", "--json"], work, env).stdout)["data"]
-    assert shown["reports/plots/per_class_iou/teacher.csv"][0]["type"] == "vega"
-    assert shown["reports/plots/refine_steps/refiner.csv"][0]["type"] == "vega"
+    for plot, methods in (("refine_steps", {"student", "refiner", "refiner-gt"}),
+                          ("per_class_iou", {"teacher", "random_unet", "rgbxy", "student"})):
+        (chart,) = shown[plot]
+        assert chart["type"] == "vega"
+        series = {v["field"] for v in chart["content"]["data"]["values"] if v["dvc_inferred_y_value"] != ""}
+        assert series == methods, plot
     assert shown["data/models/ddpm/loss.csv"][0]["type"] == "vega"
     assert shown["data/models/ddpm/samples.png"][0]["type"] == "image"
     assert sum(k.startswith("reports/figures/overlays/") for k in shown) == 8
-    # commit the run, then an experiment with another teacher size; metrics diff sees it
+    # the Prefect runs' artifacts, in the database the run's server kept under PREFECT_HOME
+    listed = _sh([sys.executable, "-m", "prefect", "artifact", "ls"], work,
+                 {**env, "COLUMNS": "400"}).stdout
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]:
+        assert f"{stage.replace('_', '-')}-summary" in listed, stage
+
+
+def test_a_rerun_gives_the_same_lock_and_a_picture_setting_reruns_only_the_pictures(pipeline):
+    work, env, _ = pipeline
+    first = (work / "dvc.lock").read_text()
+    _sh([sys.executable, "-m", "flows.run", "--port", "0", "--", "--force"], work, env)  # dvc repro --force
+    assert (work / "dvc.lock").read_text() == first  # no timing or host facts in any output
+    # a presentation setting: only stage report is stale
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["report"]["overlays"] = 1
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(_sh(["dvc", "status", "--json"], work, env).stdout)
+    assert set(status) == {"report"}, status
+    params["report"]["overlays"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # the cache links to the workspace: data is not stored twice
+    def du(*paths):
+        return int(subprocess.run(["du", "-sck", *map(str, paths)], capture_output=True, text=True,
+                                  check=True).stdout.split()[-2])
+    assert du(work / "data", work / "reports", work / ".dvc/cache") <= 1.1 * du(work / "data", work / "reports")
+
+
+def test_an_experiment_with_a_changed_param_shows_in_the_metrics(pipeline):
+    work, env, _ = pipeline
     _sh(["git", "add", "-A"], work, env)
     _sh(["git", "commit", "-qm", "baseline"], work, env)
     _sh(["dvc", "exp", "run", "-S", "teacher.members=3"], work, env)

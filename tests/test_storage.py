@@ -183,8 +183,8 @@ def test_extraction_and_ensemble_on_s3_equal_the_local_run(project, tmp_path, s3
         s = _settings(raw, out, teacher={"baselines": [], "members": 2, "max_epochs": 2,
                                          "out": str(tmp_path / name / "ens"),
                                          "labels_out": str(tmp_path / name / "labels")},
-                      evaluate={"reports": str(reports), "student": False, "figures": 1})
-        for stage in ("extract", "train_teacher", "label", "evaluate"):
+                      evaluate={"reports": str(reports), "student": False}, report={"overlays": 1})
+        for stage in ("extract", "train_teacher", "label", "evaluate", "report"):
             stages.get(stage).run(s)
         runs[name] = s
     local, remote = runs["local"], runs["s3"]

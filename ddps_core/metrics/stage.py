@@ -2,14 +2,14 @@
 
 The methods are the teacher and its baselines (their labels from stage ``label``) and, with
 ``evaluate.student``, the student (its predictions from stage ``train_student``). Each is
-scored against the test split's labels as the feature stores hold them, with the metric
-conventions of ``evaluate`` (ignore index, boundary band width). Outputs, under
-``evaluate.reports`` (a folder or an fsspec URL)::
+scored against the test split's labels as the feature stores hold them, with the ignore
+index of ``data`` and the boundary band of ``evaluate``. Outputs, under ``evaluate.reports``
+(a folder or an fsspec URL)::
 
     evaluate.parquet                 the ``ddps score`` schema with a ``method`` column (fractions)
     metrics/evaluate.json            {method: {miou, mbiou, aacc, macc}} in percent
-    plots/per_class_iou/<method>.csv per-class IoU and Boundary IoU, for ``dvc plots``
-    figures/overlays/<method>_<id>.png  image | truth | prediction [| uncertainty]
+
+Its pictures and plot tables are stage ``report``'s.
 """
 
 from __future__ import annotations
@@ -18,22 +18,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ddps_core import storage
 from ddps_core.config import Settings
-from ddps_core.datasets import DDPMSegFolder, load_image, to_square
-from ddps_core.datasets.common import png_bytes
+from ddps_core.datasets import DDPMSegFolder
 from ddps_core.errors import DataError
-from ddps_core.metrics import plots
 from ddps_core.metrics.files import load_label_map
 from ddps_core.metrics.report import REPORT_COLUMNS, report_frame, write_report
 from ddps_core.metrics.segmentation import ConfusionAccumulator
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
 
-__all__ = ["EVALUATE", "overlay_figures", "percent", "prediction_folders", "report_locations", "write_plot_tables"]
+__all__ = ["EVALUATE", "percent", "prediction_folders", "report_locations"]
 
 
 def prediction_folders(settings: Settings) -> dict[str, Path]:
@@ -47,55 +44,17 @@ def prediction_folders(settings: Settings) -> dict[str, Path]:
     return folders
 
 
-def report_locations(settings: Settings) -> dict[str, Path | str]:
-    """Where stage ``evaluate`` writes, under ``evaluate.reports`` (a folder or a URL)."""
+def report_locations(settings: Settings, stage: str = "evaluate") -> dict[str, Path | str]:
+    """Where stage ``evaluate`` (or ``refine``) writes its report and metrics, under
+    ``evaluate.reports`` (a folder or a URL)."""
     base = settings.evaluate.reports
-    return {"report": storage.join(base, "evaluate.parquet"),
-            "metrics": storage.join(base, "metrics", "evaluate.json"),
-            "plots": storage.join(base, plots.PER_CLASS),
-            "figures": storage.join(base, "figures", "overlays")}
-
-
-def write_plot_tables(table: pd.DataFrame, out: str | Path, options: dict[str, Any] | None = None) -> list[str]:
-    """One ``<method>.csv`` per method of a plot ``table`` under ``out`` (a folder or a URL)."""
-    written = []
-    for method, rows in plots.by_method(table).items():
-        path = str(storage.join(out, f"{method}.csv"))
-        storage.write_text(path, plots.to_csv(rows), options)
-        written.append(path)
-    return written
-
-
-def overlay_figures(settings: Settings, method: str, split: str, folder: str | Path,
-                    out_dir: str | Path, limit: int = 8) -> list[Path | str]:
-    """``image | truth | prediction [| uncertainty]`` PNGs of the first ``limit`` images of
-    ``split`` predicted in ``folder`` (the uncertainty panel, when ``<id>_uncertainty.png``
-    exists, stretched to the image's own maximum). ``out_dir`` may be a URL."""
-    from ddps_core.viz import grid, overlay
-
-    reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
-    folder = Path(folder)
-    ign = settings.data.ignore_index
-    written = []
-    for k in range(min(limit, len(reader))):
-        sample = reader[k]
-        pred = np.asarray(load_image(folder / f"{sample.id}.png"))[..., 0]
-        image, gt = to_square(sample.image, sample.label, pred.shape[0])
-        row = [image, overlay(image, gt, ignore_index=ign), overlay(image, pred, ignore_index=ign)]
-        heat_path = folder / f"{sample.id}_uncertainty.png"
-        if heat_path.is_file():
-            heat = np.asarray(load_image(heat_path)).astype(np.float32)
-            row.append((heat * (255.0 / max(float(heat.max()), 1.0))).astype(np.uint8))  # stretched
-        path = storage.join(out_dir, f"{method}_{sample.id}.png")
-        storage.write_bytes(path, png_bytes(grid([row], scale=max(1, 128 // pred.shape[0]))),
-                            settings.storage.options)
-        written.append(path)
-    return written
+    return {"report": storage.join(base, f"{stage}.parquet"),
+            "metrics": storage.join(base, "metrics", f"{stage}.json")}
 
 
 def evaluate(settings: Settings, report: Reporter) -> dict[str, Any]:
-    """Stage ``evaluate``: the report, metrics, plot tables and overlays (see the module
-    text); each file is written atomically. Returns ``{method: {miou, mbiou, aacc, macc}}`` in
+    """Stage ``evaluate``: the report and its metrics (see the module text); each file is
+    written atomically. Returns ``{method: {miou, mbiou, aacc, macc}}`` in
     percent."""
     from ddps_core.features.stage import open_store
 
@@ -120,13 +79,11 @@ def evaluate(settings: Settings, report: Reporter) -> dict[str, Any]:
         frame.insert(0, "method", method)
         frames.append(frame)
         summary[method] = {k: percent(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
-        overlay_figures(settings, method, "test", folder, where["figures"], settings.evaluate.figures)
         report.log(f"{method:12s} mIoU {summary[method]['miou']:.2f}  mBIoU {summary[method]['mbiou']:.2f}")
     report.progress("evaluate", len(folders), len(folders))
     df = pd.concat(frames, ignore_index=True)[["method", *REPORT_COLUMNS]]
     write_report(df, where["report"], options)
     storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
-    write_plot_tables(plots.per_class_table(df), where["plots"], options)
     return summary
 
 

@@ -39,8 +39,8 @@ through bf16 and cuDNN). Outputs, the reports under ``evaluate.reports``::
     <refined_out>/<method>/step_<i>/<id>.png        labels after network step i
     <reports>/refine.parquet                        the ``ddps score`` schema + method, step
     <reports>/metrics/refine.json                   {method: {step_<i>: {miou, mbiou}}}, student flat (%)
-    <reports>/plots/refine_steps/<method>.csv       step, miou, mbiou, for ``dvc plots``
-    <reports>/figures/refinement.png                image | student | step i ... | truth
+
+Its picture and plot tables are stage ``report``'s.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from ddps_core.stages import Stage
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, report_frame, write_report
 from ddps_core.refiner.base import freeze
 from ddps_core.refiner.denoiser import DENOISER_PRESETS, DenoiserConfig, denoiser_preset, describe, parameter_counts
-from ddps_core.refiner.sample import class_argmax, free_renoising, refinement_picture, refinement_steps
+from ddps_core.refiner.sample import class_argmax, free_renoising, refinement_steps
 from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, build_config, load_denoiser, train_denoiser
 
 __all__ = [
@@ -96,14 +96,10 @@ REFINER = "refiner"
 
 def report_locations(settings: Settings) -> dict[str, Any]:
     """Where stage ``refine`` writes its reports, under ``evaluate.reports``."""
-    from ddps_core import storage
-    from ddps_core.metrics import plots
+    from ddps_core.metrics.stage import report_locations as locations
 
-    base = settings.evaluate.reports
-    return {"report": storage.join(base, "refine.parquet"),
-            "metrics": storage.join(base, "metrics", "refine.json"),
-            "plots": storage.join(base, plots.REFINE_STEPS),
-            "picture": storage.join(base, "figures", "refinement.png")}
+    return locations(settings, "refine")
+
 
 _TRAIN_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "dropout", "num_timesteps",
                  "schedule", "x0_source", "steps", "single_step_steps", "lr", "warmup_steps", "weight_decay",
@@ -305,11 +301,10 @@ def _clear_stale_steps(folder: Path, steps: Sequence[int]) -> None:
 
 def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``refine``: the student alone and the refiner (every run step) on the real test
-    split; label PNGs, the report, metrics, plot tables and the refinement picture (see the
-    module text). Returns the step table's records (:func:`step_table`)."""
+    split; label PNGs, the report and its metrics (see the module text). Returns the step
+    table's records (:func:`step_table`)."""
     from ddps_core import storage
-    from ddps_core.metrics import plots
-    from ddps_core.metrics.stage import percent, write_plot_tables
+    from ddps_core.metrics.stage import percent
     from ddps_core.student.model import load_student
     from ddps_core.student.train import ImageSet
 
@@ -356,8 +351,6 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
     # than the denoiser's forwards at 256 px (docs/benchmarks.md), and a GPU's masks differ
     # from the CPU's anyway (bf16, cuDNN), so a CPU generator would buy no reproducibility.
     gens = {m: torch.Generator(device=device).manual_seed(cfg.seed) for m in denoisers}
-    n_fig = min(cfg.figures, len(data))
-    fig: dict[str, Any] = {"base": [], "steps": {}}
     n = len(data)
     report.progress("refine", 0, n)
     with torch_threads(cfg.threads):
@@ -385,11 +378,6 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
                 for j, k in enumerate(idx):
                     atomic_write_bytes(folder / f"{data.ids[k]}.png", _png(pred[j], num_classes))
                     blocks[key].update(pred[j], gt[j], data.ids[k])
-            take = max(0, min(n_fig - a, len(idx)))
-            if take and REFINER in denoisers:
-                fig["base"].append(preds[("student", None)][:take])
-                for i in steps[REFINER]:
-                    fig["steps"].setdefault(i, []).append(preds[(REFINER, i)][:take])
             report.progress("refine", idx[-1] + 1, n)
 
     frames, summary = [], {}
@@ -408,13 +396,6 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
     df = pd.concat(frames, ignore_index=True)[["method", "step", *REPORT_COLUMNS]]
     write_report(df, where["report"], options)
     storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
-    write_plot_tables(plots.refine_step_table(df), where["plots"], options)
-    if n_fig and fig["base"]:
-        pictures = np.stack([data[k][0] for k in range(n_fig)])
-        truth = np.stack([data[k][1] for k in range(n_fig)])
-        picture = refinement_picture(pictures, {i: np.concatenate(v) for i, v in fig["steps"].items()},
-                                     gt=truth, base=np.concatenate(fig["base"]), ignore_index=ign)
-        storage.write_bytes(where["picture"], png_bytes(picture), options)
     table = step_table(df)
     report.log("\n" + format_step_table(table))
     return {"steps": table.to_dict("records")}

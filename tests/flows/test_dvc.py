@@ -84,12 +84,17 @@ def test_metrics_and_plots_are_declared():
     assert metrics == {"reports/metrics/evaluate.json", "reports/metrics/refine.json"}
     plots = {next(iter(p)) if isinstance(p, dict) else p: (p[next(iter(p))] if isinstance(p, dict) else {})
              for p in DVC["plots"]}
-    assert plots["reports/plots/per_class_iou"]["y"] == "class_name"
-    assert plots["reports/plots/refine_steps"]["x"] == "step"
+    # the comparisons: one chart per table, every method a series of it
+    assert plots["per_class_iou"]["y"] == {"reports/plots/per_class_iou.csv": [
+        "teacher", "random_unet", "rgbxy", "student", "refiner", "refiner-gt"]}
+    assert (REPO / ".dvc" / "plots" / f"{plots['per_class_iou']['template']}.json").is_file()
+    assert plots["refine_steps"]["x"] == "step" and "refiner" in plots["refine_steps"]["y"]["reports/plots/refine_steps.csv"]
     assert plots["data/models/ddpm/loss.csv"]["x"] == "step"
     images = [p for p in plots if p.endswith(".png")]
     assert {"data/models/ddpm/samples.png", "reports/figures/refinement.png"} <= set(images)
     # every plotted file is produced by some stage (an out, or inside an out folder)
     outs = [next(iter(o)) if isinstance(o, dict) else o for s in STAGES.values() for o in s.get("outs", [])]
-    for p in plots:
+    files = [p for p, spec in plots.items() if "/" in p] + [f for spec in plots.values() if isinstance(spec.get("y"), dict)
+                                                            for f in spec["y"]]
+    for p in files:
         assert any(p == o or p.startswith(o.rstrip("/") + "/") for o in outs), f"plot {p} is no stage's output"

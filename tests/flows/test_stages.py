@@ -115,7 +115,7 @@ def test_tasks_are_tagged_with_the_stage_and_its_device_and_retry_transient_faul
             tags = tagged(t, name).tags
             assert name in tags and stages.get(name).device in tags
             assert t.retries >= 1 and t.retry_condition_fn is retry_unless_user_error
-    assert {n for n in stages.ORDER if stages.get(n).device == "cpu"} == {"data", "evaluate"}
+    assert {n for n in stages.ORDER if stages.get(n).device == "cpu"} == {"data", "evaluate", "report"}
 
 
 def test_two_writer_extract_flow_equals_the_in_process_stage(tmp_path, one_thread):

@@ -29,7 +29,7 @@ def labelled_project(root, **sections):
                   "drop_certain": 2, "drop_uncertain": 0.2, "out": str(root / "generated"),
                   "work": str(root / "work"), "contact_sheet": 2},
         student={"epochs": 1, "batch_size": 4, "warmup_steps": 0, "out": str(root / "student")},
-        evaluate={"reports": str(root / "reports"), "figures": 1}, **sections)
+        evaluate={"reports": str(root / "reports")}, report={"overlays": 1}, **sections)
     s = parse_settings(raw)
     for name in ("extract", "train_teacher", "label"):
         stages.get(name).run(s)

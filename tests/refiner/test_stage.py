@@ -85,9 +85,10 @@ def _settings(root, reports=None, **refiner):
             "student.out": str(root / "student"), "evaluate.reports": str(reports or root / "reports")}
     base = dict(preset="tiny", width=8, num_timesteps=20, steps=4, single_step_steps=2, batch_size=4,
                 warmup_steps=1, checkpoint_every=2, log_every=1, out=str(root / "refiner"), ablation=True,
-                refine_steps=2, refined_out=str(root / "refined"), figures=2, threads=1)
+                refine_steps=2, refined_out=str(root / "refined"), threads=1)
     base.update(refiner)
     over.update({f"refiner.{k}": v for k, v in base.items()})
+    over.update({"report.refinement": 2, "evaluate.student": False})
     return load_settings(None, over)
 
 
@@ -216,14 +217,28 @@ def test_refine_report_blocks_and_files(refined):
     assert set(metrics["refiner"]) == {f"step_{i}" for i in STEPS}
     summary = df[(df["scope"] == "summary") & (df["method"] == "refiner") & (df["step"] == 19)].iloc[0]
     assert metrics["refiner"]["step_19"]["miou"] == pytest.approx(100 * summary["miou"], abs=1e-4)
-    plot = pd.read_csv(root / "reports" / "plots" / "refine_steps" / "refiner.csv")
-    assert list(plot["step"]) == STEPS and plot["miou"].iloc[-1] == pytest.approx(100 * summary["miou"], abs=1e-4)
+    assert not (root / "reports" / "figures").exists()  # pictures are stage report's
+
+
+def test_report_draws_the_refinement_from_the_refined_labels(refined):
+    """Stage report, with no evaluate report: the refinement's plot table and picture only."""
     from PIL import Image
 
+    root, settings, df = refined
+    stages.get("report").run(settings)
+    plot = pd.read_csv(root / "reports" / "plots" / "refine_steps.csv")
+    last = df[(df["scope"] == "summary") & (df["method"] == "refiner") & (df["step"] == 19)].iloc[0]
+    assert list(plot["step"]) == STEPS and plot["refiner"].iloc[-1] == pytest.approx(100 * last["miou"], abs=1e-4)
+    student = df[(df["scope"] == "summary") & (df["method"] == "student")].iloc[0]
+    assert plot["student"].tolist() == pytest.approx([100 * student["miou"]] * len(STEPS), abs=1e-4)
     picture = np.asarray(Image.open(root / "reports" / "figures" / "refinement.png"))
     scale = 4  # 32 px panels upscaled to >= 128
-    assert picture.shape[1] >= 6 * S * scale  # image | base | 3 steps | truth
-    assert picture.shape[0] >= 2 * S * scale  # figures = 2 rows
+    assert picture.shape[1] >= 6 * S * scale  # image | student | 3 steps | truth
+    assert picture.shape[0] >= 2 * S * scale  # report.refinement = 2 rows
+    # each panel is drawn from the label PNGs: the first step's panel of the first image
+    # overlays refined/refiner/step_0/<id>.png on the image
+    assert (root / "reports" / "figures" / "refine_steps.png").is_file()
+    assert not (root / "reports" / "plots" / "per_class_iou.csv").exists()  # no evaluate report
 
 
 def test_refine_student_rows_equal_an_independent_evaluation(refined):
@@ -262,7 +277,7 @@ def test_refine_is_reproducible_and_scores_at_the_model_size(refined, tmp_path):
 
     s64 = settings.model_copy(update={"ddpm": settings.ddpm.model_copy(update={"preset": "tiny64"}),
                                       "refiner": settings.refiner.model_copy(update={"refined_out": str(tmp_path / "r64"),
-                                                                                     "ablation": False, "figures": 0}),
+                                                                                     "ablation": False}),
                                       "evaluate": settings.evaluate.model_copy(update={"reports": str(tmp_path / "f64")})})
     df64 = refine(s64)
     assert set(df64["method"]) == {"student", "refiner"}
@@ -270,7 +285,7 @@ def test_refine_is_reproducible_and_scores_at_the_model_size(refined, tmp_path):
     expected = predict_split(s64, "test", tmp_path / "p64", 64)
     row = df64[(df64["method"] == "student") & (df64["scope"] == "summary")].iloc[0]
     assert row["miou"] == pytest.approx(expected.miou) and row["mbiou"] == pytest.approx(expected.mbiou)
-    assert not (tmp_path / "f64" / "figures").exists()  # figures = 0: no picture
+
 
 
 def test_refine_refuses_a_denoiser_of_another_student(project, tmp_path):

@@ -35,5 +35,9 @@ def test_student_is_trained_predicts_and_is_scored_next_to_the_teacher(tmp_path)
     assert summary["student"]["miou"] == pytest.approx(100 * info["test_miou"], abs=1e-4, nan_ok=True)
     metrics = json.loads((tmp_path / "reports" / "metrics" / "evaluate.json").read_text())
     assert metrics["student"]["miou"] == pytest.approx(summary["student"]["miou"], nan_ok=True)
+    stages.get("report").run(s)
     assert (tmp_path / "reports" / "figures" / "overlays" / f"student_{truth.image_ids[0]}.png").is_file()
-    assert (tmp_path / "reports" / "plots" / "per_class_iou" / "student.csv").is_file()
+    import pandas as pd
+
+    per_class = pd.read_csv(tmp_path / "reports" / "plots" / "per_class_iou.csv")
+    assert per_class["student"].notna().all() and per_class["random_unet"].isna().all()

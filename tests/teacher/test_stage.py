@@ -48,8 +48,10 @@ def test_teacher_and_baseline_train_label_and_score_like_an_independent_scoring(
     gt.mkdir()
     for i, image_id in enumerate(store.image_ids):
         np.save(gt / f"{image_id}.npy", store.label(i))
-    report = stages.get("evaluate").run(parse_settings({
-        **raw, "evaluate": {"student": False, "reports": str(tmp_path / "reports"), "figures": 1}}))
+    settings = parse_settings({**raw, "evaluate": {"student": False, "reports": str(tmp_path / "reports")},
+                               "report": {"overlays": 1}})
+    report = stages.get("evaluate").run(settings)
+    stages.get("report").run(settings)
     for method in ("teacher", "rgbxy"):
         folder = root / "labels" / method / "test"
         scores = pd.read_parquet(folder / "scores.parquet")
