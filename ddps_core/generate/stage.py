@@ -22,6 +22,7 @@ result. The generated images' feature store is deleted after a successful export
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -320,7 +321,13 @@ def generate(settings: Settings, report: Reporter) -> dict[str, Any]:
     frames = []
     for source in dict.fromkeys(c.source for c in scored):
         part = [c for c in scored if c.source == source]
-        frames.append(filter_scores([c.score for c in part], [c.image_id for c in part], g))
+        decided = filter_scores([c.score for c in part], [c.image_id for c in part], g)
+        if not decided["kept"].any():
+            why = (f" (the reference rule keeps nothing of fewer than {math.ceil((g.drop_certain + 1) / g.drop_uncertain)}"
+                   " candidates with these settings; generate.filter: drop_both keeps some)"
+                   if g.filter == "reference" and g.drop_uncertain > 0 else "")
+            report.log(f"warning: generate.filter {g.filter!r} keeps none of the {len(part)} {source} images{why}")
+        frames.append(decided)
     decisions = pd.concat(frames, ignore_index=True)
     candidates = scored + (real_candidates(settings, size) if g.include_real else [])
     ident = json.dumps({"generate": g.model_dump(mode="json"), "teacher": teacher}, sort_keys=True)

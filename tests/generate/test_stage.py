@@ -83,3 +83,17 @@ def test_generate_refuses_a_pool_labelled_by_another_teacher(project, tmp_path):
     with pytest.raises(DataError, match="another teacher"):
         stages.get("generate").run(parse_settings(raw2))
     assert not (tmp_path / "g").exists()
+
+
+def test_a_source_the_reference_filter_empties_is_warned_about(project, tmp_path):
+    """12 pool images and 5 samples: fewer than the (2 + 1) / 0.2 = 15 candidates the
+    reference rule needs to keep any, so it keeps none of either source, and says so."""
+    from ddps_core.progress import CallbackReporter
+
+    root, raw = project
+    raw2 = {**raw, "generate": {**raw["generate"], "filter": "reference", "out": str(tmp_path / "g")}}
+    logs = []
+    stats = stages.get("generate").run(parse_settings(raw2), CallbackReporter(log=logs.append))
+    assert stats["pool"]["kept"] == 0 and stats["real"]["kept"] == 4
+    warned = [m for m in logs if m.startswith("warning:")]
+    assert len(warned) == 2 and "fewer than 15 candidates" in warned[0] and "drop_both" in warned[0]
