@@ -130,6 +130,86 @@ def run_glibc_defaults(**kwargs) -> list[dict]:
     return rows
 
 
+class _InMemory:
+    """The store's images held in memory (native maps and labels read beforehand): the
+    sampler's baseline, its work without the store's reads."""
+
+    def __init__(self, store) -> None:
+        for key in ("image_size", "feature_dim", "names", "shapes", "has_labels", "image_ids", "path"):
+            setattr(self, key, getattr(store, key))
+        self._natives = [store.native(i) for i in range(len(store))]
+        self._labels = [store.label(i) for i in range(len(store))]
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def native(self, i: int) -> dict:
+        return self._natives[i]
+
+    def label(self, i: int):
+        return self._labels[i]
+
+    def pixels(self, i, ys, xs, native=None):
+        from ddps_core.features import FeatureStore
+
+        return FeatureStore.pixels(self, i, ys, xs, native)
+
+
+def run_sampler(n_images: int = 64, preset: str = "tiny32", steps=(10, 50, 100), batch_size: int = 64,
+                buffer_images: int = 8, repeats: int = 7) -> list[dict]:
+    """One row: pixels per second of one :class:`PixelSampler` epoch over a store of
+    ``n_images`` extracted images (read from the store, upsampled on demand), against the same
+    sampler over the same native maps held in memory (interleaved, alternating order)."""
+    from ddps_core.features import FeatureStore, PixelSampler
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
+    try:
+        make_synthetic(tmp / "ds", n_unlabeled=0, n_labeled=n_images, n_test=1)
+        reader = DDPMSegFolder(tmp / "ds", "train")
+        cfg = get_preset(preset)
+        torch.manual_seed(0)
+        ext = FeatureExtractor(cfg.build().eval(), GaussianDiffusion.from_name("linear", 1000),
+                               list(steps), None, model_id="bench")
+        store = open_or_create(tmp / "train.zarr", **ext.store_settings(), image_ids=list(reader.ids),
+                               shard_images=16, num_classes=reader.num_classes, ignore_index=255)
+        extract_to_store(reader, ext, store, batch_size=16)
+        store = FeatureStore.open(tmp / "train.zarr", read_only=True)
+        memory = _InMemory(store)
+
+        def epoch(source) -> tuple[float, int]:
+            sampler = PixelSampler(source, batch_size=batch_size, buffer_images=buffer_images,
+                                   min_class_pixels=1)
+            t0 = time.perf_counter()
+            n = sum(len(y) for _, y in sampler)
+            return time.perf_counter() - t0, n
+
+        epoch(store), epoch(memory)
+        pairs = []
+        for i in range(repeats):
+            if i % 2:
+                mem = epoch(memory)
+                pairs.append((epoch(store), mem))
+            else:
+                pairs.append((epoch(store), epoch(memory)))
+        n_pixels = pairs[0][0][1]
+        ours = statistics.median(n_pixels / p[0][0] for p in pairs)
+        base = statistics.median(n_pixels / p[1][0] for p in pairs)
+        ratio = statistics.median(p[1][0] / p[0][0] for p in pairs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [{
+        "name": f"extract/sampler-{preset}", "figure": "pixels per second, one sampler epoch",
+        "value": ours, "unit": "pixels/s",
+        "baseline": "the same sampler over the native maps held in memory", "baseline_value": base,
+        "ratio": ratio, "target": None,
+        "settings": {"n_images": n_images, "steps": list(steps), "batch_size": batch_size,
+                     "buffer_images": buffer_images, "n_pixels": n_pixels, "repeats": repeats,
+                     "pixels_per_s": sorted(round(n_pixels / p[0][0]) for p in pairs)},
+    }]
+
+
 if __name__ == "__main__":
     for row in run():
+        print(row)
+    for row in run_sampler():
         print(row)
