@@ -64,7 +64,7 @@ class Holder:
 
     @classmethod
     def me(cls) -> Holder:
-        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)) or "python"
+        command = " ".join([os.path.basename(sys.executable), *sys.argv])
         return cls(HOST, os.getpid(), command[:200], uuid.uuid4().hex,
                    dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
