@@ -67,27 +67,35 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
                         tt = torch.full((x.shape[0],), t, dtype=torch.long)
                         model(diffusion.q_sample(x, tt, noise.expand_as(x)), tt)
 
+        cpu: list[tuple[float, float]] = []  # (ours, bare) CPU seconds of the process, per pair
+        cpu_s: list[float] = []
+
         def timed(fn) -> float:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = fn()
             seconds = time.perf_counter() - t0
+            cpu_s.append(time.process_time() - c0)
             if isinstance(out, Path):  # a store: removed outside the timed region
                 shutil.rmtree(out)
             return seconds
 
         # Interleaved pairs after a warm-up of each, so that a noisy neighbour slows both
         # alike, and in alternating order (ours first, then bare first), so that a drift of
-        # the machine's speed does not always favour one side (on this project's 2-core
-        # machine the same forwards went from 2.1 s to 2.8 s within a minute of full load).
-        # The ratio is the median of the pair ratios.
+        # the machine's speed under other jobs' load does not always favour one side. The
+        # ratio is the median of the pair ratios. The CPU time of both sides (every thread
+        # of the process) is recorded too: on a shared machine it varies less than the wall
+        # time.
         timed(store_path), bare()
         pairs = []
         for i in range(repeats):
+            cpu_s.clear()
             if i % 2:
                 base_s = timed(bare)
                 pairs.append((timed(store_path), base_s))
+                cpu.append((cpu_s[1], cpu_s[0]))
             else:
                 pairs.append((timed(store_path), timed(bare)))
+                cpu.append((cpu_s[0], cpu_s[1]))
         ours = statistics.median(p[0] for p in pairs)
         base = statistics.median(p[1] for p in pairs)
         ratio = statistics.median(a / b for a, b in pairs)
@@ -101,7 +109,11 @@ def run(n_images: int = 128, preset: str = "tiny32", steps=(10, 50, 100), batch_
         "settings": {"n_images": n_images, "steps": list(steps), "batch_size": batch_size,
                      "overrides": overrides or {}, "blocks": "all", "images_per_s": n_images / ours,
                      "repeats": repeats, "torch_threads": torch.get_num_threads(),
-                     "pair_ratios": sorted(round(a / b, 3) for a, b in pairs)},
+                     "pair_ratios": sorted(round(a / b, 3) for a, b in pairs),
+                     "cpu_s": statistics.median(c[0] for c in cpu),
+                     "baseline_cpu_s": statistics.median(c[1] for c in cpu),
+                     "cpu_ratio": statistics.median(a / b for a, b in cpu),
+                     "cpu_pair_ratios": sorted(round(a / b, 3) for a, b in cpu)},
     }]
 
 

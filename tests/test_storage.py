@@ -140,7 +140,7 @@ def test_a_url_without_an_implementation_is_one_config_error(url, phrase):
 @pytest.fixture
 def s3(monkeypatch):
     """moto's S3 server on 127.0.0.1 with fake credentials in the environment; yields
-    a fresh bucket's URL."""
+    a new bucket's URL."""
     import logging
     import socket
 
@@ -162,12 +162,29 @@ def s3(monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
-    fs.mkdir("ddps-test")
+    bucket = f"ddps-test-{uuid.uuid4().hex[:8]}"  # moto's backend outlives its server in this process
+    fs.mkdir(bucket)
     try:
-        yield "s3://ddps-test"
+        yield f"s3://{bucket}"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def test_checks_on_s3_see_the_shards_written_since_the_last_listing(s3):
+    """zarr writes through its own filesystem instance; the store's listings and sizes must
+    not come from the other instance's cache of an earlier listing."""
+    url = f"{s3}/resume.zarr"
+    store = FeatureStore.create(url, model_id="m", steps=[3], blocks=[0], image_size=4, shapes={"t3_b0": (2, 4, 4)},
+                                image_ids=["a", "b", "c"], shard_images=1)
+    store.write_shard(0, {"t3_b0": np.ones((1, 2, 4, 4))})
+    assert store.check() == []  # lists the folders (the filesystem instance caches the listing)
+    # another process's writer: another filesystem instance (other options), another cache
+    other = FeatureStore.open(url, storage_options={"default_block_size": 5 * 2**20}, token=store.token)
+    other.write_shard(1, {"t3_b0": np.zeros((1, 2, 4, 4))})
+    other.write_shard(2, {"t3_b0": np.ones((1, 2, 4, 4))})
+    assert store.check() == [] and store.verify() == [] and store.is_complete()
+    assert FeatureStore.open(url, read_only=True).native(1)["t3_b0"].sum() == 0
 
 
 def test_extraction_and_ensemble_on_s3_equal_the_local_run(project, tmp_path, s3):

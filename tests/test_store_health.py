@@ -57,7 +57,9 @@ def _crc(a: np.ndarray) -> int:
 
 def test_records_hold_the_crc32c_and_size_of_each_shard(tmp_path):
     store, feats, labels = _filled(tmp_path / "s")
-    records = zarr.open_group(str(tmp_path / "s"), mode="r")["done"][:]
+    group = zarr.open_group(str(tmp_path / "s"), mode="r")
+    records = group["done"][:]
+    assert group["features"].attrs["offsets"] == {"t3_b0": [0, 32], "t3_b1": [32, 96]}  # for other readers
     assert records.shape == (3, 5) and records.dtype == np.uint64
     for k, (a, b) in enumerate([(0, 3), (3, 6), (6, 7)]):
         n = b - a
@@ -70,6 +72,21 @@ def test_records_hold_the_crc32c_and_size_of_each_shard(tmp_path):
         assert (tmp_path / "s" / "labels" / f"c.{k}.0.0").stat().st_size == l_size
         assert records[k].tolist() == [1, _crc(rows), f_size, _crc(labels[a:b]), l_size]
     assert store.check() == [] and store.verify() == []
+
+
+def test_a_block_in_the_store_layout_is_written_as_it_is(tmp_path):
+    store = FeatureStore.create(tmp_path / "s", **SETTINGS)
+    feats, labels = _data()
+    block = np.empty((3, V), np.float16)
+    views = store.feature_views(block)
+    for name in SHAPES:
+        views[name][...] = feats[name][:3]
+    assert store._as_block(0, views, 3) is block  # no copy
+    copied = store._as_block(0, {n: f[:3] for n, f in feats.items()}, 3)  # other maps: gathered
+    assert copied is not block and np.array_equal(copied, block)
+    assert np.array_equal(store._as_block(0, block.astype(np.float32), 3), block)
+    store.write_shard(0, views, labels[:3])
+    assert np.array_equal(store.native(1)["t3_b1"], feats["t3_b1"][1].astype(np.float32))
 
 
 def _damage(path: Path) -> None:

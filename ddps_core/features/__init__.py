@@ -8,6 +8,7 @@ from .fill import check_compatible, extract_to_store
 from .sampler import PixelSampler, valid_pixel_mask
 from .store import (
     FeatureStore,
+    ShardDamage,
     bilinear_taps,
     footprint,
     open_or_create,
@@ -19,6 +20,7 @@ __all__ = [
     "FeatureExtractor",
     "FeatureStore",
     "PixelSampler",
+    "ShardDamage",
     "array_name",
     "bilinear_taps",
     "check_compatible",

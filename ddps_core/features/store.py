@@ -64,6 +64,15 @@ store and the shard; a read that fails later (a file damaged after the open) rai
 kind of error. Reopening for extraction (:func:`open_or_create`) marks damaged shards not
 done, so that the run re-extracts exactly those.
 
+The checksum is of the shard's values as written (the float16 block's bytes, and the
+labels'), computed from the buffer in memory (no read-back) and kept in the shard's own
+record file, written once with the completion flag: writers of different shards never share
+a file, and :meth:`verify` checks what a reader gets whatever the encoding (compressed or
+not, local or remote). zarr's CRC32C codec on every inner chunk was not used: it would add a
+codec to every image read and written, and still need a per-shard record to find a deleted
+file. zarr already checks the CRC32C of each shard's index, so a truncated or torn shard file
+fails on read (and is then named by the store's error).
+
 Reopening an existing store (:func:`open_or_create`) requires every recorded setting to match
 exactly; a mismatch raises :class:`~ddps_core.errors.ConfigError` naming each differing
 attribute with both values (features of different settings are never mixed).
@@ -678,8 +687,11 @@ class FeatureStore:
         """``{file name: bytes}`` of the files in array ``name``'s folder."""
         if self.remote:
             with storage.remote_errors(self.path, f"list the {name} array"):
+                folder = f"{self._root}/{name}"
+                # zarr writes through its own filesystem instance: this one's listings may be stale
+                self._fs.invalidate_cache(folder)
                 try:
-                    entries = self._fs.ls(f"{self._root}/{name}", detail=True)
+                    entries = self._fs.ls(folder, detail=True)
                 except FileNotFoundError:
                     return {}
             return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
@@ -791,6 +803,7 @@ class FeatureStore:
 
     def _size(self, key: str) -> int:
         if self.remote:
+            self._fs.invalidate_cache(f"{self._root}/{key}")  # written through zarr's own instance
             return int(self._fs.size(f"{self._root}/{key}"))
         return (self.path / key).stat().st_size
 
@@ -819,8 +832,9 @@ class FeatureStore:
         base = getattr(features[self.names[0]], "base", None)
         if isinstance(base, np.ndarray) and base.shape == (n, V) and base.dtype == np.float16 \
                 and base.flags.c_contiguous and all(
-                    isinstance(features[name], np.ndarray) and features[name].base is base
-                    and features[name].ctypes.data == base.ctypes.data + 2 * a
+                    isinstance(view := features[name], np.ndarray) and view.base is base
+                    and view.ctypes.data == base.ctypes.data + 2 * a
+                    and view.strides == (2 * V, *np.empty(self.shapes[name], np.float16).strides)
                     for name, (a, _) in self.offsets.items()):
             return base
         block = np.empty((n, V), dtype=np.float16)
@@ -1042,6 +1056,8 @@ def open_or_create(path: str | os.PathLike[str], storage_options: Mapping[str, A
             if not present():
                 raise
             # created by a concurrent worker: fall through and compare
+    if not FeatureStore.exists(path, storage_options):  # a folder that is not a store: left alone
+        raise DataError(f"{path}: not a feature store (no zarr.json); delete it or choose another output path")
     settings = dict(settings)
     settings.pop("compress", None)
     want = FeatureStore._settings(
