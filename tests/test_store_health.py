@@ -2,7 +2,8 @@
 checked against hand computations from the Zarr v3 sharding spec), check() and verify()
 naming damaged shards, the next extraction redoing exactly those, reads of a damaged store
 failing with one line naming store and shard, and the writer lock (a second writer refused
-with its holder named, stale locks taken over, shard writers of a run joining by token)."""
+with its holder named, stale locks taken over, shard writers of a run joining by token or
+by descending from the run's process)."""
 
 from __future__ import annotations
 
@@ -231,6 +232,29 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken
         member.write_shard(1, {n: f[3:6] for n, f in feats.items()}, labels[3:6])
     assert store.release() and (path / "writer.lock").read_bytes() == b""  # a free lock is empty
     assert FeatureStore.open(path, read_only=True).lock_holder() is None
+
+
+CHILD_WRITER = """
+import sys, numpy as np
+from ddps_core.features import FeatureStore
+store = FeatureStore.open(sys.argv[1])
+store.write_shard(2, {"t3_b0": np.ones((1, 2, 4, 4)), "t3_b1": np.ones((1, 1, 8, 8))},
+                  np.zeros((1, 8, 8), np.uint8))
+print(store.token)
+"""
+
+
+def test_a_process_started_by_the_holder_writes_under_its_lock(tmp_path):
+    """A local Dask cluster's workers, a process pool: started by the planning process,
+    they are shard writers of its run without being handed the token."""
+    path = tmp_path / "s"
+    store, _, _ = _filled(path)  # this process holds the lock
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    grandchild = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {CHILD_WRITER!r}, {str(path)!r}], check=True)"
+    out = subprocess.run([sys.executable, "-c", grandchild], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == store.token
+    assert store.native(6)["t3_b1"].sum() == 64 and store.verify() == []
 
 
 def test_writer_handles_of_one_process_share_its_lock(tmp_path):

@@ -4,17 +4,21 @@ An extraction run is one planning step and the shard writers it starts. The plan
 creates or reopens the store for writing (:func:`~.store.open_or_create`,
 :meth:`~.store.FeatureStore.create`) and takes the store's lock: the file
 ``<store>/writer.lock``, which names its holder (host, pid, command line, when it was
-taken) and a random token. The lock belongs to the holder's process: every handle of that
-process (its writer threads included) writes under it, until :func:`release` or until the
-process ends. A shard writer in another process (a Dask worker, say) opens the store with
-the run's token (``FeatureStore.open(path, token=...)``) and writes under the same lock;
-each of its shard writes first checks that the lock still holds that token, so a worker
-left over from an earlier run stops instead of writing beside a new one.
+taken) and a random token. The lock belongs to the holder's process, until
+:meth:`StoreLock.release` or until the process ends. Shard writers of the run write under it:
 
-A second run (another process, no token) is refused with a :class:`DataError` that names
-the holder. A lock whose holder died on this host is taken over. One held by a process on
-another host cannot be checked from here; the message says which file to delete if that
-process is gone.
+* every handle of the holder's process (its writer threads included);
+* a process the holder started, directly or not (the workers of a local Dask cluster or a
+  process pool that the planning process created): it descends from the holder;
+* any other process that opens the store with the run's token
+  (``FeatureStore.open(path, token=...)``, e.g. a worker of a Dask cluster on other hosts).
+
+Each shard write first checks that the lock is still held by its run (that token, or that
+ancestor), so a worker left over from a run that ended stops instead of writing beside a
+new one. Any other writer (a second run, another process with no token) is refused with a
+:class:`DataError` that names the holder. A lock whose holder died on this host is taken
+over. One held by a process on another host cannot be checked from here; the message says
+which file to delete if that process is gone.
 
 Local stores use ``flock`` on the lock file, which the kernel releases when the holder dies
 (even by SIGKILL), so taking over a dead holder's lock is atomic; a free lock is an empty
@@ -89,6 +93,36 @@ class Holder:
         return f"pid {self.pid} on {self.host} since {self.since} ({self.command})"
 
 
+def _ancestors() -> set[int]:
+    """Pids of this process's parent, its parent's parent, ... (Linux; elsewhere the parent).
+
+    Never pid 1: every process descends from it, and in a container the run itself may be
+    pid 1 (its workers then need the token)."""
+    out, pid = set(), os.getpid()
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read()
+            pid = int(stat[stat.rindex(b")") + 2:].split()[1])  # the field after the state
+        except (OSError, ValueError, IndexError):
+            if not out:  # no /proc: the parent only
+                out.add(os.getppid())
+            break
+        if pid <= 1:
+            break
+        out.add(pid)
+    out.discard(1)
+    return out
+
+
+class _Busy(DataError):
+    """The lock is held by another live process (``holder``)."""
+
+    def __init__(self, message: str, holder: Holder | None):
+        super().__init__(message)
+        self.holder = holder
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -142,10 +176,10 @@ class StoreLock:
         except FileNotFoundError:
             return None
 
-    def _busy(self, holder: Holder | None, extra: str = "") -> DataError:
+    def _busy(self, holder: Holder | None, extra: str = "") -> _Busy:
         who = str(holder) if holder is not None else "a process that has not written its name yet"
-        return DataError(f"{self.location}: another extraction holds the store's writer lock: {who}; "
-                         f"wait for it to finish or stop it{extra}")
+        return _Busy(f"{self.location}: another extraction holds the store's writer lock: {who}; "
+                     f"wait for it to finish or stop it{extra}", holder)
 
     def _still_ours(self, held: _Held) -> bool:
         if self.remote:
@@ -241,10 +275,17 @@ class StoreLock:
         """Check that a writer may write now, and return the token it writes under.
 
         With ``token`` (a shard writer of a run, possibly in another process): the lock must
-        still hold that token. Without: this process must hold the lock; it is taken if free
-        (a writer on its own is a run of its own), and a second writer is refused."""
+        still hold that token. Without: this process, or a process it descends from, must
+        hold the lock; it is taken if free (a writer on its own is a run of its own), and
+        any other writer is refused."""
         if token is None:
-            return self.acquire()[0]
+            try:
+                return self.acquire()[0]
+            except _Busy as busy:
+                holder = busy.holder
+                if holder is None or holder.host != HOST or holder.pid not in _ancestors():
+                    raise
+                return holder.token  # a worker process that the run's planning process started
         with _GUARD:
             held = _HELD.get(self.key)
             if held is not None and held.holder.token == token and self._still_ours(held):
