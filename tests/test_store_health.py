@@ -255,6 +255,10 @@ def test_a_process_started_by_the_holder_writes_under_its_lock(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == store.token
     assert store.native(6)["t3_b1"].sum() == 64 and store.verify() == []
+    plan = (f"import sys; from ddps_core.features import open_or_create; "
+            f"print(open_or_create(sys.argv[1], **{SETTINGS!r}).token)")  # planning in a worker
+    out = subprocess.run([sys.executable, "-c", plan, str(path)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == store.token, out.stderr[-2000:]
 
 
 def test_writer_handles_of_one_process_share_its_lock(tmp_path):

@@ -206,6 +206,17 @@ class StoreLock:
             _HELD[self.key] = self._take_remote(me) if self.remote else self._take_local(me)
             return me.token, True
 
+    def acquire_or_join(self) -> tuple[str, bool]:
+        """:meth:`acquire`, or the holder's token when the holder is a process this one
+        descends from (a worker that the run's process started): ``(token, newly)``."""
+        try:
+            return self.acquire()
+        except _Busy as busy:
+            holder = busy.holder
+            if holder is None or holder.host != HOST or holder.pid not in _ancestors():
+                raise
+            return holder.token, False
+
     def _take_local(self, me: Holder) -> _Held:
         try:
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -279,13 +290,7 @@ class StoreLock:
         hold the lock; it is taken if free (a writer on its own is a run of its own), and
         any other writer is refused."""
         if token is None:
-            try:
-                return self.acquire()[0]
-            except _Busy as busy:
-                holder = busy.holder
-                if holder is None or holder.host != HOST or holder.pid not in _ancestors():
-                    raise
-                return holder.token  # a worker process that the run's planning process started
+            return self.acquire_or_join()[0]
         with _GUARD:
             held = _HELD.get(self.key)
             if held is not None and held.holder.token == token and self._still_ours(held):

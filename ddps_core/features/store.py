@@ -1030,18 +1030,18 @@ def shard_ranges(store: FeatureStore) -> list[tuple[int, int, int]]:
 def open_or_create(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
                    **settings: Any) -> FeatureStore:
     """The planning step of an extraction run: take the store's writer lock for this process
-    (a :class:`DataError` naming the holder if another extraction holds it), then reopen the
-    store at ``path`` if its recorded settings equal ``settings`` exactly, otherwise raise
-    :class:`ConfigError` naming each differing attribute with both values; create it when it
-    does not exist.
+    (or join it when a process this one descends from holds it; a :class:`DataError` naming
+    the holder when another extraction holds it), then reopen the store at ``path`` if its
+    recorded settings equal ``settings`` exactly, otherwise raise :class:`ConfigError` naming
+    each differing attribute with both values; create it when it does not exist.
 
-    On reopening, the leftovers of killed writers are removed (when the lock was not held
-    by this process already) and damaged shards (:meth:`FeatureStore.check`) are marked not
-    done, listed in the returned store's ``repaired``, so that the run re-extracts exactly
-    those. ``settings`` are :meth:`FeatureStore.create`'s keywords (e.g.
-    ``extractor.store_settings()`` plus ``image_ids``, ``shard_images``, labels). ``path``
-    is a folder or an fsspec URL (``storage_options`` for its filesystem). The returned
-    store's :attr:`~FeatureStore.token` is the run's; the lock is held until
+    On reopening, the leftovers of killed writers are removed (when the lock was newly
+    taken: no writer of the store runs then) and damaged shards (:meth:`FeatureStore.check`)
+    are marked not done, listed in the returned store's ``repaired``, so that the run
+    re-extracts exactly those. ``settings`` are :meth:`FeatureStore.create`'s keywords (e.g.
+    ``extractor.store_settings()`` plus ``image_ids``, ``shard_images``, labels). ``path`` is
+    a folder or an fsspec URL (``storage_options`` for its filesystem). The returned store's
+    :attr:`~FeatureStore.token` is the run's; the lock is held until
     :meth:`FeatureStore.release` or the end of the process.
     """
     if storage.is_remote(path):
@@ -1079,7 +1079,7 @@ def open_or_create(path: str | os.PathLike[str], storage_options: Mapping[str, A
         raise TypeError(f"unknown feature store settings {sorted(settings)}")
     lock = StoreLock(path, *storage.filesystem(path, storage_options)) if storage.is_remote(path) \
         else StoreLock(path)
-    token, newly = lock.acquire()
+    token, newly = lock.acquire_or_join()
     have = dict(FeatureStore._open_group(path, False, storage_options).attrs)
     if have.get("format") == FORMAT and have.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
