@@ -22,9 +22,9 @@ reference keeps in RAM (2.2 GB per 256x256 image; the native float16 maps are ~4
 
 Why one features array and not one array per (timestep, block): every reader reads all maps
 of an image (:meth:`native`, :meth:`natives`), and zarr's cost is per inner chunk. With one
-array per map (18 for ``tiny32``) zarr encoded 18 chunks per image: writing 128 images took
-0.45-0.55 s of CPU against 0.09-0.11 s as one array, and reading one image's maps 20 ms
-against 2.2 ms (zarr 3.1, this project's 2-core machine, medians of 5-15 runs). An image is
+array per map (18 for ``tiny32``) zarr encodes 18 chunks per image: writing 128 images costs
+0.45-0.65 s of CPU against 0.09-0.13 s as one array, and reading one image's maps 20 ms
+against 2.2 ms (zarr 3.1 on a 2-core machine, medians of 5-15 runs). An image is
 still one inner chunk, so reading it never decodes its whole shard (the 256 configuration
 has ~50 MB per image). The arrays are written with ``write_empty_chunks`` on (every chunk
 of a shard is written: no per-chunk comparison with the fill value, which cost more than
