@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ddps_core.io import atomic_path
-from ddps_core.runtime import tune_malloc
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["name", "figure", "value", "unit", "baseline", "baseline_value", "ratio", "target",
@@ -57,10 +56,10 @@ def _extract(device: str) -> list[dict]:
     from benchmarks import bench_extract
 
     # the default preset, and a 2x wider one (4x the FLOPs, 2x the bytes): does the store's
-    # per-byte cost shrink relative to the forwards as the model grows? (README: not at 2x);
-    # and the default preset with glibc's default allocator heuristic (ddps_core.runtime)
+    # per-byte cost shrink relative to the forwards as the model grows? And the pixel
+    # sampler's read rate from such a store.
     return (bench_extract.run() + bench_extract.run(n_images=64, overrides={"num_channels": 64})
-            + bench_extract.run_glibc_defaults())
+            + bench_extract.run_sampler())
 
 
 def _ensemble(device: str) -> list[dict]:
@@ -117,7 +116,6 @@ def _commit() -> str:
 
 
 def run(only: list[str] | None, device: str, out: Path) -> pd.DataFrame:
-    tune_malloc()  # the stages' runtime settings (flows and tasks apply them on import)
     names = only or [n for n in BENCHMARKS if device == "cuda" or n not in GPU_ONLY]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:

@@ -10,7 +10,6 @@ from benchmarks import bench_gpu, runner
 from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
 from ddps_core.features import FeatureExtractor
-from ddps_core.features.shardio import DIRECT_ALIGN
 
 TINY = {"device": "cpu", "preset": "tiny32", "steps": (10, 50), "blocks": (1, 3), "batch": 4,
         "max_batch": 8, "n_batches": 2, "repeats": 1, "store_repeats": 1, "probe_bytes": 8 << 20,
@@ -42,7 +41,6 @@ def test_extraction_rows_are_consistent(channels_last):
     by = {r["name"].split("-tiny32")[0]: r for r in rows}
     assert by["gpu/extract-into-pinned"]["settings"]["same_bytes_as_pageable"] is True
     assert by["gpu/extract-into-pinned"]["settings"]["pinned"] is False  # no CUDA: ordinary memory
-    assert by["gpu/extract-store"]["settings"]["direct_io"] is False
     assert any(line.startswith("disk write rate") for line in logs)
 
 
@@ -52,13 +50,19 @@ def test_only_the_chosen_variants_are_timed():
                                          "gpu/extract-into-pinned-tiny32-contiguous"]
 
 
-def test_cpu_shard_buffers_are_page_aligned():
+def test_cpu_shard_buffers_are_views_of_one_block_in_the_store_layout():
     ext = FeatureExtractor(get_preset("tiny32").build(), GaussianDiffusion.from_name("linear", 1000),
                            [10], [0, 2], model_id="t")
-    bufs = ext.shard_buffers(ext.shapes(), 3)
-    for name, shape in ext.shapes().items():
+    shapes = ext.shapes()
+    bufs = ext.shard_buffers(shapes, 3)
+    for i, (name, shape) in enumerate(shapes.items()):
         assert bufs[name].shape == (3, *shape) and bufs[name].dtype == np.float16
-        assert bufs[name].ctypes.data % DIRECT_ALIGN == 0
+        bufs[name][...] = i
+    block = bufs[next(iter(shapes))].base
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    assert block.shape == (3, sum(sizes)) and block.flags.c_contiguous
+    # image j's row: each map in turn, in the order of shapes
+    assert (block == np.repeat(np.arange(len(sizes)), sizes)[None].astype(np.float16)).all()
 
 
 def test_runner_keeps_gpu_benchmarks_out_of_cpu_runs(tmp_path, monkeypatch):

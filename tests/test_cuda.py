@@ -19,7 +19,6 @@ from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
 from ddps_core.diffusion.unet import randomize_zero_init_
 from ddps_core.features import FeatureExtractor, FeatureStore, extract_to_store, open_or_create
-from ddps_core.features.shardio import DIRECT_ALIGN
 
 from tests.conftest import REPO
 
@@ -90,14 +89,14 @@ def test_cuda_bf16_features_follow_the_cpu_s():
 
 
 @needs_cuda
-def test_cuda_shard_buffers_are_pinned_page_aligned_and_disjoint():
+def test_cuda_shard_buffers_are_pinned_contiguous_and_disjoint():
     ext = _extractor("cuda")
     shapes = ext.shapes()
     bufs = ext.shard_buffers(shapes, 5)
     assert list(bufs) == list(shapes)
     for i, (name, buf) in enumerate(bufs.items()):
         assert buf.shape == (5, *shapes[name]) and buf.dtype == np.float16
-        assert buf.ctypes.data % DIRECT_ALIGN == 0 and buf.flags.c_contiguous
+        assert buf.flags.c_contiguous
         assert torch.from_numpy(buf).is_pinned()
         buf[...] = i
     assert all((buf == i).all() for i, buf in enumerate(bufs.values()))  # no overlap

@@ -321,8 +321,9 @@ def test_disjoint_shards_and_markers(tmp_path):
     other.write_shard(0, {"t5_b0": np.zeros((4, 2, 4, 4))})
     assert store.done_mask().tolist() == [True] * 4 + [False] * 4 + [True] * 2
     assert not store.is_complete()
-    # completion flags: one file per shard, never shared between shards
-    assert sorted(os.listdir(tmp_path / "s" / "done" / "c")) == ["0", "2"]
+    # completion records: one file per shard, never shared between shards
+    assert sorted(f for f in os.listdir(tmp_path / "s" / "done") if f != "zarr.json") == ["c.0.0", "c.2.0"]
+    assert sorted(f for f in os.listdir(tmp_path / "s" / "features") if f != "zarr.json") == ["c.0.0", "c.2.0"]
     assert np.isnan(store.native(5)["t5_b0"]).all()  # not written: fill value
     with pytest.raises(ValueError, match="shape"):
         store.write_shard(1, {"t5_b0": np.ones((3, 2, 4, 4))})

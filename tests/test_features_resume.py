@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddps_core.features import FeatureStore
+from ddps_core.features import FeatureStore, open_or_create
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 24
@@ -66,8 +66,9 @@ def _checkpoint(path: Path) -> Path:
 
 
 def _done_shards(store_path: Path) -> int:
-    folder = store_path / "done" / "c"
-    return len([f for f in os.listdir(folder) if f.isdigit()]) if folder.is_dir() else 0
+    """Shards with a completion record (one file ``c.<k>.0`` per shard)."""
+    folder = store_path / "done"
+    return len([f for f in os.listdir(folder) if f.startswith("c.")]) if folder.is_dir() else 0
 
 
 def _spawn(store_path: Path, ckpt: Path, delay: float) -> subprocess.Popen:
@@ -138,35 +139,44 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     final = FeatureStore.open(path)
     assert final.is_complete() and final.num_shards == n_shards
     assert final.attrs == reference.attrs
-    for name in reference.names + ["labels"]:
+    for name in ("features", "labels", "done"):  # the completion records hold the same CRCs
         a = final._group[name][:]
         b = reference._group[name][:]
         assert a.dtype == b.dtype
         assert a.tobytes() == b.tobytes(), name  # bit-identical
-    assert not list(path.rglob("*.partial"))  # stray zarr temp files of redone shards are gone
+    # the temporary files of killed writers are gone: each folder holds its chunks only
+    for name in ("features", "labels", "done"):
+        assert sorted(os.listdir(path / name)) == sorted(["zarr.json"] + [f"c.{k}.0" + ".0" * (name == "labels")
+                                                                          for k in range(n_shards)]), name
 
 
 def test_undone_shard_with_garbage_files_is_rewritten(tmp_path):
     """Whatever a crashed writer left in a shard that is not marked done (a truncated file
-    under the final name, as a non-atomic store could leave, or zarr's ``*.partial`` temp
-    files) never counts as data: the resumed writer replaces it."""
+    under the final name, as a non-atomic store could leave, or zarr's temporary files) never
+    counts as data: the next run removes the temporary files when it takes the lock, and the
+    shard's writer replaces the rest."""
     shapes = {"t3_b0": (2, 4, 4), "t3_b1": (1, 8, 8)}
-    store = FeatureStore.create(tmp_path / "s", model_id="m", steps=[3], blocks=[0, 1], image_size=8,
-                                image_ids=[str(i) for i in range(6)], shapes=shapes, shard_images=3)
+    settings = dict(model_id="m", steps=[3], blocks=[0, 1], image_size=8,
+                    image_ids=[str(i) for i in range(6)], shapes=shapes, shard_images=3)
+    store = FeatureStore.create(tmp_path / "s", **settings)
     rng = np.random.default_rng(0)
     data = {k: {n: rng.standard_normal((3, *s)).astype(np.float16) for n, s in shapes.items()} for k in (0, 1)}
     store.write_shard(0, data[0])
-    good = store._chunk_file("t3_b0", (0, 0, 0, 0)).read_bytes()
-    bad = store._chunk_file("t3_b0", (1, 0, 0, 0))
-    bad.parent.mkdir(parents=True, exist_ok=True)
+    features = tmp_path / "s" / "features"
+    good = (features / "c.0.0").read_bytes()
+    bad = features / "c.1.0"
     bad.write_bytes(good[: len(good) // 2])  # truncated, under the final name
-    stray = bad.with_name(f"{bad.name}.0123abcd.partial")
-    stray.write_bytes(b"junk")
-    store = FeatureStore.open(tmp_path / "s")
-    assert store.done_mask().tolist() == [True] * 3 + [False] * 3
+    strays = [features / "c.1.0123abcd.partial", tmp_path / "s" / "done" / "c.1.0.tmp"]
+    for stray in strays:
+        stray.write_bytes(b"junk")
+    store.release()  # the killed run's process is gone
+
+    store = open_or_create(tmp_path / "s", **settings)  # the next run
+    assert not any(stray.exists() for stray in strays) and bad.exists()
+    assert store.done_mask().tolist() == [True] * 3 + [False] * 3 and store.repaired == []
     np.testing.assert_array_equal(store.native(2)["t3_b0"], data[0]["t3_b0"][2].astype(np.float32))
     store.write_shard(1, data[1])  # the resumed writer owns shard 1
-    assert not stray.exists() and store.is_complete()
+    assert store.is_complete() and (features / "c.0.0").read_bytes() == good
     for i in range(3, 6):
         for n in shapes:
             np.testing.assert_array_equal(store.native(i)[n], data[1][n][i - 3].astype(np.float32))

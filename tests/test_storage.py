@@ -45,12 +45,15 @@ def _settings(raw, out, **sections):
 
 
 def _local_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """Every file but the writer lock (it names its holder: a token of its own per store)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != "writer.lock"}
 
 
 def _remote_files(url: str, options=None) -> dict[str, bytes]:
     fs, root = storage.filesystem(url, options)
-    return {path[len(root):].lstrip("/"): fs.cat_file(path) for path in fs.find(root)}
+    return {key: fs.cat_file(path) for path in fs.find(root)
+            if (key := path[len(root):].lstrip("/")) != "writer.lock"}
 
 
 def test_store_on_a_url_holds_the_same_objects_as_the_folder(project, tmp_path):
@@ -83,26 +86,29 @@ def test_store_on_a_url_holds_the_same_objects_as_the_folder(project, tmp_path):
 
 
 def test_a_failed_put_leaves_the_shard_not_done(project, monkeypatch):
-    """The done chunk is written only after every shard object's PUT returned."""
+    """The shard's record is written only after every shard object's PUT returned."""
     root, raw = project
     url = f"memory://ddps-{uuid.uuid4().hex[:8]}/features"
     s = _settings(raw, url)
     from ddps_core.features.stage import extract_shards
 
     plan_shards(s, 1, Reporter())
-    store = open_store(s, "train")
-    feats = {n: np.ones((2, *store.shapes[n]), dtype=np.float16) for n in store.names}
+    fs = open_store(s, "train")._fs
+    shapes = open_store(s, "train").shapes
+    feats = {n: np.ones((2, *shapes[n]), dtype=np.float16) for n in shapes}
     labels = np.zeros((2, 32, 32), dtype=np.uint8)
-    fs = store._fs
 
     def broken(*_a, **_k):
         raise OSError("connection reset")
 
-    monkeypatch.setattr(fs, "pipe", broken)
+    # zarr's store opens its own (asynchronous) instance and wraps its methods when it opens
+    monkeypatch.setattr(type(fs), "pipe_file", broken)
+    store = open_store(s, "train")
     with pytest.raises(DataError, match=rf"{url}/train.zarr: cannot write shard 0: OSError: connection reset"):
         store.write_shard(0, feats, labels)
     assert not store.shard_done(0) and store.n_done() == 0
     monkeypatch.undo()
+    store = open_store(s, "train")
     store.write_shard(0, feats, labels)
     assert store.shard_done(0) and not store.shard_done(1)
     assert np.array_equal(open_store(s, "train").native(1)["t10_b1"], np.ones(store.shapes["t10_b1"]))
@@ -141,7 +147,7 @@ def test_a_url_without_an_implementation_is_one_config_error(url, phrase):
 @pytest.fixture
 def s3(monkeypatch):
     """moto's S3 server on 127.0.0.1 with fake credentials in the environment; yields
-    a fresh bucket's URL."""
+    a new bucket's URL."""
     import logging
     import socket
 
@@ -163,12 +169,29 @@ def s3(monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
-    fs.mkdir("ddps-test")
+    bucket = f"ddps-test-{uuid.uuid4().hex[:8]}"  # moto's backend outlives its server in this process
+    fs.mkdir(bucket)
     try:
-        yield "s3://ddps-test"
+        yield f"s3://{bucket}"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def test_checks_on_s3_see_the_shards_written_since_the_last_listing(s3):
+    """zarr writes through its own filesystem instance; the store's listings and sizes must
+    not come from the other instance's cache of an earlier listing."""
+    url = f"{s3}/resume.zarr"
+    store = FeatureStore.create(url, model_id="m", steps=[3], blocks=[0], image_size=4, shapes={"t3_b0": (2, 4, 4)},
+                                image_ids=["a", "b", "c"], shard_images=1)
+    store.write_shard(0, {"t3_b0": np.ones((1, 2, 4, 4))})
+    assert store.check() == []  # lists the folders (the filesystem instance caches the listing)
+    # another process's writer: another filesystem instance (other options), another cache
+    other = FeatureStore.open(url, storage_options={"default_block_size": 5 * 2**20}, token=store.token)
+    other.write_shard(1, {"t3_b0": np.zeros((1, 2, 4, 4))})
+    other.write_shard(2, {"t3_b0": np.ones((1, 2, 4, 4))})
+    assert store.check() == [] and store.verify() == [] and store.is_complete()
+    assert FeatureStore.open(url, read_only=True).native(1)["t3_b0"].sum() == 0
 
 
 def test_extraction_and_ensemble_on_s3_equal_the_local_run(project, tmp_path, s3):

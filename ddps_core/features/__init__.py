@@ -1,6 +1,7 @@
 """DDPM-Seg features: decoder-block hooks on a diffusion UNet (:mod:`.extract`), the Zarr v3
-feature store at native resolution with on-demand bilinear upsampling (:mod:`.store`), shard-
-by-shard resumable filling (:mod:`.fill`) and shuffled pixel batches for the pixel classifiers
+feature store at native resolution with on-demand bilinear upsampling, per-shard checksums
+and health checks (:mod:`.store`) and its writer lock (:mod:`.lock`), shard-by-shard
+resumable filling (:mod:`.fill`) and shuffled pixel batches for the pixel classifiers
 (:mod:`.sampler`)."""
 
 from .extract import FeatureExtractor, array_name, preprocess, shared_noise
@@ -8,6 +9,7 @@ from .fill import check_compatible, extract_to_store
 from .sampler import PixelSampler, valid_pixel_mask
 from .store import (
     FeatureStore,
+    ShardDamage,
     bilinear_taps,
     footprint,
     open_or_create,
@@ -19,6 +21,7 @@ __all__ = [
     "FeatureExtractor",
     "FeatureStore",
     "PixelSampler",
+    "ShardDamage",
     "array_name",
     "bilinear_taps",
     "check_compatible",

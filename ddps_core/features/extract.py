@@ -1,4 +1,4 @@
-"""DDPM-Seg pixel features: hooked activations of a diffusion UNet's decoder (docs/method.md).
+"""DDPM-Seg pixel features: hooked activations of a diffusion UNet's decoder blocks.
 
 :class:`FeatureExtractor` noises an image batch to each configured timestep with ONE fixed
 noise tensor (``share_noise`` of the reference), runs the UNet and returns the outputs of the
@@ -26,8 +26,6 @@ from torch import nn
 from ddps_core.datasets import to_square
 from ddps_core.device import autocast, memory_format
 from ddps_core.errors import ConfigError
-
-from .shardio import DIRECT_ALIGN, aligned_empty
 
 __all__ = ["NOISE_DEVICES", "FeatureExtractor", "array_name", "preprocess", "shared_noise"]
 
@@ -300,29 +298,33 @@ class FeatureExtractor:
     def shard_buffers(self, shapes: dict[str, tuple[int, int, int]], n: int) -> dict[str, np.ndarray]:
         """Uninitialised float16 buffers ``{name: [n, C, h, w]}`` for :meth:`extract_into`.
 
-        Each starts on a page boundary, so that the shard files are written from them without
-        a copy (:func:`~ddps_core.features.shardio.aligned_empty`). On CUDA they are carved
-        from one pinned (page-locked) block, so that :meth:`extract_into` copies the features
-        off the GPU asynchronously while the forward goes on; where pinning fails (not enough
-        lockable memory), they are ordinary memory and the copies are synchronous.
+        On the CPU they are views of ONE ``(n, V)`` block, the maps of an image side by side
+        in the order of ``shapes``: the feature store's layout, so the store writes the block
+        as it is (:meth:`~ddps_core.features.store.FeatureStore.write_shard`). On CUDA each is
+        a contiguous block carved from one pinned (page-locked) allocation, so that
+        :meth:`extract_into` copies the features off the GPU asynchronously while the forward
+        goes on (a copy into a strided destination would not be asynchronous); the store then
+        gathers them into its layout. Where pinning fails (not enough lockable memory), they
+        are ordinary memory and the copies are synchronous.
         """
-        def pageable() -> dict[str, np.ndarray]:
-            return {name: aligned_empty((n, *shape), np.float16) for name, shape in shapes.items()}
-
-        if self.device.type != "cuda":
-            return pageable()
-        sizes = {name: n * math.prod(shape) * 2 for name, shape in shapes.items()}
-        padded = {name: -(-size // DIRECT_ALIGN) * DIRECT_ALIGN for name, size in sizes.items()}
-        try:
-            block = torch.empty(sum(padded.values()) + DIRECT_ALIGN, dtype=torch.uint8,
-                                pin_memory=True).numpy()
-        except RuntimeError:  # page-locked memory exhausted: ordinary (pageable) buffers
-            return pageable()
-        at = -block.ctypes.data % DIRECT_ALIGN
-        out = {}
+        sizes = {name: n * math.prod(shape) for name, shape in shapes.items()}
+        if self.device.type == "cuda":
+            try:
+                block = torch.empty(sum(sizes.values()), dtype=torch.float16, pin_memory=True).numpy()
+            except RuntimeError:  # page-locked memory exhausted: ordinary (pageable) buffers
+                return {name: np.empty((n, *shape), np.float16) for name, shape in shapes.items()}
+            out, at = {}, 0
+            for name, shape in shapes.items():
+                out[name] = block[at:at + sizes[name]].reshape(n, *shape)
+                at += sizes[name]
+            return out
+        width = sum(sizes.values()) // max(n, 1)
+        block = np.empty((n, width), np.float16)
+        out, at = {}, 0
         for name, shape in shapes.items():
-            out[name] = block[at:at + sizes[name]].view(np.float16).reshape(n, *shape)
-            at += padded[name]
+            size = math.prod(shape)
+            out[name] = block[:, at:at + size].reshape(n, *shape)
+            at += size
         return out
 
     def extract_into(self, x: torch.Tensor, buffers: dict[str, np.ndarray], offset: int) -> None:

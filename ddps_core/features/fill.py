@@ -110,6 +110,7 @@ def extract_to_store(
     bad = [k for k in todo if k not in ranges]
     if bad:
         raise ConfigError(f"{store.path}: shards {bad} out of range 0..{len(ranges) - 1}")
+    store.authorize()  # a writer that may not write stops before computing anything
     S = store.image_size
     counts = {"shards_written": 0, "shards_skipped": 0, "images_written": 0, "images_skipped": 0}
     # Which of this worker's shards are done is read once: nobody else writes them (a shard
@@ -159,7 +160,7 @@ def extract_to_store(
                 raise
             if j + 1 < len(ranges_todo):
                 next_inputs = reader.submit(inputs, *ranges_todo[j + 1][1:])
-            # page-aligned (the shard files are written from them directly); pinned on CUDA
+            # in the store's layout on the CPU (written as they are); pinned on CUDA
             feats = extractor.shard_buffers({n: store.shapes[n] for n in store.names}, b - a)
             b0 = 0
             for x in batches:

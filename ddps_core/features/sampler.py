@@ -7,7 +7,7 @@ computes their upsampled features on demand (4-tap bilinear blends, in blocks of
 to cut batches. Memory is bounded by one group (native maps plus pixel coordinates) and one
 block of features, independent of the number of images.
 
-Valid pixels follow the reference rule (docs/method.md): the label is not ``ignore_index``, and its
+Valid pixels follow the reference rule: the label is not ``ignore_index``, and its
 class has at least ``min_class_pixels`` pixels in that image (rarer classes are treated as
 ignore in that image).
 
@@ -76,6 +76,9 @@ class PixelSampler:
     ):
         if not store.has_labels:
             raise DataError(f"{store.path}: feature store has no labels; cannot sample training pixels")
+        check = getattr(store, "raise_if_damaged", None)
+        if check is not None:  # a feature store: a missing or truncated shard is named now
+            check()
         if batch_size < 1 or buffer_images < 1:
             raise ConfigError(f"batch_size and buffer_images must be >= 1, got {batch_size}, {buffer_images}")
         self.store = store

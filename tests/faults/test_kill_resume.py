@@ -136,7 +136,8 @@ def test_extraction_killed_five_times_resumes_bit_identical(project, extracted, 
     assert len({k.target for k in run.kills}) == len({(k.seen, k.delay) for k in run.kills}) == N_KILLS and all(k.killed for k in run.kills)
     assert done == sorted(done)  # finished shards are never lost
     assert _store_check(out) == 12 + 4 + 3
-    _assert_same(_renamed(ref, "features", out.name), digest([out]))
+    # every file bit-identical but the stores' writer locks (they name their last holder)
+    _assert_same(_renamed(ref, "features", out.name), digest([out]), ignore=("writer.lock",))
     print("leftover temporaries:", temporaries([out]))
 
 
