@@ -296,8 +296,13 @@ def features_extract(
 
 
 @features_app.command("info")
-def features_info(store: Annotated[str, typer.Argument(metavar="STORE", help="A feature store (.zarr folder or fsspec URL).")]) -> None:
-    """Layout, size on disk and the ratio to upsampled float32 of a feature store."""
+def features_info(
+    store: Annotated[str, typer.Argument(metavar="STORE", help="A feature store (.zarr folder or fsspec URL).")],
+    verify: Annotated[bool, typer.Option("--verify", help="Read every done shard and compare its CRC32C with the one recorded when it was written.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="With --verify: mark damaged shards not done, so the next extraction redoes them.")] = False,
+) -> None:
+    """Layout, size on disk and the ratio to upsampled float32 of a feature store; with
+    --verify, whether every done shard reads back as written."""
     from ddps_core.features.stage import reference_footprint
     from ddps_core.features.store import FeatureStore
 
@@ -305,7 +310,9 @@ def features_info(store: Annotated[str, typer.Argument(metavar="STORE", help="A 
     options = settings_from(here, not here.is_file(), None).storage.options  # credentials of a URL
     if not FeatureStore.exists(store, options):
         raise DDPSError(f"{store}: not a feature store (no zarr.json)")
-    fs = FeatureStore.open(store, read_only=True, storage_options=options)
+    if repair and not verify:
+        raise ConfigError("--repair: only with --verify")
+    fs = FeatureStore.open(store, read_only=not repair, storage_options=options, check=False)
     table = Table(title=f"{store}: arrays (native resolution, float16)")
     for col in ("array", "C", "h x w"):
         table.add_column(col)
@@ -321,6 +328,17 @@ def features_info(store: Annotated[str, typer.Argument(metavar="STORE", help="A 
     console.print(f"reference 256 config (blocks {ref['blocks']}, steps {ref['steps']}, D={ref['feature_dim']}): "
                   f"{ref['native_float16_bytes_per_image'] / 1e6:.1f} MB/image native float16 vs "
                   f"{ref['upsampled_float32_bytes_per_image'] / 1e9:.2f} GB upsampled float32 = {ref['ratio']:.1f}x")
+    if verify:
+        with fs:
+            damaged = fs.verify(repair=repair)
+        for d in damaged:
+            err_console.print(f"{store}: {d}")
+        if damaged:
+            then = "marked not done: `ddps features extract` redoes them" if repair else \
+                "rerun with --repair, then `ddps features extract`, to redo them"
+            err_console.print(f"{store}: {len(damaged)} damaged shard(s); {then}")
+            raise typer.Exit(1)
+        console.print(f"{store}: every done shard reads back as written (CRC32C)")
 
 
 def _print_store_info(info: dict[str, Any], title: str) -> None:

@@ -109,13 +109,16 @@ def open_for_writing(settings: Settings, path: str | Path, reader: Any, ext: Fea
               "num_classes": reader.num_classes if labelled else None,
               "ignore_index": settings.data.ignore_index if labelled else None}
     try:
-        return open_or_create(path, storage_options=options, **wanted)
+        store = open_or_create(path, storage_options=options, **wanted)
     except ConfigError as exc:
         if (on_change or settings.features.on_change) != "rebuild" or not storage.exists(path, options):
             raise
         report.log(f"{exc}; rebuilding it (features.on_change: rebuild)")
         storage.remove_tree(path, options)
-        return open_or_create(path, storage_options=options, **wanted)
+        store = open_or_create(path, storage_options=options, **wanted)
+    for damage in store.repaired:
+        report.log(f"{path}: {damage}; extracting that shard again")
+    return store
 
 
 def shard_groups(store: FeatureStore, n: int) -> list[list[int]]:
@@ -126,10 +129,12 @@ def shard_groups(store: FeatureStore, n: int) -> list[list[int]]:
 
 
 def fill_shards(settings: Settings, reader: Any, path: str | Path, shards: list[int], task: str,
-                report: Reporter, variant: str = "ddpm") -> int:
+                report: Reporter, variant: str = "ddpm", token: str | None = None) -> int:
     """Fill ``shards`` of the (existing) store at ``path`` with ``reader``'s images; this
-    writer owns those shards. Returns the number of images written."""
-    store = FeatureStore.open(path, storage_options=settings.storage.options)
+    writer owns those shards and writes under the run's writer lock ``token`` (the planning
+    step's: a writer in another process is refused without it). Returns the number of
+    images written."""
+    store = FeatureStore.open(path, storage_options=settings.storage.options, token=token)
     n = len(store)
     report.progress(task, store.n_done(), n)
     counts = extract_to_store(reader, extractor(settings, variant=variant), store, shards,
@@ -145,8 +150,9 @@ def fill_store(settings: Settings, reader: Any, path: str | Path, task: str, rep
     ext = extractor(settings)
     store = open_for_writing(settings, path, reader, ext, labelled, report, on_change)
     report.progress(task, store.n_done(), len(store))
-    extract_to_store(reader, ext, store, batch_size=settings.features.batch_size,
-                     progress=lambda done: report.progress(task, done, len(store)))
+    with store:  # gives the writer lock back, done or not
+        extract_to_store(reader, ext, store, batch_size=settings.features.batch_size,
+                         progress=lambda done: report.progress(task, done, len(store)))
     return FeatureStore.open(path, read_only=True, storage_options=settings.storage.options)
 
 
@@ -162,7 +168,8 @@ def plan_shards(settings: Settings, n: int, report: Reporter) -> list[dict[str, 
         todo = shard_groups(store, n)
         if not todo:
             report.log(f"{_name(variant, split)}: all {len(store)} images already extracted")
-        groups += [{"variant": variant, "split": split, "shards": shards} for shards in todo]
+        groups += [{"variant": variant, "split": split, "shards": shards, "token": store.token}
+                   for shards in todo]
     return groups
 
 
@@ -170,7 +177,8 @@ def extract_shards(settings: Settings, group: dict[str, Any], report: Reporter) 
     """Fill one group of :func:`plan_shards`."""
     variant, split = group["variant"], group["split"]
     return fill_shards(settings, _reader(settings, split), store_path(settings, split, variant),
-                       group["shards"], f"extract {_name(variant, split)}", report, variant)
+                       group["shards"], f"extract {_name(variant, split)}", report, variant,
+                       token=group.get("token"))
 
 
 def extract(settings: Settings, report: Reporter) -> dict[str, Any]:
@@ -178,7 +186,9 @@ def extract(settings: Settings, report: Reporter) -> dict[str, Any]:
     float32 features the reference keeps (``features info`` shows the same)."""
     summary = {}
     for variant, split in jobs(settings):
-        info = open_store(settings, split, variant, read_only=True).info()
+        store = open_store(settings, split, variant, read_only=True)
+        store.release()  # the run is over: the planning step's writer lock goes back
+        info = store.info()
         summary[_name(variant, split)] = info
         report.log(f"{_name(variant, split)}: {info['n_done']}/{info['n_images']} images, "
                    f"{info['bytes_per_image'] / 1e6:.2f} MB/image, "

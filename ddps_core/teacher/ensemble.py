@@ -264,7 +264,7 @@ class PixelEnsemble(nn.Module):
         """Logits ``[M, B, K]`` of ``x`` ``[B, D]`` (one input for all members) or ``[M, B, D]``
         (one input per member). ``update_stats`` (bool ``[M]``): in training mode, the members
         whose BatchNorm running statistics are updated (default: all)."""
-        M, (h1, h2), D = self.members, self.widths, self.feature_dim
+        M, (h1, _), D = self.members, self.widths, self.feature_dim
         if x.dim() == 2:
             if x.shape[1] != D:
                 raise ValueError(f"expected features [B, {D}], got {tuple(x.shape)}")

@@ -154,3 +154,37 @@ def test_a_missing_settings_file_is_an_error_and_defaults_are_a_flag(tmp_path, c
     assert code == 2 and err.startswith("error: typo.yaml: settings file not found")
     code, out, _ = run(["config", "show", "--defaults", "--set", "ddpm.steps=9"], capsys)
     assert code == 0 and "steps: 9" in out and "preset: tiny32" in out
+
+
+def flat(result):
+    """(code, out, err) with the console's line wrapping undone."""
+    code, out, err = result
+    return code, " ".join(out.split()), " ".join(err.split())
+
+
+def test_features_info_verify_names_a_flipped_value_and_repair_marks_its_shard(tmp_path, capsys, monkeypatch):
+    from ddps_core.features import FeatureStore
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: defaults
+    shapes = {"t3_b0": (2, 4, 4)}
+    store = FeatureStore.create(tmp_path / "s.zarr", model_id="m", steps=[3], blocks=[0], image_size=8,
+                                shapes=shapes, image_ids=["a", "b", "c", "d"], shard_images=2)
+    rng = np.random.default_rng(0)
+    for k in range(store.num_shards):
+        store.write_shard(k, {"t3_b0": rng.standard_normal((2, 2, 4, 4)).astype(np.float16)})
+    store.release()
+    code, out, err = flat(run(["features", "info", str(tmp_path / "s.zarr"), "--verify"], capsys))
+    assert code == 0 and "every done shard reads back as written" in out
+    chunk = tmp_path / "s.zarr" / "features" / "c.1.0"
+    raw = bytearray(chunk.read_bytes())
+    raw[12] ^= 0x10  # same size: only the checksum sees it
+    chunk.write_bytes(bytes(raw))
+    code, out, err = flat(run(["features", "info", str(tmp_path / "s.zarr"), "--verify"], capsys))
+    assert code == 1 and "shard 1 (images 2-3)" in err and "CRC32C" in err and "--repair" in err
+    assert FeatureStore.open(tmp_path / "s.zarr", read_only=True, check=False).done_mask().all()
+    code, out, err = flat(run(["features", "info", str(tmp_path / "s.zarr"), "--verify", "--repair"], capsys))
+    assert code == 1 and "marked not done" in err
+    done = FeatureStore.open(tmp_path / "s.zarr", read_only=True, check=False).done_mask()
+    assert done.tolist() == [True, True, False, False]
+    code, _, err = flat(run(["features", "info", str(tmp_path / "s.zarr"), "--repair"], capsys))
+    assert code != 0 and "--repair: only with --verify" in err

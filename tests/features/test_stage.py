@@ -51,11 +51,17 @@ def test_extract_fills_every_split_and_the_baseline_stores(project, tmp_path):
     assert store.names == ["t10_b1", "t10_b2", "t10_b3", "t100_b1", "t100_b2", "t100_b3"]
     assert store.label(0).max() < 7 and all(np.isfinite(a).all() for a in got.values())
     assert ("extract test", 3, 3) in calls  # progress counts the store's done images
+    # the run is over: no store's writer lock is held (another run may write them now)
+    assert all(FeatureStore.open(store_path(s, sp, v)).lock_holder() is None
+               for v, sp in [("ddpm", "train"), ("ddpm", "test"), ("ddpm", "unlabeled"), ("random_unet", "train")])
     # a finished store: nothing left to plan, nothing written again
-    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "lib").rglob("*") if p.is_file()}
+    def data_files():  # the writer lock is taken and given back by every run
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "lib").rglob("*") if p.is_file() and p.name != "writer.lock"}
+
+    mtimes = data_files()
     assert plan_shards(s, 1, Reporter()) == []
     stages.get("extract").run(s)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "lib").rglob("*") if p.is_file()} == mtimes
+    assert data_files() == mtimes
 
 
 def test_without_the_random_unet_baseline_only_the_trained_model_is_extracted(project, tmp_path):
@@ -85,3 +91,7 @@ def test_writers_get_disjoint_shards(project, tmp_path):
     train = [g["shards"] for g in groups if g["split"] == "train"]
     flat = [k for g in train for k in g]
     assert sorted(flat) == [0, 1, 2] and len(flat) == len(set(flat)) and len(train) == 2
+    # the groups carry the run's writer-lock token: a writer in another process joins the run
+    tokens = {g["token"] for g in groups if g["split"] == "train"}
+    lock = (tmp_path / "w" / "train.zarr" / "writer.lock").read_text()
+    assert len(tokens) == 1 and next(iter(tokens)) in lock
