@@ -337,6 +337,14 @@ class BaseReader:
     def _map_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
         return raw
 
+    def content_id(self) -> str:
+        """16 hex digits naming what the split holds: each sample's id and the bytes of its
+        image and label files (not their names or times). Reads every file once."""
+        from ddps_core.training import content_id
+
+        return content_id(x for sid, image, label in self._entries
+                          for x in (sid.encode(), image, b"" if label is None else label))
+
     def _set_entries(self, entries: list[tuple[str, Path, Path | None]], folder: Path) -> None:
         if not entries:
             raise DataError(f"{folder}: split is empty (no image files found)")

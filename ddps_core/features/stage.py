@@ -107,7 +107,9 @@ def open_for_writing(settings: Settings, path: str | Path, reader: Any, ext: Fea
     wanted = {**ext.store_settings(), "image_ids": list(reader.ids),
               "shard_images": settings.features.shard_images,
               "num_classes": reader.num_classes if labelled else None,
-              "ignore_index": settings.data.ignore_index if labelled else None}
+              "ignore_index": settings.data.ignore_index if labelled else None,
+              # images or labels changed under the same names: their features are made again
+              "inputs_id": reader.content_id() if hasattr(reader, "content_id") else None}
     try:
         store = open_or_create(path, storage_options=options, **wanted)
     except ConfigError as exc:

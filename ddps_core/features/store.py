@@ -92,6 +92,8 @@ chunks (one image) by byte range.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -149,6 +151,7 @@ SETTINGS_KEYS = (
     "noise_id",
     "image_size",
     "image_ids",
+    "inputs_id",
     "shard_images",
     "arrays",
     "shapes",
@@ -361,6 +364,7 @@ class FeatureStore:
         shard_images: int = DEFAULT_SHARD_IMAGES,
         num_classes: int | None = None,
         ignore_index: int | None = None,
+        inputs_id: str | None = None,
         compress: bool = False,
         storage_options: Mapping[str, Any] | None = None,
     ) -> FeatureStore:
@@ -371,11 +375,13 @@ class FeatureStore:
         native ``(C, h, w)``. ``num_classes`` (None: no labels) adds a ``labels`` array with
         ``ignore_index`` (or None) as its fill value. ``compress`` stores chunks with zstd
         level 1 (float16 activations compress little; off by default for fast reads and
-        writes).
+        writes). ``inputs_id``: the content id of the images and labels the store is for (a
+        reader's ``content_id()``): a store whose images or labels changed under the same ids
+        is not reopened as if it held their features.
         """
         settings = cls._settings(
             path, model_id, steps, blocks, image_size, image_ids, shapes, noise_seed, noise_id,
-            schedule_id, shard_images, num_classes, ignore_index,
+            schedule_id, shard_images, num_classes, ignore_index, inputs_id,
         )
         if storage.is_remote(path):
             cls._create_remote(os.fspath(path), settings, compress, storage_options)
@@ -424,7 +430,7 @@ class FeatureStore:
     @staticmethod
     def _settings(
         path, model_id, steps, blocks, image_size, image_ids, shapes, noise_seed, noise_id,
-        schedule_id, shard_images, num_classes, ignore_index,
+        schedule_id, shard_images, num_classes, ignore_index, inputs_id=None,
     ) -> dict[str, Any]:
         steps, blocks = [int(s) for s in steps], [int(b) for b in blocks]
         if blocks != sorted(set(blocks)):
@@ -466,6 +472,7 @@ class FeatureStore:
                 "noise_id": noise_id,
                 "image_size": int(image_size),
                 "image_ids": ids,
+                "inputs_id": None if inputs_id is None else str(inputs_id),
                 "shard_images": int(shard_images),
                 "arrays": names,
                 "shapes": {n: tuple(int(v) for v in shapes[n]) for n in names},
@@ -658,6 +665,13 @@ class FeatureStore:
                 with contextlib.suppress(Exception):
                     out[k] = np.asarray(self._done[k], dtype=np.uint64)
             return out
+
+    def content_id(self) -> str:
+        """16 hex digits naming what the store holds: its settings and every shard's record
+        (done, and the CRC32C and size of the features and labels written). Equal ids: equal
+        features and labels; no data is read."""
+        head = json.dumps(self.settings(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(head + np.ascontiguousarray(self._records()).tobytes()).hexdigest()[:16]
 
     def _shard_mask(self, records: np.ndarray | None = None) -> np.ndarray:
         records = self._records() if records is None else records
@@ -1074,6 +1088,7 @@ def open_or_create(path: str | os.PathLike[str], storage_options: Mapping[str, A
         settings.pop("shard_images", DEFAULT_SHARD_IMAGES),
         settings.pop("num_classes", None),
         settings.pop("ignore_index", None),
+        settings.pop("inputs_id", None),
     )
     if settings:
         raise TypeError(f"unknown feature store settings {sorted(settings)}")

@@ -77,7 +77,8 @@ def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candida
     if not scores_path.is_file():
         raise DataError(f"{scores_path}: the unlabelled pool has no teacher labels; run the label stage "
                         "(features.splits must include unlabeled)")
-    if not marker.is_file() or marker.read_text().strip() != teacher:
+    # the marker is "<teacher id>-<features content id>" (see teacher.stage): the teacher part decides
+    if not marker.is_file() or marker.read_text().strip().partition("-")[0] != teacher:
         raise DataError(f"{folder}: labelled by another teacher than {settings.teacher.out}; "
                         "rerun the label stage")
     scores = pd.read_parquet(scores_path, columns=["image_id", "score"])

@@ -105,10 +105,12 @@ def label_parts(ensemble: PixelEnsemble, source: Any, folder: str | Path, split:
                 progress(done, total)
             continue
         rows = []
+        # uncertainty is at most log(members); one member is never uncertain
+        heat_scale = 255.0 / np.log(ensemble.members) if ensemble.members > 1 else 0.0
         for i, (image_id, labels, unc, score) in zip(range(a, b), predict_store(ensemble, source, image_indices=list(range(a, b)))):
             atomic_write_bytes(folder / f"{image_id}.png",
                                png_bytes(labels.astype(np.uint8 if k <= 256 else np.uint16)))
-            heat = np.clip(unc / np.log(ensemble.members) * 255.0, 0, 255).astype(np.uint8)
+            heat = np.clip(unc * heat_scale, 0, 255).astype(np.uint8)
             atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
             counts = np.bincount(labels.ravel(), minlength=k)[:k]
             rows.append({"image_id": image_id, "score": float(score), "split": split,

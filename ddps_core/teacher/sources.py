@@ -121,6 +121,17 @@ class RGBXYSource(_FullResSource):
         self.source_id = f"rgbxy-{self.image_size}"
         self._cache: tuple[int, np.ndarray, np.ndarray | None] | None = None
 
+    def content_id(self) -> str:
+        """16 hex digits naming the features and labels this source gives: the image size
+        and its reader's content (or, for images in memory, their arrays)."""
+        from ddps_core.training import content_id
+
+        if hasattr(self._src, "content_id"):
+            inner = self._src.content_id()
+        else:
+            inner = content_id(a for k in range(len(self)) for a in self._raw(k)[:2] if a is not None)
+        return content_id([f"rgbxy {self.image_size} {inner}".encode()])
+
     def _raw(self, k: int) -> tuple[np.ndarray, np.ndarray | None, str | None]:
         item = self._src[k]
         if isinstance(item, np.ndarray):

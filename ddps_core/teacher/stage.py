@@ -97,8 +97,10 @@ def load_method(settings: Settings, method: str) -> PixelEnsemble:
     return PixelEnsemble.load(path)
 
 
-def _teacher_id(settings: Settings, method: str) -> str:
-    return teacher_id(model_folder(settings, method) / WEIGHTS)
+def _labels_id(settings: Settings, method: str, source: Any) -> str:
+    """What a labelling's parts were made from: the teacher's file and the features' content
+    (parts of another teacher, or of other features under the same image ids, are redone)."""
+    return f"{teacher_id(model_folder(settings, method) / WEIGHTS)}-{source.content_id()}"
 
 
 # --------------------------------------------------------------------------- train_teacher
@@ -118,20 +120,20 @@ def train_method(settings: Settings, method: str, report: Reporter) -> dict[str,
     summary = train_ensemble(
         sampler, ensemble, lr=cfg.lr, max_epochs=cfg.max_epochs, patience=cfg.patience,
         min_epoch=cfg.min_epoch, bootstrap=cfg.bootstrap, seed=cfg.seed, task=method, report=report,
-        inputs={"features": source_id_of(source)},
+        inputs={"features": source.content_id()},  # same names, other images or labels: start over
         checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
     ensemble.save(out / WEIGHTS)
     record = {"method": method, "n_train_images": n, "feature_dim": source.feature_dim,
               "source_id": source_id_of(source), **summary.record()}
     atomic_write_text(out / "train.json", json.dumps(record, indent=2, default=str))
     report.log(f"{method}: {record['epochs']} epochs ({record['reason']}) -> {out}")
-    return {**record, "seconds": summary.seconds}
+    return {**record, "seconds": summary.seconds, "resumed_from": summary.resumed_from}
 
 
 def train_teacher(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``train_teacher``: the teacher, then each baseline (resumes where it stopped)."""
     return {m: {k: v for k, v in train_method(settings, m, report).items()
-                if k in ("epochs", "reason", "seconds", "feature_dim")}
+                if k in ("epochs", "reason", "seconds", "feature_dim", "resumed_from")}
             for m in methods(settings)}
 
 
@@ -155,8 +157,9 @@ def plan_labels(settings: Settings, n: int, report: Reporter) -> list[dict[str, 
     groups = []
     for method, split in label_jobs(settings):
         folder = label_folder(settings, method, split)
-        start_labels(folder, _teacher_id(settings, method))
-        todo = pending_parts(feature_source(settings, method, split), folder)
+        source = feature_source(settings, method, split)
+        start_labels(folder, _labels_id(settings, method, source))
+        todo = pending_parts(source, folder)
         groups += [{"method": method, "split": split, "parts": todo[i::n]} for i in range(max(1, n)) if todo[i::n]]
     return groups
 
@@ -174,9 +177,9 @@ def label(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Join each (method, split)'s parts into its ``scores.parquet``."""
     out = {}
     for method, split in label_jobs(settings):
-        scores: pd.DataFrame = finish_labels(feature_source(settings, method, split),
-                                             label_folder(settings, method, split),
-                                             _teacher_id(settings, method), _num_classes(settings))
+        source = feature_source(settings, method, split)
+        scores: pd.DataFrame = finish_labels(source, label_folder(settings, method, split),
+                                             _labels_id(settings, method, source), _num_classes(settings))
         out[f"{method}/{split}"] = {"images": len(scores), "mean_score": float(scores["score"].mean())}
         report.log(f"{method}/{split}: {len(scores)} images labelled -> {label_folder(settings, method, split)}")
     return out

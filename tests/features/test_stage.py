@@ -95,3 +95,43 @@ def test_writers_get_disjoint_shards(project, tmp_path):
     tokens = {g["token"] for g in groups if g["split"] == "train"}
     lock = (tmp_path / "w" / "train.zarr" / "writer.lock").read_text()
     assert len(tokens) == 1 and next(iter(tokens)) in lock
+
+
+def test_images_or_labels_changed_under_the_same_names_are_extracted_again(tmp_path):
+    raw = tiny_project(tmp_path, {"n_unlabeled": 0, "n_labeled": 4, "n_test": 1},
+                       features={"steps": [10], "blocks": [1], "shard_images": 2, "batch_size": 2,
+                                 "out": str(tmp_path / "f"), "splits": ["train"]},
+                       teacher={"baselines": []})
+    s = parse_settings(raw)
+    stages.get("extract").run(s)
+    store = FeatureStore.open(store_path(s, "train"), read_only=True)
+    before, first_label = store.content_id(), store.label(0).copy()
+    assert plan_shards(s, 1, Reporter()) == []  # unchanged inputs (the files merely touched): nothing to do
+    # one label file, same name, other classes
+    npy = sorted((tmp_path / "dataset" / "real" / "train").glob("*.npy"))[0]
+    mask = np.load(npy)
+    np.save(npy, (mask + 1) % 7)
+    logs = []
+    groups = plan_shards(s, 1, CallbackReporter(log=logs.append))
+    assert any("inputs_id" in m and "rebuilding" in m for m in logs)
+    assert sorted(k for g in groups for k in g["shards"]) == [0, 1]
+    stages.get("extract").run(s)
+    after = FeatureStore.open(store_path(s, "train"), read_only=True)
+    assert after.content_id() != before
+    assert not np.array_equal(after.label(0), first_label)
+
+
+def test_content_id_follows_the_values_not_the_files_times(tmp_path):
+    shapes = {"t3_b0": (2, 4, 4)}
+    ids = []
+    for name in ("a", "b"):
+        store = FeatureStore.create(tmp_path / name, model_id="m", steps=[3], blocks=[0], image_size=8,
+                                    shapes=shapes, image_ids=["x", "y"], shard_images=2)
+        ids.append(store.content_id())  # nothing written: equal
+        store.write_shard(0, {"t3_b0": np.full((2, 2, 4, 4), 1 if name == "a" else 2, np.float16)})
+        ids.append(store.content_id())
+        store.release()
+    assert ids[0] == ids[2] and ids[1] != ids[3] and ids[0] != ids[1]
+    again = FeatureStore.open(tmp_path / "a")
+    again.write_shard(0, {"t3_b0": np.full((2, 2, 4, 4), 1, np.float16)})  # the same values again
+    assert again.content_id() == ids[1]

@@ -127,3 +127,25 @@ def test_labelling_resumes_by_part_to_the_same_files(project, tmp_path, monkeypa
     predicted.clear()
     labelling.label_images(ens, store, tmp_path / "c", "unlabeled", "t2")
     assert predicted == list(range(12))
+
+
+def test_labels_changed_under_the_same_names_train_the_teacher_again(tmp_path):
+    """Reuse is decided by the features' content: the same image names with other labels
+    are a new run (its checkpoint is not resumed), and the pool's labelling is redone."""
+    raw = tiny_project(
+        tmp_path, {"n_unlabeled": 2, "n_labeled": 3, "n_test": 1},
+        features={"steps": [10], "blocks": [1], "shard_images": 2, "batch_size": 2, "out": str(tmp_path / "f")},
+        teacher={"baselines": [], "members": 1, "max_epochs": 1, "out": str(tmp_path / "teacher"),
+                 "labels_out": str(tmp_path / "labels"), "min_class_pixels": 1, "checkpoint_every": 1})
+    s = parse_settings(raw)
+    stages.get("extract").run(s)
+    first = stages.get("train_teacher").run(s)["teacher"]
+    stages.get("label").run(s)
+    again = stages.get("train_teacher").run(s)["teacher"]
+    assert again["resumed_from"] is not None  # same content: the finished run is reused
+    npy = sorted((tmp_path / "dataset" / "real" / "train").glob("*.npy"))[0]
+    np.save(npy, (np.load(npy) + 1) % 7)
+    stages.get("extract").run(s)
+    other = stages.get("train_teacher").run(s)["teacher"]
+    assert other["resumed_from"] is None and first["resumed_from"] is None
+    assert plan_labels(s, 1, Reporter()) != []  # the pool is labelled again by the new teacher
