@@ -75,6 +75,11 @@ class DataSettings(Section):
     num_classes: int | None = Field(None, ge=1, le=65535)
     ignore_index: int = Field(255, ge=0, le=65535)
     splits: dict[Literal["train", "test", "unlabeled"], str | None] | None = None
+    resize: Literal["whole", "slide"] = Field(
+        "whole", description="How an image of any size meets the S x S models: resized whole, or S x S "
+        "windows of the image scaled to short side S; predictions go back to the image's size (docs/method.md).")
+    stride: int | None = Field(None, ge=1, description="slide: window stride in pixels of the scaled image "
+                               "(default: two thirds of S).")
     synthetic: SyntheticSettings = SyntheticSettings()
 
     @model_validator(mode="after")
