@@ -1,0 +1,55 @@
+"""Predictions on images of any size, at their own size, from any trained model of a
+workspace: the teacher (DDPM features and the pixel-MLP ensemble), the student (a segmentor)
+or the refiner (the student refined by the DDPS head).
+
+Every model works on ``S x S`` inputs; :mod:`ddps_core.geometry` maps an image to those
+inputs (``data.resize``: ``whole`` or ``slide``) and the class probabilities back to the
+image's size. A :class:`Predictor` is what every caller uses: the label stage, the scoring of
+every method, ``ddps predict`` and the Python API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["MODELS", "Prediction", "Predictor"]
+
+#: The models a workspace can predict with.
+MODELS = ("teacher", "student", "refiner")
+
+
+@dataclass
+class Prediction:
+    """One image's prediction, at the image's own ``H x W``."""
+
+    labels: np.ndarray
+    """``H x W`` class ids (uint8 for up to 256 classes, else uint16)."""
+    uncertainty: np.ndarray | None
+    """float32 ``H x W``: the teacher's Jensen-Shannon divergence between its members, the
+    refiner's share of refinement steps that changed the pixel; None for the student."""
+    score: float
+    """The image's uncertainty score (the teacher's: the mean of its top-``int(n/10)`` pixel
+    scores, as the reference filter ranks images; the others: the mean of ``uncertainty``,
+    NaN without one)."""
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """A trained model that labels images of any size (see the module docstring)."""
+
+    model: str
+    """One of :data:`MODELS`."""
+    model_id: str
+    """Content id of the weights (changes when they do)."""
+    num_classes: int
+    class_names: list[str] | None
+    size: int
+    """``S``: the model's input size."""
+
+    def __call__(self, images: list[np.ndarray]) -> list[Prediction]:
+        """uint8 ``H x W x 3`` images of any sizes, batched internally; one
+        :class:`Prediction` per image, at its size."""
+        ...
