@@ -175,6 +175,7 @@ def data_check(
     """Read and validate every file of a dataset; print counts per split."""
     from ddps_core.datasets import open_dataset
     from ddps_core.datasets.readers import split_folders
+    from ddps_core.datasets.stage import samples_reporting
 
     splits = split or list(split_folders(format_, root)) or ["train"]
     table = Table(title=f"{root} ({format_})")
@@ -186,7 +187,7 @@ def data_check(
             sizes: set[tuple[int, int]] = set()
             seen: set[int] = set()
             labelled = 0
-            for i, sample in enumerate(ds, 1):
+            for i, sample in enumerate(samples_reporting(ds, report.log), 1):
                 sizes.add(sample.image.shape[:2])
                 if sample.label is not None:
                     labelled += 1

@@ -26,6 +26,12 @@ class DataError(DDPSError):
     """An input file or folder is unreadable, inconsistent or malformed."""
 
 
+class DataWarning(UserWarning):
+    """An input that is used after a documented repair (a label map of another size than its
+    image, resized to it); the message names the file. The ``data`` stage passes each to its
+    report, and ``ddps data check`` prints each as a ``warning:`` line."""
+
+
 class CheckpointError(DDPSError):
     """A checkpoint cannot be loaded: wrong keys or shapes, unsafe content, unreadable."""
 

@@ -338,7 +338,7 @@ def test_update_input_errors():
     acc.update(np.ones((2, 2), np.float32), np.ones((2, 2), np.uint8), image_id="ok")
     assert acc.result().area_intersect.tolist() == [0, 4, 0]
     with pytest.raises(ValueError):
-        ConfusionAccumulator(3, ignore_index=1)
+        ConfusionAccumulator(3, ignore_index=-1)  # a class id is allowed (the ignored class); negative is not
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ message names the file (full path) and says what is wrong with it.
 from __future__ import annotations
 
 import io
-
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ddps_core.errors import DataError
+from ddps_core.errors import DataError, DataWarning
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".png", ".npy")
@@ -40,20 +40,49 @@ class Sample(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+#: How :func:`load_image` turns each PIL mode into 8-bit RGB (docs/datasets.md, "Image modes").
+IMAGE_MODE_RULES = {
+    "RGB": "kept as it is",
+    "L": "the grey value in all three channels",
+    "1": "black 0 and white 255, in all three channels",
+    "I;16 (and I;16B, I;16L, I)": "16-bit grey: the high byte, v // 256 (v clipped to 0..65535), in all three "
+                                  "channels; PIL reads 16-bit colour PNGs the same way (the high byte of each channel)",
+    "LA, RGBA, PA": "the alpha channel is dropped (not composited), the colour kept as stored",
+    "P": "the palette's colour of each index; palette transparency is dropped",
+    "other (CMYK, YCbCr, ...)": "PIL's convert('RGB')",
+}
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 ``H x W x 3`` RGB of a PIL image, by the one rule of :data:`IMAGE_MODE_RULES`.
+
+    The DDPM-Seg reference calls ``convert("RGB")``; that is what happens here too, except for
+    16-bit grey, which PIL would clip at 255 (almost every pixel white): we keep its high byte,
+    as PIL does for 16-bit colour."""
+    if im.mode in _SIXTEEN_BIT:
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        grey = (arr >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "RGB":
+        return np.array(im, dtype=np.uint8)
+    if im.mode in ("LA", "RGBA", "PA"):
+        im = im.convert(im.mode[:-1])  # drop alpha first: PIL's RGBA -> RGB does the same, LA/PA too
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.copy()
+        im.info.pop("transparency")
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as uint8 HxWx3 RGB (grayscale / RGBA / palette / CMYK converted)."""
+    """Read an image file as uint8 ``H x W x 3`` RGB; every mode converts by the one rule of
+    :func:`image_to_rgb` (grey, 16-bit grey, alpha, palette: :data:`IMAGE_MODE_RULES`)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode == "I;16" or im.mode == "I":
-                # 16/32-bit grayscale: scale to 8 bit instead of PIL's clipping conversion.
-                arr = np.asarray(im).astype(np.float64)
-                top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-                grey = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-                return np.repeat(grey[:, :, None], 3, axis=2)
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            arr = np.array(rgb, dtype=np.uint8)
+            arr = image_to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
     except _DECODE_ERRORS as exc:
@@ -155,6 +184,30 @@ def check_label(
         )
 
 
+def nearest_like_reference(label: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``label`` resized to ``height x width`` by nearest neighbour as OpenCV's ``INTER_NEAREST``
+    samples (what the DDPM-Seg reference calls): output pixel ``x`` takes source pixel
+    ``floor(x * in / out)``."""
+    h, w = label.shape[:2]
+    rows = np.minimum((np.arange(height) * h) // height, h - 1)
+    cols = np.minimum((np.arange(width) * w) // width, w - 1)
+    return np.ascontiguousarray(label[rows[:, None], cols[None, :]])
+
+
+def fit_label(label: np.ndarray, image_shape: tuple[int, ...], label_path: Path, image_path: Path) -> np.ndarray:
+    """``label`` at its image's size: unchanged when the sizes agree; otherwise resized by
+    :func:`nearest_like_reference` with a :class:`~ddps_core.errors.DataWarning` naming the
+    file (the DDPM-Seg reference resizes every label map the same way, without a word)."""
+    ih, iw = int(image_shape[0]), int(image_shape[1])
+    if tuple(label.shape) == (ih, iw):
+        return label
+    lh, lw = label.shape
+    warnings.warn(DataWarning(
+        f"{label_path}: label size {lh}x{lw} (HxW) differs from image {image_path} size {ih}x{iw} (HxW); "
+        "resized to the image's size (nearest neighbour)"), stacklevel=2)
+    return nearest_like_reference(label, ih, iw)
+
+
 # --------------------------------------------------------------------------------------------
 # classes.yaml
 # --------------------------------------------------------------------------------------------
@@ -221,10 +274,10 @@ def check_class_settings(num_classes: int, ignore_index: int, where: Path) -> No
         raise DataError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
         raise DataError(f"{where}: ignore_index must be an integer, got {ignore_index!r}")
-    if 0 <= ignore_index < num_classes:
-        raise DataError(
-            f"{where}: ignore_index={ignore_index} collides with a class id (num_classes={num_classes})"
-        )
+    if ignore_index < 0:
+        raise DataError(f"{where}: ignore_index must not be negative, got {ignore_index}")
+    # 0 <= ignore_index < num_classes is allowed: that class id is then the ignored class (a
+    # slot of the K classes that is never trained on nor scored; DDPM-Seg's bedroom_28, 0).
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +381,7 @@ class BaseReader:
         if label_path is None:
             return Sample(image, None, sid)
         label = self._map_label(load_label(label_path), label_path)
+        label = fit_label(label, image.shape[:2], label_path, image_path)
         check_label(
             label, image.shape, self.num_classes, self.ignore_index, label_path, image_path,
             self._label_note,

@@ -18,7 +18,8 @@ interrupted import resumes; the finished folder replaces ``out`` in one swap. An
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ddps_core.config import DataSettings, Settings
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.datasets.readers import open_dataset, split_folders
 from ddps_core.datasets.synthetic import make_synthetic
-from ddps_core.errors import DataError
+from ddps_core.errors import DataError, DataWarning
 from ddps_core.io import atomic_write_bytes, atomic_write_text, partial_folder, swap_folder
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
@@ -100,6 +101,21 @@ def import_splits(data: DataSettings, warn: Callable[[str], None] | None = None)
     return chosen
 
 
+def samples_reporting(reader: Any, warn: Callable[[str], None] | None) -> Iterator[Any]:
+    """``reader``'s samples, each :class:`~ddps_core.errors.DataWarning` raised while reading
+    one (a label resized to its image) passed to ``warn`` (or left to Python's warnings)."""
+    for i in range(len(reader)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            sample = reader[i]
+        for w in caught:
+            if warn is not None and issubclass(w.category, DataWarning):
+                warn(f"warning: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        yield sample
+
+
 def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = None,
                    warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate a user dataset and write it to ``data.out`` in the canonical layout."""
@@ -123,7 +139,7 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
     for split, reader in readers.items():
         folder = partial / ("unlabeled" if split == "unlabeled" else f"real/{split}")
         folder.mkdir(parents=True, exist_ok=True)
-        for sample in reader:  # reading validates: every fault raises DataError naming the file
+        for sample in samples_reporting(reader, warn):  # reading validates: a fault raises DataError naming the file
             png, npy = folder / f"{sample.id}.png", folder / f"{sample.id}.npy"
             labelled = split != "unlabeled" and sample.label is not None
             if split != "unlabeled" and sample.label is None:

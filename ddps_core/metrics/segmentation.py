@@ -3,7 +3,10 @@
 Conventions (mmseg / DDPS):
 
 * Pixels whose ground truth equals ``ignore_index`` are dropped from both maps for the area
-  statistics. Per-class intersection, union, prediction area and label area are *summed over
+  statistics. ``ignore_index`` may be a class id (``0 <= ignore_index < K``, DDPM-Seg's
+  bedroom_28 ignores its class 0): that class is then *the ignored class*. Its ground-truth
+  pixels are dropped like any ignore pixel, a prediction of it on a valid pixel is a miss of
+  that pixel's class, and its IoU, Boundary IoU and accuracy are NaN, so no mean counts it. Per-class intersection, union, prediction area and label area are *summed over
   the dataset*; ``IoU_c = I_c / U_c`` (NaN when ``U_c == 0``), ``mIoU = nanmean(IoU)``,
   ``aAcc = sum(I) / sum(label area)``, ``mAcc = nanmean(I_c / label_area_c)``. Prediction
   values outside ``[0, K)`` belong to no class (they lower the accuracy).
@@ -137,10 +140,8 @@ class ConfusionAccumulator:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
             raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index {ignore_index} is a valid class id for num_classes={num_classes}"
-            )
+        if ignore_index < 0:
+            raise ValueError(f"ignore_index must not be negative, got {ignore_index}")
         boundary_width(1, 1, boundary_ratio)  # validates the ratio
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -153,6 +154,14 @@ class ConfusionAccumulator:
         self.boundary_pred = np.zeros(k, dtype=np.int64)
         self.boundary_label = np.zeros(k, dtype=np.int64)
         self.per_image: list[tuple[str, float]] = []
+        #: classes that are scored: all K, but the ignored class when ignore_index is a class id
+        self.scored = np.ones(k, dtype=bool)
+        if self.ignore_index < k:
+            self.scored[self.ignore_index] = False
+
+    def _unscored(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (float, per class) with NaN for the ignored class."""
+        return np.where(self.scored, values, np.nan)
 
     def _count(self, values: np.ndarray) -> np.ndarray:
         """Histogram of ``values`` over ``[0, K)``; values outside the range are not counted."""
@@ -220,15 +229,15 @@ class ConfusionAccumulator:
         self.boundary_pred += b_pred
 
         union = area_pred + area_label - intersect
-        self.per_image.append((image_id, _nanmean(_ratio(intersect, union))))
+        self.per_image.append((image_id, _nanmean(self._unscored(_ratio(intersect, union)))))
 
     def result(self) -> SegmentationResult:
         """Metrics over everything added so far (arrays are copies)."""
         union = self.area_pred + self.area_label - self.area_intersect
         b_union = self.boundary_pred + self.boundary_label - self.boundary_intersect
-        iou = _ratio(self.area_intersect, union)
-        biou = _ratio(self.boundary_intersect, b_union)
-        acc = _ratio(self.area_intersect, self.area_label)
+        iou = self._unscored(_ratio(self.area_intersect, union))
+        biou = self._unscored(_ratio(self.boundary_intersect, b_union))
+        acc = self._unscored(_ratio(self.area_intersect, self.area_label))
         total = int(self.area_label.sum())
         summary = {
             "miou": _nanmean(iou),

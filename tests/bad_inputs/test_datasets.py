@@ -48,12 +48,6 @@ def _truncated_npy(root: Path) -> tuple[Path, str]:
     return path, "cannot read .npy label (corrupt or truncated)"
 
 
-def _size_mismatch(root: Path) -> tuple[Path, str]:
-    path = root / "real" / "test" / "test_0.npy"
-    np.save(path, label_map(4, 0))
-    return path, "label size 4x4 (HxW) differs from image"
-
-
 def _value_ge_k(root: Path) -> tuple[Path, str]:
     path = root / "real" / "train" / "train_0.npy"
     label = label_map(8, 0)
@@ -79,7 +73,6 @@ FAULTS = {
     "corrupt_png": _corrupt_png,
     "corrupt_jpeg": _corrupt_jpeg,
     "truncated_npy": _truncated_npy,
-    "label_size_differs": _size_mismatch,
     "label_value_ge_k": _value_ge_k,
     "empty_split": _empty_split,
     "duplicate_stem": _duplicate_stem,
@@ -112,3 +105,19 @@ def test_corrupt_image_console_script_exit_code_and_debug(imported):
     assert debug.code != 0
     assert "Traceback (most recent call last)" in debug.err
     assert "DataError" in debug.err and str(offending) in debug.err
+
+
+@pytest.mark.parametrize("command", ["check", "prepare"])
+def test_a_label_of_another_size_is_a_warning_naming_the_file_not_an_error(imported, cli, command):
+    """Not a fault any more: the label is resized to its image (nearest, as the DDPM-Seg
+    reference does) and one ``warning:`` line names it (docs/datasets.md)."""
+    root, out, params = imported
+    path = root / "real" / "test" / "test_0.npy"
+    np.save(path, label_map(4, 0))
+    res = cli("data", "check", root, "--format", "ddpm-seg") if command == "check" else \
+        cli("data", "prepare", "--params", params)
+    assert res.code == 0, res.err
+    lines = [line for line in (res.err + res.out).splitlines() if "test_0.npy" in line]
+    assert len(lines) == 1 and "warning" in lines[0] and "differs from image" in lines[0], res.err + res.out
+    if command == "prepare":
+        assert np.load(out / "real" / "test" / "test_0.npy").shape == (8, 8)
