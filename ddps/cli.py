@@ -123,14 +123,23 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 # ----------------------------------------------------------------------------- config
-config_app = _group("config", "Show the effective settings.")
+config_app = _group("config", "Show the effective settings and the recipes.")
 
 
 @config_app.command("show")
 def config_show(params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None) -> None:
-    """Print the effective settings (the settings file + overrides, validated)."""
+    """Print the effective settings (a recipe's values, then the settings file and the
+    overrides over them, validated): every key, so the output is a complete params.yaml."""
     s = settings_from(params, defaults, set_)
-    console.print(yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False), end="")
+    console.print(yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False), end="", markup=False)
+
+
+@config_app.command("recipes")
+def config_recipes() -> None:
+    """List the recipes (recipe: NAME) and the values each sets."""
+    from ddps_core.recipes import RECIPES
+
+    console.print(yaml.safe_dump(RECIPES, sort_keys=False, width=1000), end="", markup=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- data

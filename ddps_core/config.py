@@ -9,6 +9,7 @@ through :func:`load_settings` ``overrides`` (dotted keys), which are validated t
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -62,13 +63,24 @@ DEFAULT_SPLITS: dict[str, dict[str, str | None]] = {
 }
 
 
+ReferenceDatasetName = Literal["ffhq_34", "bedroom_28", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"]
+
+
 class DataSettings(Section):
     """Stage ``data``: make (synthetic) or import (user data) the canonical dataset.
 
     The stage writes ``out`` in the DDPM-Seg folder layout (``real/{train,test}`` with
     ``.npy`` labels, ``unlabeled/``, ``classes.yaml``); every later stage reads that.
+
+    ``dataset`` names one of the six datasets DDPM-Seg distributes
+    (:mod:`ddps_core.datasets.reference`): ``root`` is then its folder as the reference ships it,
+    and the source (``ddpm-seg``), the class count, the class names, the palette and the ignore
+    index come from the reference. A ``source``, ``num_classes`` or ``ignore_index`` written
+    next to it must agree.
     """
 
+    dataset: ReferenceDatasetName | None = Field(
+        None, description="A DDPM-Seg reference dataset by name: its classes, palette and ignore index are known.")
     source: DatasetSource = "synthetic"
     root: str | None = Field(None, description="Input dataset folder (not for synthetic).")
     out: str = "data/dataset"
@@ -81,6 +93,28 @@ class DataSettings(Section):
     stride: int | None = Field(None, ge=1, description="slide: window stride in pixels of the scaled image "
                                "(default: two thirds of S).")
     synthetic: SyntheticSettings = SyntheticSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_dataset(cls, raw: Any) -> Any:
+        """Fill ``source``, ``num_classes`` and ``ignore_index`` from ``dataset``; a value
+        written that disagrees with the reference is an error naming the key."""
+        if not isinstance(raw, Mapping) or raw.get("dataset") is None:
+            return raw
+        from ddps_core.datasets.reference import REFERENCE_DATASETS
+
+        ref = REFERENCE_DATASETS.get(raw["dataset"])
+        if ref is None:
+            return raw  # the field's validation names the unknown dataset
+        raw = dict(raw)
+        fixed = {"source": "ddpm-seg", "num_classes": ref.num_classes, "ignore_index": ref.ignore_index}
+        for key, value in fixed.items():
+            given = raw.get(key)
+            if given is not None and given != value:
+                raise ValueError(f"data.{key} is {given!r}, but data.dataset {ref.name!r} has {key} {value!r} "
+                                 f"(remove data.{key} or set it to {value!r})")
+            raw[key] = value
+        return raw
 
     @model_validator(mode="after")
     def _check_source(self) -> DataSettings:
@@ -246,30 +280,70 @@ STUDENT_ENCODERS: dict[str, tuple[str, ...]] = {
 
 
 class StudentSettings(Section):
-    """Stage ``train_student``: a standalone segmentor distilled from the generated dataset.
+    """Stage ``train_student``: a standalone segmentor, trained on ``source``:
+
+    * ``generated`` (DDPM-Seg): the ``generate`` stage's filtered, teacher-labelled export, each
+      image S x S as ``data.resize`` makes it (``image_size``, else the diffusion model's size),
+      with random flips and scales ``scale_min`` .. ``scale_max``; selected by mIoU on the real
+      labelled images (``select_on: real``);
+    * ``labelled`` (the supervised setting of DDPS): the dataset's own labelled training split at
+      its own resolution, mmsegmentation's way: each image rescaled to fit ``base_scale`` times a
+      ratio drawn from ``ratio_range``, a random ``crop_size`` crop (``cat_max_ratio``: no class
+      above that share of it, 10 tries), a flip, the ignore label where the image is smaller than
+      the crop; the last weights are kept (``select_on: last``).
 
     ``arch`` / ``encoder``: DeepLabV3+ with MobileNetV2 / ResNet-50 / ResNet-101, or SegFormer
     with MiT-B0 / B2 / B5 (segmentation-models-pytorch). ``encoder_weights``: None (random
     init, the default: nothing is downloaded), smp's name of a weight set (e.g.
     ``imagenet``, when smp can fetch or has cached it) or a path to a ``.safetensors`` /
     ``.pth`` file of the encoder's state dict.
+
+    ``train_data`` is the folder the stage reads for ``source``, written out for DVC (whose
+    dependencies cannot be conditional): ``generate.out`` for ``generated``,
+    ``<data.out>/real/train`` for ``labelled``; None derives it, a value that disagrees is an error.
     """
 
+    source: Literal["generated", "labelled"] = Field(
+        "generated", description="generated: the generate stage's export; labelled: the dataset's training split.")
+    train_data: str | None = Field(
+        None, description="The folder source reads (what dvc.yaml tracks); None: derived from source.")
     arch: Literal["deeplabv3plus", "segformer"] = "segformer"
     encoder: str = "mit_b0"
     encoder_weights: str | None = None
-    image_size: int | None = Field(None, ge=8, description="Training / inference size (None: the dataset's).")
+    image_size: int | None = Field(None, ge=8, description="generated: training / inference size (None: the "
+                                   "diffusion model's).")
     epochs: int = Field(40, ge=1)
+    iterations: int | None = Field(None, ge=1, description="Optimiser steps in all; when set, epochs is not used "
+                                   "(mmsegmentation counts its schedules in iterations).")
     batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0, description="The poly decay ends here (mmsegmentation's min_lr).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only.")
     weight_decay: float = Field(1e-2, ge=0)
+    norm_weight_decay: bool = Field(True, description="False: no weight decay on normalisation layers "
+                                    "(mmsegmentation's SegFormer recipe).")
+    head_lr_mult: float = Field(1.0, gt=0, description="Learning-rate factor of the decoder and head "
+                                "(mmsegmentation's SegFormer recipe: 10).")
     poly_power: float = Field(0.9, ge=0)
     warmup_steps: int = Field(50, ge=0)
     hflip: bool = True
-    scale_min: float = Field(0.75, gt=0)
-    scale_max: float = Field(1.25, gt=0)
-    select_on: Literal["real", "last"] = Field(
-        "real", description="Checkpoint selection: mIoU on the real labelled images (the reference), or the last epoch.")
+    scale_min: float = Field(0.75, gt=0, description="generated: random scale range.")
+    scale_max: float = Field(1.25, gt=0, description="generated: random scale range.")
+    crop_size: list[int] = Field(default_factory=lambda: [512, 512], min_length=2, max_length=2,
+                                 description="labelled: [height, width] of the random crops.")
+    base_scale: list[int] | None = Field(
+        default_factory=lambda: [2048, 512], min_length=2, max_length=2,
+        description="labelled: [long, short] edge bound an image is rescaled to fit (keeping its aspect ratio) before "
+                    "the random ratio; None: the image's own size.")
+    ratio_range: list[float] = Field(default_factory=lambda: [0.5, 2.0], min_length=2, max_length=2,
+                                     description="labelled: the random scale ratio's range.")
+    cat_max_ratio: float | None = Field(
+        0.75, gt=0, le=1, description="labelled: a crop is redrawn (up to 10 times) while one class covers more than "
+                                      "this share of its labelled pixels; None: any crop.")
+    select_on: Literal["real", "last"] | None = Field(
+        None, description="Checkpoint selection: mIoU on the real labelled images (the reference), or the last epoch; "
+                          "None: real for source generated, last for labelled.")
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
     out: str = "data/models/student"
@@ -281,7 +355,21 @@ class StudentSettings(Section):
             raise ValueError(f"student.encoder {self.encoder!r} is not one of {list(known)} for arch {self.arch!r}")
         if self.scale_min > self.scale_max:
             raise ValueError(f"student.scale_min ({self.scale_min}) > student.scale_max ({self.scale_max})")
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ValueError(f"student.ratio_range {self.ratio_range}: expected 0 < low <= high")
+        if min(self.crop_size) < 1 or (self.base_scale is not None and min(self.base_scale) < 1):
+            raise ValueError("student.crop_size and student.base_scale must be positive")
+        if self.source == "labelled" and self.select_on == "real":
+            raise ValueError("student.select_on: real scores the real labelled images, which student.source: labelled "
+                             "trains on; use last (or null)")
         return self
+
+    @property
+    def selection(self) -> Literal["real", "last"]:
+        """``select_on``, or its default for ``source``."""
+        if self.select_on is not None:
+            return self.select_on
+        return "real" if self.source == "generated" else "last"
 
 
 class RefinerSettings(Section):
@@ -376,9 +464,15 @@ class StorageSettings(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class Settings(Section):
-    """Everything in ``params.yaml``."""
+RecipeName = Literal["ddpm-seg-256", "ddps-ade20k-segformer", "ddps-ade20k-deeplabv3plus",
+                     "ddps-cityscapes-segformer", "ddps-cityscapes-deeplabv3plus"]
 
+
+class Settings(Section):
+    """Everything in ``params.yaml``. ``recipe`` names a set of values (:mod:`ddps_core.recipes`)
+    that replaces the code defaults; keys written in the file or given with ``--set`` win."""
+
+    recipe: RecipeName | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     runner: Literal["thread", "dask"] = "thread"
@@ -393,6 +487,22 @@ class Settings(Section):
     refiner: RefinerSettings = RefinerSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     report: ReportSettings = ReportSettings()
+
+    def student_train_data(self) -> str:
+        """The folder ``train_student`` reads: ``generate.out`` (source generated) or
+        ``<data.out>/real/train`` (source labelled)."""
+        if self.student.source == "generated":
+            return self.generate.out
+        return str(Path(self.data.out) / "real" / "train")
+
+    @model_validator(mode="after")
+    def _check_student_data(self) -> Settings:
+        given, wanted = self.student.train_data, self.student_train_data()
+        if given is not None and os.path.normpath(given) != os.path.normpath(wanted):
+            raise ValueError(f"student.train_data is {given!r}, but student.source {self.student.source!r} reads "
+                             f"{wanted!r}; set student.train_data to {wanted!r} (the folder dvc.yaml's train_student "
+                             "depends on) or to null")
+        return self
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -426,8 +536,10 @@ def parse_settings(raw: Mapping[str, Any] | None, source: str = "params.yaml") -
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    from ddps_core.recipes import apply_recipe
+
     try:
-        return Settings.model_validate(dict(raw))
+        return Settings.model_validate(apply_recipe(raw))
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 

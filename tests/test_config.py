@@ -21,6 +21,8 @@ DOCUMENTED = {
     ("refiner", "single_step_steps"): (150, 400),
     ("refiner", "num_timesteps"): (10, 20),  # the reference's T = 20 refined less here
     ("refiner", "guidance"): (0.5, 0.0),  # w >= 0.5 makes the refinement steps pay here
+    # written out for dvc.yaml's ${student.train_data} dependency; None derives the same folder
+    ("student", "train_data"): ("data/generated", None),
 }
 
 

@@ -29,6 +29,7 @@ import yaml
 from ddps_core.config import DataSettings, Settings
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.datasets.readers import open_dataset, split_folders
+from ddps_core.datasets.reference import reference_dataset
 from ddps_core.datasets.synthetic import make_synthetic
 from ddps_core.errors import DataError, DataWarning
 from ddps_core.io import atomic_write_bytes, atomic_write_text, partial_folder, swap_folder
@@ -67,7 +68,7 @@ def reader_split_of(data: DataSettings, split: str) -> str | None:
 
 
 def _settings(data: DataSettings) -> dict[str, Any]:
-    return {"source": data.source, "root": str(Path(data.root or "").resolve()),
+    return {"dataset": data.dataset, "source": data.source, "root": str(Path(data.root or "").resolve()),
             "num_classes": data.num_classes, "ignore_index": data.ignore_index,
             "splits": data.split_map()}
 
@@ -132,6 +133,15 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
         raise DataError(f"{data.root}: data.splits maps no reader split to 'train'")
     first = readers["train"]
     names = first.class_names or [f"class_{i}" for i in range(first.num_classes)]
+    extra: dict[str, Any] = {}
+    if data.dataset is not None:
+        ref = reference_dataset(data.dataset)
+        names = list(ref.classes)
+        extra = {"dataset": ref.name, "palette": [list(c) for c in ref.palette]}
+        for split, n in (("train", ref.train_images), ("test", ref.test_images)):
+            if split in readers and len(readers[split]) != n and warn is not None:
+                warn(f"{data.root}: {len(readers[split])} {split} images; the DDPM-Seg reference uses the first {n} "
+                     f"of {ref.name}" + (" (teacher.n_train picks the first N)" if split == "train" else ""))
     partial = partial_folder(out, json.dumps(settings, sort_keys=True))
     counts: dict[str, int] = {}
     pixels = np.zeros(first.num_classes, dtype=np.int64)
@@ -165,7 +175,7 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
                                   for n, c in zip(names, pixels, strict=True)},
     }
     doc = {"classes": names, "num_classes": first.num_classes,
-           "ignore_index": data.ignore_index, _MARK: settings, "summary": summary}
+           "ignore_index": data.ignore_index, **extra, _MARK: settings, "summary": summary}
     atomic_write_text(partial / "classes.yaml", yaml.safe_dump(doc, sort_keys=False))
     swap_folder(partial, out)
     return {**summary, "out_dir": str(out)}
