@@ -10,6 +10,11 @@ deals the shards still to do into ``features.workers`` groups; each group is fil
 writer that loads its own model and owns its shards. ``features.out`` may be an fsspec URL
 (``s3://bucket/features``): the stores are then opened through zarr's ``FsspecStore`` with
 ``storage.options``.
+
+The training split's store holds what the teacher trains on: its images under ``data.resize``
+(:class:`~ddps_core.datasets.training.TrainingView`): in ``whole`` mode one ``S x S`` entry per
+image, in ``slide`` mode one entry per window, ``<image id>@<y>_<x>``. The other splits' images
+go to their stores as read, and the filler squares them (the prediction side's geometry).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from ddps_core import storage
 from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder
+from ddps_core.datasets.training import TrainingView
 from ddps_core.device import resolve_device
 from ddps_core.diffusion.gaussian import GaussianDiffusion
 from ddps_core.diffusion.presets import get_preset
@@ -30,7 +36,8 @@ from ddps_core.features.store import FeatureStore, footprint, open_or_create
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage, Step
 
-__all__ = ["EXTRACT", "fill_store", "open_store", "reference_footprint", "store_path"]
+__all__ = ["EXTRACT", "fill_store", "model_size", "open_store", "reference_footprint", "store_path",
+           "training_reader"]
 
 #: The feature variants a store can hold: the trained model's, or the random-UNet baseline's.
 VARIANTS = ("ddpm", "random_unet")
@@ -64,8 +71,23 @@ def _name(variant: str, split: str) -> str:
     return split if variant == "ddpm" else f"{variant}/{split}"
 
 
-def _reader(settings: Settings, split: str) -> DDPMSegFolder:
-    return DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
+def _reader(settings: Settings, split: str) -> Any:
+    """``split``'s images as the store holds them: the training split as the teacher trains on
+    it (:func:`training_reader`: ``data.resize``), the other splits as read."""
+    reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
+    return training_reader(settings, reader) if split == "train" else reader
+
+
+def model_size(settings: Settings) -> int:
+    """S, the diffusion model's image size (``ddpm.preset``)."""
+    return int(get_preset(settings.ddpm.preset).image_size)
+
+
+def training_reader(settings: Settings, reader: Any, size: int | None = None) -> TrainingView:
+    """``reader``'s training entries at ``size`` (the diffusion model's by default) under
+    ``data.resize`` / ``data.stride`` (:class:`~ddps_core.datasets.training.TrainingView`)."""
+    return TrainingView(reader, model_size(settings) if size is None else size, settings.data.resize,
+                        settings.data.stride)
 
 
 def _random_unet(settings: Settings, device: Any) -> tuple[Any, dict[str, Any]]:

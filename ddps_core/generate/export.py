@@ -2,7 +2,8 @@
 
 Layout of ``<out>/`` (readable by :class:`~ddps_core.datasets.GenericFolder` on ``<out>``)::
 
-    images/<id>.png             kept images (RGB, the model size)
+    images/<id>.png             kept images (RGB; sampled ones at the model size, real and pool
+                                ones at the size their labels have)
     masks/<id>.png              their labels (uint8 class ids; the ignore index where a real
                                 label has it)
     rejected/images|masks/      the candidates the filter dropped, for inspection
@@ -178,6 +179,7 @@ def contact_sheet(root: str | Path, manifest: pd.DataFrame, n: int = 8,
                   ignore_index: int = 255) -> np.ndarray | None:
     """Per scored source, two blocks: the ``n`` most certain candidates and the ``n`` least
     certain, each as a row of images over a row of mask overlays, with their scores."""
+    from ddps_core.geometry import resize_image, resize_label
     from ddps_core.viz import caption, grid, overlay
 
     root = Path(root)
@@ -188,6 +190,8 @@ def contact_sheet(root: str | Path, manifest: pd.DataFrame, n: int = 8,
             pairs = [_load_pair(root, r) for r in rows.itertuples()]
             if not pairs:
                 continue
+            h, w = pairs[0][0].shape[:2]  # images of any size: shown at the first one's
+            pairs = [(resize_image(a, h, w), resize_label(b, h, w)) for a, b in pairs]
             size = pairs[0][0].shape[0]
             scale = max(1, -(-64 // size))
             pic = grid([[p[0] for p in pairs], [overlay(p[0], p[1], ignore_index=ignore_index) for p in pairs]],

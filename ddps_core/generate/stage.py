@@ -61,11 +61,17 @@ def image_size(settings: Settings) -> int:
 
 
 def _labels_loader(image_fn: Callable[[], np.ndarray], label_path: Path, size: int):
+    """A pool image with its teacher label, at the label's size: the image as it is when the
+    ``label`` stage labelled it at its own size; squared (``to_square``) when the label is the
+    ``S x S`` map of the squared image. The student's and refiner's training then apply
+    ``data.resize`` to the export."""
     def load() -> tuple[np.ndarray, np.ndarray]:
         from ddps_core.metrics.files import load_label_map
 
-        image, _ = to_square(image_fn(), None, size)
-        return image, load_label_map(label_path)
+        image, label = image_fn(), load_label_map(label_path)
+        if label.shape != image.shape[:2]:
+            image, _ = to_square(image, None, size)
+        return image, label
 
     return load
 
@@ -97,13 +103,15 @@ def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candida
 
 
 def real_candidates(settings: Settings, size: int) -> list[Candidate]:
-    """The real labelled training images (squared like every feature store's labels)."""
+    """The real labelled training images, at their own size: the student's and the refiner's
+    training apply ``data.resize`` to every image of the export. (``size`` is not used; kept for
+    the callers.)"""
     reader = DDPMSegFolder(settings.data.out, "train", ignore_index=settings.data.ignore_index)
 
     def loader(i: int):
         def load() -> tuple[np.ndarray, np.ndarray]:
             sample = reader[i]
-            return to_square(sample.image, sample.label, size)
+            return sample.image, sample.label
         return load
 
     return [Candidate(image_id=f"real_{sid}", source="real", source_id=sid, score=None, load=loader(i))

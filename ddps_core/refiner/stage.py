@@ -6,7 +6,9 @@
 - the base is the trained student (:func:`~ddps_core.student.model.load_student`), frozen;
 - the training pairs are the generated export (``refiner.data: generated``: teacher labels
   plus the real labelled images, ``<generate.out>``) or the real labelled images only
-  (``refiner.data: real``), squared to the student's image size;
+  (``refiner.data: real``), each image an entry of the student's image size under
+  ``data.resize`` (resized whole, or its ``slide`` windows:
+  :class:`~ddps_core.datasets.training.TrainingView`);
 - an epoch is a permutation of the pairs drawn from ``(refiner.seed, epoch)``, cut into
   batches of ``refiner.batch_size`` (the last partial batch is dropped; a set smaller than one
   batch is one batch), with random horizontal flips (``refiner.hflip``) drawn from the same
@@ -194,20 +196,24 @@ class TrainBatches:
 
 
 def _training_set(settings: Settings, size: int) -> tuple[Any, str]:
-    """The :class:`ImageSet` of ``refiner.data`` at ``size`` and a hash identifying its pairs."""
+    """The :class:`ImageSet` of ``refiner.data`` at ``size`` and a hash identifying its pairs:
+    each image an ``S x S`` entry (or its windows) under ``data.resize``, as the student's."""
+    from ddps_core.datasets.training import TrainingView
     from ddps_core.student.train import ImageSet
 
-    ign = settings.data.ignore_index
+    ign, d = settings.data.ignore_index, settings.data
     if settings.refiner.data == "generated":
         root = Path(settings.generate.out)
         manifest = root / "manifest.parquet"
         if not manifest.is_file():
             raise DataError(f"{manifest}: no generated dataset; run the generate stage first "
                             "(or set refiner.data: real)")
-        data = ImageSet(GenericFolder(root, ignore_index=ign), size)
+        data = ImageSet(TrainingView(GenericFolder(root, ignore_index=ign), size, d.resize, d.stride), size)
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+        if d.resize != "whole" or d.stride is not None:
+            digest += f"/{d.resize}/{d.stride}"
     else:
-        data = ImageSet(DDPMSegFolder(settings.data.out, "train", ignore_index=ign), size)
+        data = ImageSet(TrainingView(DDPMSegFolder(d.out, "train", ignore_index=ign), size, d.resize, d.stride), size)
         h = hashlib.sha256()
         for i, image_id in enumerate(data.ids):  # a few labelled images: hash what is trained on
             image, label = data[i]

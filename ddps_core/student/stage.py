@@ -1,10 +1,14 @@
 """Stage ``train_student``, and the student's predictions of a real split.
 
-The student trains on the ``generate`` stage's export (``<generate.out>``: ``images/`` +
-``masks/``, read with :class:`~ddps_core.datasets.GenericFolder`; the real labelled images
-are in it when ``generate.include_real``), at the export's image size unless
-``student.image_size`` says otherwise, and is selected by mIoU on the real labelled training
-images (the reference's rule).
+The student trains on ``student.source``:
+
+* ``generated``: the ``generate`` stage's export (``<generate.out>``: ``images/`` + ``masks/``,
+  read with :class:`~ddps_core.datasets.GenericFolder`; the real labelled images are in it when
+  ``generate.include_real``), each image as ``data.resize`` makes it an ``S x S`` entry (or its
+  windows) at ``student.image_size`` (default: the diffusion model's size), and is selected by
+  mIoU on the real labelled training images, taken the same way (the reference's rule);
+* ``labelled``: the dataset's own labelled training split (``<data.out>/real/train``) at its own
+  resolution, as random crops (:mod:`ddps_core.student.labelled`); the last weights are kept.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from typing import Any
 
 from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder, GenericFolder
+from ddps_core.datasets.training import TrainingView
 from ddps_core.device import resolve_device, torch_threads
 from ddps_core.errors import DataError
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
 from ddps_core.student import train as training
+from ddps_core.student.labelled import LabelledCrops
 from ddps_core.student.train import ImageSet
 
-__all__ = ["TRAIN_STUDENT", "export_size", "predict_split"]
+__all__ = ["TRAIN_STUDENT", "export_size", "predict_split", "training_data"]
 
 
 def _export(settings: Settings) -> tuple[GenericFolder, Path]:
@@ -35,28 +41,58 @@ def _export(settings: Settings) -> tuple[GenericFolder, Path]:
 
 
 def export_size(reader: GenericFolder) -> int:
-    """Side of the export's (square) images."""
+    """Side of the export's first image."""
     return int(reader[0].image.shape[0])
+
+
+def _model_size(settings: Settings) -> int:
+    from ddps_core.diffusion.presets import get_preset
+
+    return int(get_preset(settings.ddpm.preset).image_size)
+
+
+def student_size(settings: Settings) -> int:
+    """The side of the student's ``S x S`` entries and predictions: ``student.image_size``, else
+    the diffusion model's."""
+    return int(settings.student.image_size or _model_size(settings))
+
+
+def training_data(settings: Settings) -> dict[str, Any]:
+    """What stage ``train_student`` trains and selects on for ``student.source``:
+    ``{"train", "val", "inputs", "num_classes", "class_names"}``."""
+    cfg, d = settings.student, settings.data
+    size = student_size(settings)
+    real = DDPMSegFolder(d.out, "train", ignore_index=d.ignore_index)
+    if cfg.source == "labelled":
+        train = LabelledCrops(real, cfg.crop_size, base_scale=cfg.base_scale, ratio_range=cfg.ratio_range,
+                              cat_max_ratio=cfg.cat_max_ratio, hflip=cfg.hflip, ignore_index=d.ignore_index,
+                              size=size)
+        return {"train": train, "val": None, "inputs": {"train": real.content_id()},
+                "num_classes": real.num_classes, "class_names": real.class_names}
+    reader, manifest = _export(settings)
+    data_id = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    inputs = {"train": data_id} if d.resize == "whole" and d.stride is None else \
+        {"train": data_id, "resize": f"{d.resize}/{d.stride}"}  # whole keeps the identity runs had
+    return {"train": ImageSet(TrainingView(reader, size, d.resize, d.stride), size),
+            "val": ImageSet(TrainingView(real, size, d.resize, d.stride), size), "inputs": inputs,
+            "num_classes": reader.num_classes, "class_names": reader.class_names}
 
 
 def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``train_student``: train (or resume) and select the student, then predict the
     real test split into ``<student.out>/test/<id>.png`` (what ``evaluate`` scores)."""
     cfg = settings.student
-    reader, manifest = _export(settings)
-    size = export_size(reader)
-    real = DDPMSegFolder(settings.data.out, "train", ignore_index=settings.data.ignore_index)
-    data_id = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    data = training_data(settings)
     report.progress("student", 0, None)
     with torch_threads(cfg.threads):
         info = training.train_student(
-            cfg, ImageSet(reader, cfg.image_size or size), ImageSet(real, cfg.image_size or size),
-            num_classes=reader.num_classes, ignore_index=settings.data.ignore_index, class_names=reader.class_names,
-            device=resolve_device(settings.device), inputs={"train": data_id}, report=report)
-    result = predict_split(settings, "test", Path(cfg.out) / "test", size,
+            cfg, data["train"], data["val"], num_classes=data["num_classes"], ignore_index=settings.data.ignore_index,
+            class_names=data["class_names"], device=resolve_device(settings.device), inputs=data["inputs"],
+            report=report, image_size=student_size(settings))
+    result = predict_split(settings, "test", Path(cfg.out) / "test", _model_size(settings),
                            progress=lambda d, n: report.progress("predict test", d, n))
-    report.log(f"student {info['arch']}/{info['encoder']}: epoch {info['best_epoch']} selected; test mIoU "
-               f"{100 * result.miou:.2f}, mBIoU {100 * result.mbiou:.2f} -> {cfg.out}")
+    report.log(f"student {info['arch']}/{info['encoder']} ({cfg.source}): epoch {info['best_epoch']} selected; "
+               f"test mIoU {100 * result.miou:.2f}, mBIoU {100 * result.mbiou:.2f} -> {cfg.out}")
     return {**info, "test_miou": float(result.miou), "test_mbiou": float(result.mbiou)}
 
 

@@ -1,10 +1,20 @@
-"""Training the student on a labelled image folder (the generated export), resumably.
+"""Training the student on a labelled image folder, resumably.
 
-Recipe (the reference leaves it open; this is ours): AdamW, a linear warm-up then poly decay
-``lr * (1 - it / total) ** poly_power``, cross-entropy with the ignore index, random
-horizontal flips and random scales (resize by ``s ~ U[scale_min, scale_max]``, then a random
-crop, or a pad with the ignore label, back to the training size), one epoch over the data
-in an order that is a function of ``(seed, epoch)``.
+Two kinds of training data (``student.source``):
+
+* ``generated``: an :class:`ImageSet` of ``S x S`` entries (the export under ``data.resize``),
+  with random horizontal flips and random scales (resize by ``s ~ U[scale_min, scale_max]``,
+  then a random crop, or a pad with the ignore label, back to the training size): ours, the
+  reference leaves it open;
+* ``labelled``: :class:`~ddps_core.student.labelled.LabelledCrops`, mmsegmentation's random
+  resize, crop and flip of each image at its own resolution.
+
+Optimisation: AdamW or SGD with momentum (``optimizer``), a linear warm-up then poly decay
+``min_lr + (lr - min_lr) * (1 - p) ** poly_power``; the decoder and head at ``head_lr_mult``
+times the rate, normalisation layers without weight decay unless ``norm_weight_decay``;
+cross-entropy with the ignore index. One epoch goes over the data in an order that is a
+function of ``(seed, epoch)``; ``iterations``, when set, is the run's length in optimiser steps
+(the last epoch stops there).
 
 Checkpoint selection (the reference): after every epoch the model is scored (mIoU) on the
 real labelled images and the best epoch is kept (``select_on: real``); or the last epoch
@@ -41,9 +51,10 @@ from ddps_core.errors import DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text
 from ddps_core.metrics import ConfusionAccumulator
 from ddps_core.progress import Reporter
+from ddps_core.student.labelled import LabelledCrops
 from ddps_core.student.model import INFO_FILE, WEIGHTS_FILE, Student, build_student
 from ddps_core.training import Checkpoint, LossLog, TimeBudget, TrainingError, backward_step, clear_temporaries
-from ddps_core.training import content_id, run_id, set_lr, warmup_poly
+from ddps_core.training import content_id, run_id, warmup_poly
 
 __all__ = ["ImageSet", "TrainingError", "augment", "predict_labels", "score_set", "train_student"]
 
@@ -161,6 +172,60 @@ def score_set(model: Student, data: ImageSet, num_classes: int, ignore_index: in
 _IDENTITY = ("arch", "encoder", "encoder_weights", "image_size", "epochs", "batch_size", "lr",
              "weight_decay", "poly_power", "warmup_steps", "hflip", "scale_min", "scale_max",
              "select_on", "seed")
+#: what labelled training adds to the identity (left out for generated, so that an existing
+#: run of the generated source keeps its identity)
+_LABELLED_IDENTITY = ("source", "iterations", "crop_size", "base_scale", "ratio_range", "cat_max_ratio")
+_OPTIMISER_IDENTITY = ("iterations", "optimizer", "min_lr", "momentum", "norm_weight_decay", "head_lr_mult")
+_OPTIMISER_DEFAULTS = {"iterations": None, "optimizer": "adamw", "min_lr": 0.0, "momentum": 0.9,
+                       "norm_weight_decay": True, "head_lr_mult": 1.0}
+
+
+def run_settings(cfg: Any) -> dict[str, Any]:
+    """The settings that change what is trained (the run identity's settings part)."""
+    settings = {k: getattr(cfg, k) for k in _IDENTITY}
+    settings["select_on"] = getattr(cfg, "selection", cfg.select_on)
+    for k in _OPTIMISER_IDENTITY:  # only where they differ from today's recipe: old runs keep their identity
+        if getattr(cfg, k, _OPTIMISER_DEFAULTS[k]) != _OPTIMISER_DEFAULTS[k]:
+            settings[k] = getattr(cfg, k)
+    if getattr(cfg, "source", "generated") == "labelled":
+        settings.update({k: getattr(cfg, k) for k in _LABELLED_IDENTITY})
+        for k in ("scale_min", "scale_max", "image_size"):
+            settings.pop(k)
+    return settings
+
+
+_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+def param_groups(model: Student, cfg: Any) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the encoder at the learning rate, the decoder and
+    segmentation head at ``head_lr_mult`` times it (``lr_mult``); parameters of normalisation
+    layers without weight decay unless ``norm_weight_decay``."""
+    head_mult = float(getattr(cfg, "head_lr_mult", 1.0))
+    norm_decay = bool(getattr(cfg, "norm_weight_decay", True))
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.net.named_parameters():
+        head = not name.startswith("encoder.")
+        no_decay = not norm_decay and id(param) in norm_params
+        groups.setdefault((head, no_decay), []).append(param)
+    return [{"params": params, "lr_mult": head_mult if head else 1.0,
+             "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+            for (head, no_decay), params in sorted(groups.items())]
+
+
+def make_optimizer(model: Student, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW or SGD (``optimizer``) over :func:`param_groups`."""
+    groups = param_groups(model, cfg)
+    if getattr(cfg, "optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_group_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's rate: ``lr`` times the group's ``lr_mult``."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def _content(data: ImageSet) -> str:
@@ -175,11 +240,15 @@ def _save_weights(model: Student, path: Path) -> None:
     atomic_write_bytes(path, save(sd))
 
 
-def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classes: int,
+def train_student(cfg: Any, train: ImageSet | LabelledCrops, val: ImageSet | None, *, num_classes: int,
                   inputs: Mapping[str, str], ignore_index: int = 255, class_names: list[str] | None = None,
-                  device: torch.device | str = "cpu", report: Reporter | None = None) -> dict[str, Any]:
+                  device: torch.device | str = "cpu", report: Reporter | None = None,
+                  image_size: int | None = None) -> dict[str, Any]:
     """Train (or resume) the student of ``cfg`` (a :class:`~ddps_core.config.StudentSettings`)
-    on ``train``; select on ``val`` (the real labelled images).
+    on ``train`` (S x S entries, or labelled crops); select on ``val`` (the real labelled images).
+
+    :param image_size: the side the student predicts at, recorded in ``model.json`` (default:
+        ``train.size``).
 
     :param inputs: content ids of the training data (name -> id, e.g. the export manifest's
         hash): part of the run identity, recorded in ``model.json``.
@@ -196,16 +265,21 @@ def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classe
     out.mkdir(parents=True, exist_ok=True)
     if len(train) < 1:
         raise DataError("the student's training set is empty")
-    select_real = cfg.select_on == "real" and val is not None and len(val) > 0
-    settings = {**{k: getattr(cfg, k) for k in _IDENTITY}, "num_classes": num_classes, "ignore_index": ignore_index}
+    selection = getattr(cfg, "selection", cfg.select_on)
+    select_real = selection == "real" and val is not None and len(val) > 0
+    labelled = isinstance(train, LabelledCrops)
+    settings = {**run_settings(cfg), "num_classes": num_classes, "ignore_index": ignore_index}
     identity = run_id(settings, {**inputs, **({"val": _content(val)} if select_real else {})})
     ckpt = Checkpoint(out / STATE_FILE, identity, unit="epoch", report=report, hint="Lower student.lr.")
     clear_temporaries(out / WEIGHTS_FILE, out / HISTORY_FILE, out / INFO_FILE)
     torch.manual_seed(cfg.seed)
     model = build_student(cfg, num_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    iterations = getattr(cfg, "iterations", None)
+    total = iterations if iterations is not None else steps_per_epoch * cfg.epochs
+    n_epochs = -(-total // steps_per_epoch)
+    min_lr = float(getattr(cfg, "min_lr", 0.0))
     log = LossLog(("epoch", "loss", "lr", "val_miou"))
     epoch, best, best_epoch = 0, -1.0, -1
     best_state: dict[str, torch.Tensor] | None = None
@@ -216,19 +290,26 @@ def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classe
         epoch, best, best_epoch = ckpt.at, float(state["best"]), int(state["best_epoch"])
         best_state = state["best_model"]
         log.restore(state["log"])
-    report.progress("student", epoch * steps_per_epoch, total)
+    report.progress("student", min(epoch * steps_per_epoch, total), total)
     model.train()
-    while epoch < cfg.epochs:
+    while epoch < n_epochs:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(len(train), generator=gen).tolist()
+        crops = np.random.default_rng([cfg.seed, epoch]) if labelled else None
         losses = []
         for j in range(steps_per_epoch):
             it = epoch * steps_per_epoch + j
-            lr = warmup_poly(it, lr=cfg.lr, total=total, warmup=cfg.warmup_steps, power=cfg.poly_power)
-            set_lr(opt, lr)
+            if it >= total:
+                break
+            lr = min_lr + warmup_poly(it, lr=cfg.lr - min_lr, total=total, warmup=cfg.warmup_steps,
+                                      power=cfg.poly_power)
+            set_group_lr(opt, lr)
             idx = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
-            images, labels = train.batch(idx)
-            images, labels = augment(images, labels, gen, cfg.hflip, cfg.scale_min, cfg.scale_max, ignore_index)
+            if labelled:
+                images, labels = train.batch(idx, crops)
+            else:
+                images, labels = train.batch(idx)
+                images, labels = augment(images, labels, gen, cfg.hflip, cfg.scale_min, cfg.scale_max, ignore_index)
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
@@ -253,16 +334,20 @@ def train_student(cfg: Any, train: ImageSet, val: ImageSet | None, *, num_classe
                           "optimizer": opt.state_dict(), "best_model": best_state,
                           "torch_rng": torch.get_rng_state(), "log": log.state()}, model)
         log.write(out / HISTORY_FILE)
-        report.progress("student", epoch * steps_per_epoch, total, epoch=epoch, loss=mean_loss, lr=lr,
+        report.progress("student", min(epoch * steps_per_epoch, total), total, epoch=epoch, loss=mean_loss, lr=lr,
                         **({"mIoU": val_miou} if val_miou is not None else {}))
     final = copy.deepcopy(model)
     if best_state is not None:
         final.net.load_state_dict(best_state)
     _save_weights(final, out / WEIGHTS_FILE)
-    info = {**model.config, "image_size": train.size, "feature_channels": model.feature_channels,
+    info = {**model.config, "image_size": train.size if image_size is None else int(image_size),
+            "feature_channels": model.feature_channels,
             "feature_stride": model.feature_stride, "class_names": class_names, "ignore_index": ignore_index,
             "select_on": "real" if select_real else "last", "best_epoch": best_epoch,
             "val_miou": best if select_real else None, "epochs": epoch, "n_train": len(train),
             "inputs": dict(inputs), "encoder_weights": cfg.encoder_weights}
+    if labelled:
+        info.update(source="labelled", iterations=total, crop_size=list(train.crop),
+                    base_scale=None if train.base_scale is None else list(train.base_scale))
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
     return {**info, "train_seconds": clock.elapsed}

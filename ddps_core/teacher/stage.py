@@ -27,7 +27,8 @@ from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder
 from ddps_core.errors import DataError
 from ddps_core.features.sampler import PixelSampler
-from ddps_core.features.stage import open_store, store_exists, store_path
+from ddps_core.datasets.training import entries_of_first_images, image_id_of
+from ddps_core.features.stage import open_store, store_exists, store_path, training_reader
 from ddps_core.io import atomic_write_text
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage, Step
@@ -65,6 +66,8 @@ def feature_source(settings: Settings, method: str, split: str) -> Any:
         reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
         size = open_store(settings, split, read_only=True).image_size \
             if store_exists(settings, split) else _model_size(settings)
+        if split == "train":  # the entries the teacher trains on: data.resize, as the feature store's
+            reader = training_reader(settings, reader, size)
         return RGBXYSource(reader, size, num_classes=reader.num_classes,
                            ignore_index=settings.data.ignore_index)
     variant = "ddpm" if method == TEACHER else method
@@ -108,10 +111,12 @@ def train_method(settings: Settings, method: str, report: Reporter) -> dict[str,
     """Train (or resume) the ensemble of ``method`` on the labelled training split."""
     cfg = settings.teacher
     source = feature_source(settings, method, "train")
-    n = len(source) if cfg.n_train is None else min(cfg.n_train, len(source))
+    # teacher.n_train counts images: in slide mode an image is several entries (its windows)
+    entries = entries_of_first_images(source.image_ids, cfg.n_train)
+    n = len({image_id_of(source.image_ids[i]) for i in entries})
     sampler = PixelSampler(source, batch_size=cfg.batch_size, buffer_images=cfg.buffer_images,
                            seed=cfg.seed, ignore_index=settings.data.ignore_index,
-                           min_class_pixels=cfg.min_class_pixels, image_indices=list(range(n)))
+                           min_class_pixels=cfg.min_class_pixels, image_indices=entries)
     ensemble = PixelEnsemble(source.feature_dim, _num_classes(settings), members=cfg.members,
                              seed=cfg.seed, source_id=source_id_of(source))
     out = model_folder(settings, method)
@@ -123,7 +128,8 @@ def train_method(settings: Settings, method: str, report: Reporter) -> dict[str,
         inputs={"features": source.content_id()},  # same names, other images or labels: start over
         checkpoint_path=out / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every)
     ensemble.save(out / WEIGHTS)
-    record = {"method": method, "n_train_images": n, "feature_dim": source.feature_dim,
+    record = {"method": method, "n_train_images": n, "n_train_entries": len(entries),
+              "feature_dim": source.feature_dim,
               "source_id": source_id_of(source), **summary.record()}
     atomic_write_text(out / "train.json", json.dumps(record, indent=2, default=str))
     report.log(f"{method}: {record['epochs']} epochs ({record['reason']}) -> {out}")
