@@ -442,12 +442,19 @@ def student_train(
     arch: Annotated[str | None, Key("student.arch", "deeplabv3plus or segformer.", metavar="ARCH")] = None,
     encoder: Annotated[str | None, Key("student.encoder", "Encoder of the architecture.", metavar="NAME")] = None,
     epochs: Annotated[int | None, Key("student.epochs", "Epochs.", metavar="N")] = None,
+    source: Annotated[str | None, Key("student.source", "generated or labelled.", metavar="SOURCE")] = None,
     params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
 ) -> None:
-    """Run stage train_student: train on the generated dataset (resuming after the last
-    finished epoch), select by mIoU on the real labelled images, predict the test split."""
-    s = settings_from(params, defaults, set_, **{"student.arch": arch, "student.encoder": encoder,
-                                                 "student.epochs": epochs})
+    """Run stage train_student: train on the generated dataset (student.source: generated,
+    selected by mIoU on the real labelled images) or on the dataset's labelled training split
+    (labelled: random crops at its own resolution, the last weights), resuming after the last
+    finished epoch; then predict the test split."""
+    overrides: dict[str, Any] = {"student.arch": arch, "student.encoder": encoder, "student.epochs": epochs}
+    if source is not None:  # student.train_data (the folder DVC tracks) follows the source
+        first = settings_from(params, defaults, set_)
+        overrides.update({"student.source": source, "student.train_data": first.generate.out
+                          if source == "generated" else str(Path(first.data.out) / "real" / "train")})
+    s = settings_from(params, defaults, set_, **overrides)
     info = run_stage("train_student", s)
     console.print(f"student {info['arch']}/{info['encoder']}: epoch {info['best_epoch']} selected; test mIoU "
                   f"{percent(info['test_miou'])}, mBIoU {percent(info['test_mbiou'])} -> {s.student.out}")
