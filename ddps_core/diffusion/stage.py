@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ddps_core.config import DDPMSettings, Settings
-from ddps_core.datasets import DDPMSegFolder, to_square
+from ddps_core.datasets import DDPMSegFolder
 from ddps_core.device import autocast, resolve_device, torch_threads
 from ddps_core.diffusion.checkpoint import load_unet
 from ddps_core.diffusion.gaussian import GaussianDiffusion
@@ -40,11 +41,29 @@ __all__ = ["TRAIN_DDPM", "load_trained", "load_training_images", "sample_grid", 
            "use_checkpoint"]
 
 
+def center_crop_like_guided_diffusion(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``size x size x 3`` of an ``H x W x 3`` image, as guided-diffusion's
+    ``image_datasets.center_crop_arr`` makes its training images: halve with a box filter while
+    the short side is at least ``2 * size``, resize bicubically so that the short side is
+    ``size`` (each side ``round(side * size / short)``), and cut the central square (offset
+    ``(side - size) // 2``). An image already ``size x size`` is returned unchanged."""
+    im = Image.fromarray(np.ascontiguousarray(image), "RGB")
+    while min(im.size) >= 2 * size:
+        im = im.resize(tuple(x // 2 for x in im.size), resample=Image.Resampling.BOX)
+    scale = size / min(im.size)
+    im = im.resize(tuple(round(x * scale) for x in im.size), resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(im, dtype=np.uint8)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size].copy()
+
+
 def load_training_images(root: str | Path, image_size: int,
                          progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """All images of ``root/unlabeled`` and ``root/real/train`` as ``uint8 [N, 3, S, S]``.
 
-    Non-square images are resized on the short side and centre-cropped (datasets.to_square).
+    Every image is made ``S x S`` as guided-diffusion's training data is
+    (:func:`center_crop_like_guided_diffusion`), whatever ``data.resize`` says: the diffusion
+    model learns the distribution of centre crops, as the released checkpoints did.
     Held in memory as uint8 (2000 images at 32x32 are 6 MB; 10k at 256x256 are 2 GB).
     """
     root = Path(root)
@@ -61,7 +80,7 @@ def load_training_images(root: str | Path, image_size: int,
     i = 0
     for reader in readers:
         for sample in reader:
-            image, _ = to_square(sample.image, None, image_size)
+            image = center_crop_like_guided_diffusion(sample.image, image_size)
             out[i] = torch.from_numpy(image).permute(2, 0, 1)
             i += 1
             if progress is not None:
