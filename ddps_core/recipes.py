@@ -30,11 +30,21 @@ __all__ = ["RECIPES", "apply_recipe", "merge"]
 
 _DDPM_SEG_256: dict[str, Any] = {
     "ddpm": {"preset": "adm-256-lsun", "schedule": "linear", "num_timesteps": 1000},
-    "features": {"steps": [50, 150, 250], "blocks": [5, 6, 7, 8, 12], "noise_seed": 0},
+    # the reference's datasets have no pool: the teacher's splits, and DatasetDDPM samples
+    "features": {"steps": [50, 150, 250], "blocks": [5, 6, 7, 8, 12], "noise_seed": 0, "splits": ["train", "test"]},
     "teacher": {"members": 10, "batch_size": 64, "lr": 0.001, "max_epochs": 100, "patience": 50, "min_epoch": 4,
                 "min_class_pixels": 20},
-    "generate": {"filter": "reference", "drop_certain": 30, "drop_uncertain": 0.1},
-    "student": {"source": "generated", "image_size": None},
+    # scripts/datasetDDPM/generate_dataset.sh: 10000 samples, all 1000 ancestral steps;
+    # train_deeplab.py: slice [30 : -int(0.1 N) + 30], the real images only for selection
+    "generate": {"source": "generated", "n_samples": 10000, "sample_method": "ancestral", "sample_steps": 1000,
+                 "filter": "reference", "drop_certain": 30, "drop_uncertain": 0.1, "include_real": False},
+    # train_deeplab.py: DeepLab (V3, ResNet-101 in torchvision; V3+ here), Adam lr 1e-3 without
+    # decay or schedule, batch 8, 20 epochs, no augmentation, at the images' size (256), the
+    # epoch chosen on the real labelled images
+    "student": {"source": "generated", "image_size": None, "arch": "deeplabv3plus", "encoder": "resnet101",
+                "optimizer": "adamw", "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 0, "poly_power": 0.0,
+                "batch_size": 8, "epochs": 20, "hflip": False, "scale_min": 1.0, "scale_max": 1.0,
+                "select_on": "real"},
 }
 
 # mmsegmentation's pipelines: Resize(img_scale, ratio_range=(0.5, 2.0)), RandomCrop(crop,

@@ -29,7 +29,17 @@ def test_ddpm_seg_256_resolves_to_the_reference_settings():
         (10, 64, 0.001, 100, 50, 4, 20)
     assert (s.ddpm.schedule, s.ddpm.num_timesteps, s.ddpm.checkpoint) == ("linear", 1000, "/models/ffhq.pt")
     assert (s.generate.filter, s.generate.drop_certain, s.generate.drop_uncertain) == ("reference", 30, 0.1)
-    assert s.student.image_size is None and s.student.source == "generated"
+    # DatasetDDPM: generate_dataset.sh (--num_samples 10000 --timestep_respacing 1000 --use_ddim False);
+    # train_deeplab.py (Adam lr 0.001, batch 8, 20 epochs, no augmentation, real images for selection only)
+    g = s.generate
+    assert (g.source, g.n_samples, g.sample_steps, g.sample_method, g.include_real) == \
+        ("generated", 10000, 1000, "ancestral", False)
+    st = s.student
+    assert (st.source, st.image_size, st.arch, st.encoder) == ("generated", None, "deeplabv3plus", "resnet101")
+    assert (st.optimizer, st.lr, st.weight_decay, st.batch_size, st.epochs) == ("adamw", 0.001, 0.0, 8, 20)
+    assert (st.hflip, st.scale_min, st.scale_max, st.poly_power, st.warmup_steps, st.selection) == \
+        (False, 1.0, 1.0, 0.0, 0, "real")
+    assert s.features.splits == ["train", "test"]  # the reference's datasets have no pool
     # the preset is guided-diffusion's MODEL_FLAGS: --attention_resolutions 32,16,8 --dropout 0.1
     # --image_size 256 --learn_sigma True --num_channels 256 --num_head_channels 64
     # --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True
