@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ddps_core.datasets.common import _DECODE_ERRORS, Sample
-from ddps_core.errors import DataError
+from ddps_core.errors import ConfigError, DataError
 
 __all__ = ["WINDOW_MARK", "TrainingView", "entries_of_first_images", "image_id_of", "window_id"]
 
@@ -96,6 +96,9 @@ class TrainingView:
         if self.mode not in MODES:
             tiling((1, 1), self.size, self.mode)  # raises the ConfigError naming the valid modes
         self.stride = None if self.mode == "whole" else (default_stride(self.size) if stride is None else int(stride))
+        if self.stride is not None and not 1 <= self.stride <= self.size:
+            raise ConfigError(f"data.stride: {self.stride} is not between 1 and the window size {self.size} "
+                              "(the model's image size)")
         self._tiling = tiling
         image_ids = [str(i) for i in reader.ids]
         #: (reader index, window index) of each entry, and its id

@@ -119,6 +119,14 @@ def test_a_stride_setting_gives_other_windows(project, tmp_path):
         TrainingView(DDPMSegFolder(raw["data"]["out"], "train"), S, "slide").content_id()
 
 
+def test_a_stride_beyond_the_window_names_the_key(project):
+    from ddps_core.errors import ConfigError
+
+    _, raw = project
+    with pytest.raises(ConfigError, match=r"data\.stride: 40 is not between 1 and the window size 32"):
+        TrainingView(DDPMSegFolder(raw["data"]["out"], "train"), S, "slide", stride=40)
+
+
 def test_ids_of_windows_and_the_first_images():
     assert window_id("a@b", 16, 0) == "a@b@16_0" and image_id_of("a@b@16_0") == "a@b"
     assert image_id_of("plain") == "plain" and image_id_of("x@y") == "x@y"
