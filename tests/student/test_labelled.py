@@ -70,7 +70,7 @@ def test_labelled_training_through_the_stage(tmp_path, recipe, make, arch, encod
     assert info["crop_size"] == [32, 48] and info["select_on"] == "last" and info["n_train"] == 3
     assert info["num_classes"] == (150 if "ade20k" in recipe else 19)
     assert np.isfinite(summary["test_miou"])
-    state = torch.load(tmp_path / "student" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "student" / "state.pt", weights_only=True)
     opt = state["optimizer"]["param_groups"]
     if arch == "deeplabv3plus":  # SGD, momentum 0.9, the head at the encoder's rate
         assert all(g["momentum"] == 0.9 for g in opt) and {g["lr_mult"] for g in opt} == {1.0}
