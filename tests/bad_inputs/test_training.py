@@ -95,7 +95,7 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
 
 def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
     from ddps_core import training
-    from tests.test_refine_train import _cfg, _train
+    from tests.refiner.test_train import _cfg, _train
 
     real = training.ema_update
 
