@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ddps_core.datasets.common import file_format, refuse_lossy
 from ddps_core.errors import DataError
@@ -47,8 +47,9 @@ def load_label_map(path: str | os.PathLike[str]) -> np.ndarray:
             raise DataError(f"{path}: expected a single array, got {type(array).__name__}")
     elif fmt == "png" or suffix == ".png":
         try:
-            with Image.open(path) as img:
-                img.load()
+            with Image.open(path) as raw:
+                raw.load()
+                img = ImageOps.exif_transpose(raw)  # as the dataset import reads label maps
                 mode = img.mode
                 if mode not in _SINGLE_CHANNEL_MODES:
                     raise DataError(
