@@ -593,6 +593,10 @@ def score(
     here = Path("params.yaml")
     s = settings_from(here, not here.is_file(), None, **{
         "data.ignore_index": ignore_index, "evaluate.boundary_ratio": boundary_ratio})
+    if 0 <= s.data.ignore_index < num_classes:
+        raise ConfigError(f"--ignore-index (data.ignore_index): {s.data.ignore_index} is a class id for --num-classes "
+                          f"{num_classes}; the ignore index must be >= the number of classes (e.g. 255). Ground "
+                          "truth that ignores one of its class ids must be remapped first")
     class_names = load_class_names(names) if names else None
     if class_names is not None and len(class_names) != num_classes:
         raise DDPSError(f"{names}: lists {len(class_names)} class names, --num-classes is {num_classes}")
@@ -655,10 +659,11 @@ def deploy(
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point. Usage errors are click's (exit 2, with the usage line);
-    bad input and file-system faults print one line (see :func:`ddps.console.run_guarded`)."""
+    """Console-script entry point. Usage errors (a bad option value, a missing option), bad
+    input and file-system faults print one ``error:`` line (see
+    :func:`ddps.console.run_guarded`); usage errors exit with status 2."""
     args = sys.argv[1:] if argv is None else argv
-    sys.exit(run_guarded(lambda: app(args=args, prog_name="ddps"), debug="--debug" in args))
+    sys.exit(run_guarded(lambda: app(args=args, prog_name="ddps", standalone_mode=False), debug="--debug" in args))
 
 
 __all__ = ["app", "err_console", "main", "settings_from"]

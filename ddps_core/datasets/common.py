@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ddps_core.errors import DataError
 
@@ -40,27 +40,81 @@ class Sample(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+# What a file holds, told by its first bytes (its name may lie: JPEG bytes in a .png).
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\x93NUMPY", "npy"),
+    (b"\xff\xd8\xff", "jpeg"),
+)
+#: Formats whose compression changes pixel values: never a label map (class ids would change
+#: at every edge, silently).
+LOSSY_FORMATS = ("jpeg", "webp (lossy)")
+
+
+def file_format(path: str | os.PathLike[str]) -> str | None:
+    """The format of ``path`` by content: ``png``, ``npy``, ``jpeg``, ``webp (lossy)``,
+    ``webp``, or None when the first bytes say nothing we know (or it cannot be read: the
+    reader that follows names that fault)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp (lossy)" if head[12:16] == b"VP8 " else "webp"
+    return None
+
+
+def refuse_lossy(path: Path, fmt: str | None, what: str) -> None:
+    """A :class:`DataError` when ``fmt`` (from :func:`file_format`) is lossy: ``what`` (a
+    label map, a prediction) must hold exact class ids."""
+    if fmt in LOSSY_FORMATS:
+        raise DataError(f"{path}: {what} holds {fmt.upper()} data (whatever its name says); that compression "
+                        f"is lossy and changes class ids at every edge, so it is refused: save it as PNG or .npy")
+
+
+def eight_bit(arr: np.ndarray, path: Path) -> np.ndarray:
+    """A 16-bit grey image as 8 bits, by one rule for every file: the high byte, ``v >> 8``
+    (16-bit colour images are decoded to their high byte too). It maps 8-bit values stored
+    as 16 bits (``v * 257``) back exactly, and a value means the same in every file."""
+    lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+    if lo < 0 or hi > 65535:
+        raise DataError(f"{path}: image values {lo}..{hi} exceed the 16-bit range 0..65535; convert it to an "
+                        "8- or 16-bit PNG")
+    return (arr.astype(np.uint32) >> 8).astype(np.uint8)
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as uint8 HxWx3 RGB (grayscale / RGBA / palette / CMYK converted)."""
+    """Read an image file as uint8 HxWx3 RGB (grayscale / RGBA / palette / CMYK converted),
+    as it is displayed: an EXIF orientation tag is applied. 16-bit images keep their high
+    byte (:func:`eight_bit`)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "I;16" or im.mode == "I":
-                # 16/32-bit grayscale: scale to 8 bit instead of PIL's clipping conversion.
-                arr = np.asarray(im).astype(np.float64)
-                top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-                grey = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        with Image.open(path) as raw:
+            raw.load()
+            im = ImageOps.exif_transpose(raw)
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = eight_bit(np.asarray(im), path)
                 return np.repeat(grey[:, :, None], 3, axis=2)
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             arr = np.array(rgb, dtype=np.uint8)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file does not exist") from None
+        raise DataError(f"{path}: {_missing(path, 'image file')}") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: cannot read image (corrupt or not an image): {exc}") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"{path}: image has unexpected shape {arr.shape}")
     return arr
+
+
+def _missing(path: Path, what: str) -> str:
+    """Why ``path`` cannot be opened although it was listed: gone, or a dangling link."""
+    if path.is_symlink():
+        return f"{what} is a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+    return f"{what} does not exist"
 
 
 def _to_label_dtype(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -80,15 +134,20 @@ def _to_label_dtype(arr: np.ndarray, path: Path) -> np.ndarray:
 def load_label(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a label map (``.npy`` 2-D integer array, or a single-channel PNG) as uint8/uint16 HxW.
 
-    PNG labels may be 8-bit grey (``L``), palette (``P``, the palette index is the class id) or
-    16-bit grey. An RGB PNG is accepted only if its three channels are identical.
+    The file is decoded by its content, not its name: ``.npy`` bytes are read as an array,
+    image bytes as an image, and JPEG (or lossy WebP) bytes are refused, since lossy
+    compression changes class ids. PNG labels may be 8-bit grey (``L``), palette (``P``,
+    the palette index is the class id) or 16-bit grey (the values themselves). An RGB PNG is
+    accepted only if its three channels are identical.
     """
     path = Path(path)
-    if path.suffix.lower() == ".npy":
+    fmt = file_format(path)
+    refuse_lossy(path, fmt, "label map")
+    if fmt == "npy" or (fmt is None and path.suffix.lower() == ".npy"):
         try:
             arr = np.load(path, allow_pickle=False)
         except FileNotFoundError:
-            raise DataError(f"{path}: label file does not exist") from None
+            raise DataError(f"{path}: {_missing(path, 'label file')}") from None
         except _DECODE_ERRORS as exc:
             raise DataError(f"{path}: cannot read .npy label (corrupt or truncated): {exc}") from None
         if not isinstance(arr, np.ndarray):
@@ -100,12 +159,13 @@ def load_label(path: str | os.PathLike[str]) -> np.ndarray:
         return _to_label_dtype(arr, path)
 
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as raw:
+            raw.load()
+            im = ImageOps.exif_transpose(raw)
             mode = im.mode
             arr = np.array(im)
     except FileNotFoundError:
-        raise DataError(f"{path}: label file does not exist") from None
+        raise DataError(f"{path}: {_missing(path, 'label file')}") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: cannot read label image (corrupt or not an image): {exc}") from None
     if arr.ndim == 3:
@@ -274,7 +334,11 @@ def scan_by_stem(
     except OSError as exc:
         raise DataError(f"{folder}: cannot list folder: {exc}") from None
     for p in entries:
-        if p.name.startswith(".") or p.suffix.lower() not in suffixes or not p.is_file():
+        if p.name.startswith(".") or p.suffix.lower() not in suffixes:
+            continue
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"{p}: {_missing(p, 'file')}")
+        if not p.is_file():
             continue
         stem = stem_of(p.name) if stem_of is not None else p.stem
         if stem is None:
@@ -344,6 +408,15 @@ class BaseReader:
 
         return content_id(x for sid, image, label in self._entries
                           for x in (sid.encode(), image, b"" if label is None else label))
+
+    def source_files(self) -> list[Path]:
+        """Every file this reader reads: its images and labels (by id), and the class file
+        at its root when there is one."""
+        files = [p for _, image, label in self._entries for p in (image, label) if p is not None]
+        classes = getattr(self, "root", None)
+        if classes is not None and (Path(classes) / "classes.yaml").is_file():
+            files.append(Path(classes) / "classes.yaml")
+        return files
 
     def _set_entries(self, entries: list[tuple[str, Path, Path | None]], folder: Path) -> None:
         if not entries:
