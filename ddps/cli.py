@@ -555,7 +555,7 @@ def report_command(
 @app.command("predict")
 def predict(
     inputs: Annotated[list[str], typer.Argument(
-        metavar="INPUT...", show_default=False,
+        metavar="INPUT", show_default=False,
         help="Image files (png, jpg, jpeg, webp, tif, tiff), folders (searched recursively) or fsspec URLs "
              "(s3://bucket/photos/, s3://bucket/*.jpg, file:///...).")],
     out: Annotated[str, typer.Option(metavar="DIR", help="Output folder or URL: masks/, overlays/, uncertainty/, "

@@ -186,6 +186,19 @@ def _read_mask(location: storage.Location, options: Mapping[str, Any] | None) ->
         return np.asarray(im)
 
 
+def _current(row: Mapping[str, Any] | None, sha: str, model_id: str, out: str, picture: str | None,
+             options: Mapping[str, Any] | None) -> bool:
+    """Whether ``row`` is this input's (``sha``) prediction by this model and its mask exists,
+    and its ``picture`` (``overlay``, ``uncertainty`` or None) too when there is one to have."""
+    if row is None or row["sha256"] != sha or row["model_id"] != model_id:
+        return False
+    if not storage.exists(storage.join(out, *row["mask"].split("/")), options):
+        return False
+    if picture is None or (picture == "uncertainty" and not row["has_uncertainty"]):
+        return True
+    return bool(row[picture]) and storage.exists(storage.join(out, *row[picture].split("/")), options)
+
+
 def _check_prediction(pred: Any, image: np.ndarray, source: str) -> None:
     if not isinstance(pred, Prediction) or np.shape(pred.labels) != image.shape[:2]:
         got = np.shape(pred.labels) if isinstance(pred, Prediction) else type(pred).__name__
@@ -265,12 +278,8 @@ def predict_images(settings: Settings, inputs: Sequence[str], model: str, out: s
                 sha = hashlib.sha256(data).hexdigest()
                 mask_rel, mask_loc = where("masks", item.name)
                 row = rows.get(mask_rel)
-                if (row is not None and row["sha256"] == sha and row["model_id"] == predictor.model_id
-                        and storage.exists(mask_loc, options)
-                        and not (uncertainty and row["has_uncertainty"]
-                                 and not (row["uncertainty"] and storage.exists(storage.join(out, row["uncertainty"]),
-                                                                                 options)))):
-                    if overlay and not (row["overlay"] and storage.exists(storage.join(out, row["overlay"]), options)):
+                if _current(row, sha, predictor.model_id, out, "uncertainty" if uncertainty else None, options):
+                    if overlay and not _current(row, sha, predictor.model_id, out, "overlay", options):
                         try:  # the mask is current: draw its overlay without the model
                             write_overlay(row, item.name, _decode(data, item.source), _read_mask(mask_loc, options))
                         except DDPSError as exc:
@@ -310,7 +319,7 @@ def predict_images(settings: Settings, inputs: Sequence[str], model: str, out: s
                         row["uncertainty"] = rel
                     for kind in ("overlay", "uncertainty"):  # an earlier model's pictures of it go
                         if old is not None and old.get(kind) and not row[kind]:
-                            _remove(storage.join(out, old[kind]), options)
+                            _remove(storage.join(out, *old[kind].split("/")), options)
                     if not overlay and len(pictures) < 6:
                         pictures.append(os.fspath(mask_loc))
                     row["seconds"] = read_s + share + (time.perf_counter() - t1)
