@@ -106,7 +106,8 @@ def overlay_picture(image: np.ndarray, labels: np.ndarray, class_names: Sequence
         top = h + y
         draw.rectangle([x, top, x + size - 1, top + size - 1], fill=tuple(int(v) for v in colours[c]),
                        outline=(0, 0, 0))
-        draw.text((x + size + pad, top + size // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+        x0, y0, _, y1 = draw.textbbox((0, 0), text, font=font)  # centred on the swatch, any font
+        draw.text((x + size + pad - x0, top + (size - (y1 - y0)) // 2 - y0), text, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
 
 
