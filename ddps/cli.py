@@ -28,7 +28,7 @@ from ddps_core.errors import ConfigError, DDPSError
 
 #: Commands in the order of the pipeline, then the tools that stand beside it.
 ORDER = ("config", "data", "ddpm", "features", "teacher", "generate", "student", "refiner", "evaluate", "report",
-         "score", "deploy")
+         "predict", "score", "deploy")
 
 
 class _PipelineOrder(TyperGroup):
@@ -443,26 +443,6 @@ def student_train(
                   f"{percent(info['test_miou'])}, mBIoU {percent(info['test_mbiou'])} -> {s.student.out}")
 
 
-@student_app.command("predict")
-def student_predict(
-    out: Annotated[Path, typer.Option(metavar="DIR", help="Folder for the label PNGs.")],
-    split: Annotated[str, typer.Option(metavar="SPLIT", help="train, test or unlabeled (of data.out).")] = "test",
-    params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
-) -> None:
-    """Label a split of the dataset with the trained student; print its scores when the split
-    has labels."""
-    from ddps_core.generate.stage import image_size
-    from ddps_core.metrics import report_frame
-    from ddps_core.student.stage import predict_split
-
-    s = settings_from(params, defaults, set_)
-    with RichReporter() as report:
-        result = predict_split(s, split, out, image_size(s), progress=lambda d, n: report.progress(f"student {split}", d, n))
-    if result is not None:
-        print_report(report_frame(result), title=f"student on {split}")
-    console.print(f"labels -> {out}")
-
-
 # ----------------------------------------------------------------------------- refiner
 refiner_app = _group("refiner", "Stages train_refiner and refine: the DDPS mask-prior refiner.")
 
@@ -570,6 +550,47 @@ def report_command(
     the refinement picture) of the evaluate and refine reports."""
     s = settings_from(params, defaults, set_, **{"report.overlays": overlays, "report.refinement": refinement})
     run_stage("report", s)
+
+
+@app.command("predict")
+def predict(
+    inputs: Annotated[list[str], typer.Argument(
+        metavar="INPUT", show_default=False,
+        help="Image files (png, jpg, jpeg, webp, tif, tiff), folders (searched recursively) or fsspec URLs "
+             "(s3://bucket/photos/, s3://bucket/*.jpg, file:///...).")],
+    out: Annotated[str, typer.Option(metavar="DIR", help="Output folder or URL: masks/, overlays/, uncertainty/, "
+                                                         "predictions.parquet.")],
+    model: Annotated[str, typer.Option(metavar="MODEL", help="teacher, student or refiner.")] = "student",
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write overlays/: the image in the class colours, "
+                                                            "with a legend.")] = False,
+    uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write uncertainty/: heat maps, when the "
+                                                                    "model gives them (teacher, refiner).")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="Images handed to the model at once.")] = 16,
+    device: Annotated[str | None, Key("device", "auto, cpu or cuda.", metavar="DEVICE")] = None,
+    num_classes: Annotated[int | None, Key("data.num_classes", "The class count the model must have.",
+                                           metavar="K")] = None,
+    params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
+) -> None:
+    """Masks for any images with a trained model of this project, at each image's own size:
+    masks/<name>.png (palette PNG of class ids), optional overlays and uncertainty maps, and
+    predictions.parquet. A rerun reuses the masks of unchanged images and the same model;
+    an unreadable image is one error line, and the exit status is 1 after the others are
+    written."""
+    from ddps_core.predict import predict_images
+
+    s = settings_from(params, defaults, set_, **{"device": device, "data.num_classes": num_classes})
+    with RichReporter() as report:
+        summary = predict_images(s, inputs, model, out, overlay=overlay, uncertainty=uncertainty,
+                                 batch_size=batch_size, report=report)
+    console.print(f"{summary['model']} ({summary['model_id']}, {summary['num_classes']} classes): "
+                  f"{summary['predicted']} predicted, {summary['reused']} reused of {summary['images']} images")
+    for key in ("masks", "overlays", "uncertainty", "table"):
+        if summary.get(key):
+            console.print(f"  {key:<12}{summary[key]}")
+    if summary["failed"]:
+        err_console.print(f"[bold red]error:[/bold red] {summary['failed']} of {summary['images']} images could not "
+                          "be read (named above); the other images' outputs are written", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("score")

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddps_core.errors import DataError
 
@@ -88,25 +88,69 @@ def eight_bit(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as uint8 HxWx3 RGB (grayscale / RGBA / palette / CMYK converted),
-    as it is displayed: an EXIF orientation tag is applied. 16-bit images keep their high
-    byte (:func:`eight_bit`)."""
+    """Read an image file as uint8 HxWx3 RGB, as it is displayed (an EXIF orientation tag
+    is applied), converted by the rule of :func:`to_rgb`."""
     path = Path(path)
     try:
         with Image.open(path) as raw:
             raw.load()
-            im = ImageOps.exif_transpose(raw)
-            if im.mode.startswith("I;16") or im.mode == "I":
-                grey = eight_bit(np.asarray(im), path)
-                return np.repeat(grey[:, :, None], 3, axis=2)
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            arr = np.array(rgb, dtype=np.uint8)
+            arr = to_rgb(ImageOps.exif_transpose(raw), path)
     except FileNotFoundError:
         raise DataError(f"{path}: {_missing(path, 'image file')}") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: cannot read image (corrupt or not an image): {exc}") from None
+    return _checked_rgb(arr, path)
+
+
+def decode_image(data: bytes, name: str | os.PathLike[str]) -> np.ndarray:
+    """:func:`load_image` of a file's bytes (read from a URL, say); ``name`` names it in errors."""
+    try:
+        with Image.open(io.BytesIO(data)) as raw:
+            raw.load()
+            arr = to_rgb(ImageOps.exif_transpose(raw), name)
+    except _DECODE_ERRORS as exc:
+        why = "no known image format" if isinstance(exc, UnidentifiedImageError) else exc
+        raise DataError(f"{os.fspath(name)}: cannot read image (corrupt or not an image): {why}") from None
+    return _checked_rgb(arr, name)
+
+
+def to_rgb(image: Image.Image | np.ndarray, name: str | os.PathLike[str] = "image") -> np.ndarray:
+    """An image as uint8 ``H x W x 3`` RGB, by one rule for every input (``name`` names it in
+    errors):
+
+    * RGB: as it is;
+    * 16-bit (and 32-bit integer) grayscale: the high byte, ``v >> 8`` (:func:`eight_bit`),
+      then grey to RGB (R = G = B);
+    * 8-bit grayscale, palette (``P``: the palette's colours), CMYK, YCbCr, bilevel: PIL's
+      conversion to RGB;
+    * with an alpha channel (RGBA, LA, PA): the alpha channel is dropped, not composited: the
+      colours are taken as stored.
+
+    A numpy array is read as PIL reads it: ``H x W`` uint8 grey, ``H x W`` uint16 16-bit grey,
+    ``H x W x 3`` / ``H x W x 4`` uint8 RGB / RGBA (``H x W x 1`` as ``H x W``); other shapes
+    and dtypes are a ``ValueError``.
+    """
+    if isinstance(image, np.ndarray):
+        arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        ok = (arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16)) or (
+            arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8)
+        if not ok or 0 in arr.shape:
+            raise ValueError(f"expected an H x W (uint8 or uint16) or H x W x 3 / 4 (uint8) image array, "
+                             f"got {arr.dtype} {arr.shape}")
+        if arr.ndim == 3 and arr.shape[2] == 3:
+            return np.ascontiguousarray(arr)
+        image = Image.fromarray(np.ascontiguousarray(arr))
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # PIL's own conversion clips 16-bit values at 255; the high byte keeps their meaning
+        grey = eight_bit(np.asarray(image), Path(os.fspath(name)))
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return np.array(rgb, dtype=np.uint8)
+
+
+def _checked_rgb(arr: np.ndarray, name: str | os.PathLike[str]) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"{path}: image has unexpected shape {arr.shape}")
+        raise DataError(f"{os.fspath(name)}: image has unexpected shape {arr.shape}")
     return arr
 
 
