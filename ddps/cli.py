@@ -28,7 +28,7 @@ from ddps_core.errors import ConfigError, DDPSError
 
 #: Commands in the order of the pipeline, then the tools that stand beside it.
 ORDER = ("config", "data", "ddpm", "features", "teacher", "generate", "student", "refiner", "evaluate", "report",
-         "score", "deploy")
+         "predict", "score", "deploy")
 
 
 class _PipelineOrder(TyperGroup):
@@ -460,26 +460,6 @@ def student_train(
                   f"{percent(info['test_miou'])}, mBIoU {percent(info['test_mbiou'])} -> {s.student.out}")
 
 
-@student_app.command("predict")
-def student_predict(
-    out: Annotated[Path, typer.Option(metavar="DIR", help="Folder for the label PNGs.")],
-    split: Annotated[str, typer.Option(metavar="SPLIT", help="train, test or unlabeled (of data.out).")] = "test",
-    params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
-) -> None:
-    """Label a split of the dataset with the trained student; print its scores when the split
-    has labels."""
-    from ddps_core.generate.stage import image_size
-    from ddps_core.metrics import report_frame
-    from ddps_core.student.stage import predict_split
-
-    s = settings_from(params, defaults, set_)
-    with RichReporter() as report:
-        result = predict_split(s, split, out, image_size(s), progress=lambda d, n: report.progress(f"student {split}", d, n))
-    if result is not None:
-        print_report(report_frame(result), title=f"student on {split}")
-    console.print(f"labels -> {out}")
-
-
 # ----------------------------------------------------------------------------- refiner
 refiner_app = _group("refiner", "Stages train_refiner and refine: the DDPS mask-prior refiner.")
 
@@ -589,6 +569,47 @@ def report_command(
     run_stage("report", s)
 
 
+@app.command("predict")
+def predict(
+    inputs: Annotated[list[str], typer.Argument(
+        metavar="INPUT", show_default=False,
+        help="Image files (png, jpg, jpeg, webp, tif, tiff), folders (searched recursively) or fsspec URLs "
+             "(s3://bucket/photos/, s3://bucket/*.jpg, file:///...).")],
+    out: Annotated[str, typer.Option(metavar="DIR", help="Output folder or URL: masks/, overlays/, uncertainty/, "
+                                                         "predictions.parquet.")],
+    model: Annotated[str, typer.Option(metavar="MODEL", help="teacher, student or refiner.")] = "student",
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write overlays/: the image in the class colours, "
+                                                            "with a legend.")] = False,
+    uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write uncertainty/: heat maps, when the "
+                                                                    "model gives them (teacher, refiner).")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="Images handed to the model at once.")] = 16,
+    device: Annotated[str | None, Key("device", "auto, cpu or cuda.", metavar="DEVICE")] = None,
+    num_classes: Annotated[int | None, Key("data.num_classes", "The class count the model must have.",
+                                           metavar="K")] = None,
+    params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
+) -> None:
+    """Masks for any images with a trained model of this project, at each image's own size:
+    masks/<name>.png (palette PNG of class ids), optional overlays and uncertainty maps, and
+    predictions.parquet. A rerun reuses the masks of unchanged images and the same model;
+    an unreadable image is one error line, and the exit status is 1 after the others are
+    written."""
+    from ddps_core.predict import predict_images
+
+    s = settings_from(params, defaults, set_, **{"device": device, "data.num_classes": num_classes})
+    with RichReporter() as report:
+        summary = predict_images(s, inputs, model, out, overlay=overlay, uncertainty=uncertainty,
+                                 batch_size=batch_size, report=report)
+    console.print(f"{summary['model']} ({summary['model_id']}, {summary['num_classes']} classes): "
+                  f"{summary['predicted']} predicted, {summary['reused']} reused of {summary['images']} images")
+    for key in ("masks", "overlays", "uncertainty", "table"):
+        if summary.get(key):
+            console.print(f"  {key:<12}{summary[key]}")
+    if summary["failed"]:
+        err_console.print(f"[bold red]error:[/bold red] {summary['failed']} of {summary['images']} images could not "
+                          "be read (named above); the other images' outputs are written", soft_wrap=True)
+        raise typer.Exit(1)
+
+
 @app.command("score")
 def score(
     pred: Annotated[Path, typer.Option(metavar="DIR", help="Predictions: PNG or .npy label maps, matched by stem.")],
@@ -604,12 +625,14 @@ def score(
     max_figures: Annotated[int, typer.Option(metavar="N", help="At most this many figures.")] = 16,
 ) -> None:
     """Score any predictions against any labels: mIoU, mBIoU, aAcc, mAcc, per class and image.
-    The metric conventions are those of params.yaml when there is one, else the defaults."""
+    The metric conventions are those of params.yaml when there is one, else the defaults. An
+    ignore index below --num-classes ignores that class id (bedroom_28: --ignore-index 0)."""
     from ddps_core.metrics import evaluate_dirs, load_class_names, report_frame, write_report
 
     here = Path("params.yaml")
     s = settings_from(here, not here.is_file(), None, **{
         "data.ignore_index": ignore_index, "evaluate.boundary_ratio": boundary_ratio})
+    # an ignore index below --num-classes is that class ignored: never scored (docs/method.md)
     class_names = load_class_names(names) if names else None
     if class_names is not None and len(class_names) != num_classes:
         raise DDPSError(f"{names}: lists {len(class_names)} class names, --num-classes is {num_classes}")
@@ -672,10 +695,11 @@ def deploy(
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point. Usage errors are click's (exit 2, with the usage line);
-    bad input and file-system faults print one line (see :func:`ddps.console.run_guarded`)."""
+    """Console-script entry point. Usage errors (a bad option value, a missing option), bad
+    input and file-system faults print one ``error:`` line (see
+    :func:`ddps.console.run_guarded`); usage errors exit with status 2."""
     args = sys.argv[1:] if argv is None else argv
-    sys.exit(run_guarded(lambda: app(args=args, prog_name="ddps"), debug="--debug" in args))
+    sys.exit(run_guarded(lambda: app(args=args, prog_name="ddps", standalone_mode=False), debug="--debug" in args))
 
 
 __all__ = ["app", "err_console", "main", "settings_from"]

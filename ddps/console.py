@@ -9,6 +9,7 @@ lines above the bars; in a pipe or a log file (``dvc repro``, CI) plain lines in
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from ddps_core.errors import user_message
 from ddps_core.progress import LineReporter, Reporter
 
-__all__ = ["RichReporter", "console", "err_console", "percent", "run_guarded"]
+__all__ = ["RichReporter", "console", "err_console", "percent", "print_error", "run_guarded"]
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -72,23 +73,60 @@ def percent(value: Any) -> str:
     return "nan" if v != v else f"{100 * v:.2f}"
 
 
-def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:
+def _click_exceptions() -> tuple[tuple[type[Exception], ...], ...]:
+    """click's usage-error, no-arguments-help, other and abort exceptions: those of the click
+    that typer vendors (``typer._click``) and of click itself, where each is installed."""
+    found: list[Any] = []
+    for name in ("typer", "typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return tuple(tuple(c for m in found if isinstance(c := getattr(m, cls, None), type)) for cls in
+                 ("UsageError", "NoArgsIsHelpError", "ClickException", "Abort"))
+
+
+def print_error(line: str) -> None:
+    """``error: <line>`` on stderr."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(line)}", soft_wrap=True)
+
+
+def run_guarded(fn: Callable[[], Any], debug: bool = False, tell: Callable[[str], Any] = print_error) -> int:
     """Run ``fn``; bad input and file-system faults end as one ``error:`` line naming the file
-    or key, with the error's exit status; ``debug`` shows the traceback instead."""
+    or key, with the error's exit status; ``debug`` shows the traceback instead. A usage
+    error of the command line (click's, raised when ``fn`` runs click outside its standalone
+    mode) is one such line too, exit status 2. ``tell`` prints the line (the default), or
+    keeps it to print later."""
+    usage, no_args, other, abort = _click_exceptions()
     try:
-        fn()
+        result = fn()
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
         return 130
+    except no_args as exc:
+        exc.show()  # the help text: a command group given no command
+        return exc.exit_code
+    except usage as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        text = " ".join(exc.format_message().split())
+        tell(where + text + hint)
+        return exc.exit_code
+    except other as exc:
+        tell(" ".join(exc.format_message().split()))
+        return exc.exit_code
+    except abort:
+        err_console.print("[yellow]aborted[/yellow]")
+        return 1
     except Exception as exc:
         told = user_message(exc)
         if told is None or debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {escape(told[0])}", soft_wrap=True)
+        tell(told[0])
         return told[1]
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def exit_with(code: int) -> None:

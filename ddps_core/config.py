@@ -4,28 +4,85 @@
 (pydantic, ``extra="forbid"``), so an unknown key or a wrong type is one :class:`ConfigError`
 that names the dotted key. CLI options and deployment parameters override the same fields
 through :func:`load_settings` ``overrides`` (dotted keys), which are validated the same way.
+
+Three mistakes YAML and pydantic would let through are errors too: a key given twice in one
+mapping (YAML keeps the last value silently), a boolean where a number is expected (pydantic
+reads ``true`` as 1), and values that only the settings of two sections together rule out
+(a feature timestep beyond ``ddpm.num_timesteps``, a decoder block the preset does not have):
+:func:`cross_check`. An ignore index that is a class id is allowed: that class is then the
+ignored class (DDPM-Seg's ``bedroom_28`` ignores its class 0; docs/method.md).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ddps_core.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field of this type may hold a boolean (``bool``, ``Any``, a union or
+    container holding one, a section); numbers, strings and literals may not."""
+    if annotation is bool or annotation is Any:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(v, bool) for v in typing.get_args(annotation))
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_admits_bool(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple, set, frozenset):
+        return any(_admits_bool(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    if origin is dict:
+        args = typing.get_args(annotation)
+        return not args or _admits_bool(args[-1])
+    return False
+
+
+def _number_kind(annotation: Any) -> str:
+    """What a numeric field wants, in pydantic's words."""
+    args = {annotation, *typing.get_args(annotation)}
+    for a in list(args):
+        args.update(typing.get_args(a))
+    return "a valid integer" if int in args else "a valid number" if float in args else "of the field's type"
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, bool) for v in value)
+    if isinstance(value, Mapping):
+        return any(isinstance(v, bool) for v in value.values())
+    return False
+
+
 class Section(BaseModel):
-    """Base of every settings section: unknown keys are errors, assignment is validated."""
+    """Base of every settings section: unknown keys are errors, assignment is validated, and
+    a boolean is refused where a number (or a list of numbers) is expected, instead of being
+    read as 0 or 1 (``members: true`` is a mistake, not one member)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _holds_bool(value) and not _admits_bool(field.annotation):
+            raise ValueError(f"Input should be {_number_kind(field.annotation)}, not a boolean")
+        return value
 
 
 def _known_location(value: str) -> str:
@@ -530,6 +587,49 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None
     node[parts[-1]] = value
 
 
+def _output_blocks(preset: str) -> int | None:
+    """How many decoder (output) blocks the UNet of ``preset`` has, from its configuration
+    alone (no weights are built); None for an unknown preset."""
+    from ddps_core.diffusion.presets import PRESETS
+
+    cfg = PRESETS.get(preset)
+    return None if cfg is None else len(cfg.resolved_channel_mult()) * (cfg.num_res_blocks + 1)
+
+
+def cross_check(s: Settings) -> list[tuple[str, str]]:
+    """``(key, fault)`` for every value that another section's settings rule out."""
+    faults: list[tuple[str, str]] = []
+    t = s.ddpm.num_timesteps
+    f = s.features
+    bad = [v for v in f.steps if not 0 <= v < t]
+    if bad:
+        faults.append(("features.steps", f"{bad[0]} is not a timestep of the diffusion model (ddpm.num_timesteps "
+                                         f"is {t}: 0..{t - 1})"))
+    if len(set(f.steps)) != len(f.steps):
+        faults.append(("features.steps", f"duplicate entries in {f.steps}"))
+    if f.blocks is not None:
+        n = _output_blocks(s.ddpm.preset)
+        if n is None:
+            from ddps_core.diffusion.presets import list_presets
+
+            faults.append(("ddpm.preset", f"unknown UNet preset {s.ddpm.preset!r}; valid presets: "
+                                          f"{', '.join(list_presets())}"))
+        elif not f.blocks:
+            faults.append(("features.blocks", f"must not be empty (null: all {n} output blocks)"))
+        else:
+            bad = [v for v in f.blocks if not 0 <= v < n]
+            if bad:
+                faults.append(("features.blocks", f"{bad[0]} is not an output block of preset "
+                                                  f"{s.ddpm.preset!r} (it has {n}: 0..{n - 1})"))
+            if len(set(f.blocks)) != len(f.blocks):
+                faults.append(("features.blocks", f"duplicate entries in {f.blocks}"))
+    for key, steps in (("ddpm.sample_steps", s.ddpm.sample_steps), ("generate.sample_steps", s.generate.sample_steps)):
+        if steps > t:
+            faults.append((key, f"{steps} sampling steps are more than the model's {t} diffusion steps "
+                                "(ddpm.num_timesteps)"))
+    return faults
+
+
 def parse_settings(raw: Mapping[str, Any] | None, source: str = "params.yaml") -> Settings:
     """Validate a raw mapping into :class:`Settings`; raise :class:`ConfigError` naming keys."""
     if raw is None:
@@ -539,9 +639,60 @@ def parse_settings(raw: Mapping[str, Any] | None, source: str = "params.yaml") -
     from ddps_core.recipes import apply_recipe
 
     try:
-        return Settings.model_validate(apply_recipe(raw))
+        settings = Settings.model_validate(apply_recipe(raw))
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+    faults = cross_check(settings)
+    if faults:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(f"{source}: {key}: {fault}" for key, fault in faults))
+    return settings
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_keys(node: yaml.Node, path: str = "") -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping under ``node``: (dotted key, first line,
+    second line), 1-based; None when there is none. Merge keys (``<<``) are YAML's own
+    overriding and are not duplicates."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node)
+            dotted = f"{path}.{key}" if path else str(key)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                return dotted, seen[key], line
+            seen[key] = line
+            found = _duplicate_keys(value_node, dotted)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_keys(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def load_yaml_unique(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, except that a key given twice in one mapping is a
+    :class:`ConfigError` naming ``source``, the dotted key and both lines."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        dup = _duplicate_keys(node)
+        if dup:
+            key, first, second = dup
+            raise ConfigError(f"{source}: {key}: key given twice (lines {first} and {second}); YAML would keep "
+                              "only the last value: delete one")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
@@ -554,7 +705,7 @@ def read_params(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml_unique(text, str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if raw is None:

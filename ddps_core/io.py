@@ -1,7 +1,8 @@
 """Atomic file output: write to a temporary name in the target folder, then rename.
 
 A reader never sees a partially written file under its final name, and a failed write leaves
-whatever was there before untouched.
+whatever was there before untouched. The file ends with the mode a plain ``open`` would give
+it under the process's umask (``0o666 & ~umask``), not the ``0o600`` of a private temporary.
 """
 
 from __future__ import annotations
@@ -10,8 +11,30 @@ import contextlib
 import shutil
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it
+    (``/proc/self/status``); elsewhere set and restored at once, under a lock."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new plain file gets under the current umask."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -28,6 +51,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     except OSError as exc:  # a read-only or full folder: name the file, not the temporary
         raise _naming(exc, final) from exc
+    with contextlib.suppress(OSError):  # a file system without modes keeps its own
+        os.fchmod(fd, file_mode())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -78,17 +103,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def partial_folder(out: str | os.PathLike[str], settings_text: str) -> Path:
+def partial_folder(out: str | os.PathLike[str], settings_text: str, resume: bool = True) -> Path:
     """The sibling build folder ``.<name>.partial`` of ``out``, for a resumable folder build.
 
     Files are written into it atomically, one by one. A ``.settings.json`` marker records
     ``settings_text``: an interrupted build with the same settings resumes in the same folder
-    (keeping what was written); a leftover build with other settings is discarded.
-    Finish with :func:`swap_folder`.
+    (keeping what was written); a leftover build with other settings, or any leftover when
+    ``resume`` is False, is discarded. Finish with :func:`swap_folder`.
     """
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     marker = partial / ".settings.json"
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
     if partial.exists():
         try:
             same = marker.read_text(encoding="utf-8") == settings_text
@@ -114,3 +141,17 @@ def swap_folder(partial: str | os.PathLike[str], out: str | os.PathLike[str]) ->
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, out)
+
+
+def remove_stale(folder: str | os.PathLike[str], keep: Iterable[str]) -> list[Path]:
+    """Delete the plain files directly in ``folder`` whose names are not in ``keep`` (hidden
+    ones too; folders are left alone): what a rerun into the same folder no longer makes.
+    Returns what was deleted."""
+    folder, keep = Path(folder), set(keep)
+    gone = []
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.name not in keep and (p.is_file() or p.is_symlink()) and not p.is_dir():
+                p.unlink(missing_ok=True)
+                gone.append(p)
+    return gone

@@ -65,6 +65,7 @@ __all__ = [
     "epoch_data",
     "load_checkpoint",
     "optimizer_to",
+    "Record",
     "read_record",
     "run_id",
     "save_checkpoint",
@@ -245,11 +246,17 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     rename over ``path`` (:func:`ddps_core.io.atomic_path`).
 
     The same state gives the same bytes, which DVC needs of an output: ``torch.save`` is
-    handed an open file, not the temporary's name (given a name, it records the name's stem,
+    handed a file object, not the temporary's name (given a name, it records the name's stem,
     random here, inside the archive), and the state is pickled in a canonical form
-    (:func:`_canonical`), so a state loaded from a checkpoint saves as the state it was."""
+    (:func:`_canonical`), so a state loaded from a checkpoint saves as the state it was.
+
+    The archive is made in memory and then written: torch's own writer turns a failed write
+    (a full disk) into ``RuntimeError: basic_ios::clear``, which names neither the file nor
+    the fault; a plain write raises the ``OSError`` that says both."""
+    buf = io.BytesIO()
+    torch.save(_canonical(dict(state)), buf)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(_canonical(dict(state)), fh)
+        fh.write(buf.getbuffer())
 
 
 def _canonical(obj: Any) -> Any:
@@ -427,11 +434,33 @@ class TimeBudget:
         return True
 
 
-def read_record(path: str | os.PathLike[str], missing: str) -> dict[str, Any]:
+class Record(dict):
+    """A JSON record read from a file: a key it lacks is a :class:`DataError` naming the file
+    and the key (an incomplete ``model.json``), not a bare ``KeyError``. Nested mappings are
+    records too."""
+
+    def __init__(self, data: Mapping[str, Any], path: Path, advice: str, where: str = ""):
+        super().__init__({k: Record(v, path, advice, f"{where}{k}.") if isinstance(v, dict) else v
+                          for k, v in data.items()})
+        self._path, self._advice, self._where = path, advice, where
+
+    def __missing__(self, key: str) -> Any:
+        raise DataError(f"{self._path}: incomplete record: no '{self._where}{key}' entry{self._advice}")
+
+
+def read_record(path: str | os.PathLike[str], missing: str, rerun: str = "") -> Record:
     """The JSON record a trainer wrote at ``path`` (its ``model.json``); a missing one is a
-    :class:`~ddps_core.errors.DataError` ``"<path>: <missing>"`` (say which stage to run)."""
+    :class:`~ddps_core.errors.DataError` ``"<path>: <missing>"`` (say which stage to run), and
+    so are a truncated or corrupt file and, when read, a key the record lacks (``rerun``
+    names the stage that writes it, for the advice)."""
     path = Path(path)
+    advice = f"; rerun the {rerun} stage to write it again" if rerun else "; rerun the stage that wrote it"
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: {missing}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable record (truncated or corrupt JSON: {exc}){advice}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a record (a JSON {type(data).__name__}, expected an object){advice}")
+    return Record(data, path, advice)

@@ -2,12 +2,14 @@
 
 This is the command of every DVC stage. Bad settings or bad input end with one line that
 names the file or key and what is wrong, and a non-zero exit; ``--debug`` shows the
-traceback.
+traceback. That line is the last one the command prints: Prefect logs after the flow run
+ends (its temporary server stopping), so the line waits for the end of the process.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     from ddps import console
     from ddps_core.config import parse_assignment
 
+    # Registered before Prefect is imported, so it runs after Prefect's own exit handlers.
+    last: list[str] = []
+    atexit.register(lambda: [console.print_error(line) for line in last])
+
     def go() -> None:
         from flows.common import settings_for
         from flows.stages import FLOWS
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if state.is_failed():
             state.result()  # raises the stage's own exception
 
-    return console.run_guarded(go, debug=args.debug)
+    return console.run_guarded(go, debug=args.debug, tell=last.append)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""What every flow shares: its settings (``params.yaml`` with the run's overrides), and the
-task runner (``runner: thread | dask``) of the fan-out stages."""
+"""What every flow shares: its settings (``params.yaml`` with the run's overrides), the
+task runner (``runner: thread | dask``) of the fan-out stages, and how a bad input reads in
+the console and in the flow run's state: one line (:func:`one_line_user_errors`,
+:func:`failed_state`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ddps_core.config import Settings, load_settings
-from ddps_core.errors import ConfigError
+from ddps_core.errors import ConfigError, user_message
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -60,3 +63,53 @@ def parallel_tasks(settings: Settings) -> int:
     if settings.runner != "dask":
         return 1
     return settings.dask.tasks_per_split or settings.dask.n_workers
+
+
+class _NoTracebackForUserErrors(logging.Formatter):
+    """A console formatter that leaves out the traceback of a bad input (an exception with a
+    :func:`~ddps_core.errors.user_message`: its one line says it all) and formats every other
+    record as ``inner`` does. The record itself is left as it was, so the API log handler
+    still sends the traceback to the Prefect server (the run's log in the UI)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or user_message(exc) is None:
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def one_line_user_errors() -> None:
+    """Keep tracebacks of bad input out of Prefect's console log (idempotent): every console
+    handler Prefect set up gets :class:`_NoTracebackForUserErrors` around its formatter."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
+                                                                             _NoTracebackForUserErrors):
+                handler.setFormatter(_NoTracebackForUserErrors(handler.formatter))
+
+
+def failed_state(exc: BaseException) -> Any:
+    """The flow run's end state for bad input ``exc``: Failed, with the one line a user reads
+    (:func:`~ddps_core.errors.user_message`) as its message, and ``exc`` as its result, so
+    that ``state.result()`` and a direct call of the flow raise it as before. None when
+    ``exc`` is not bad input (a bug keeps Prefect's own handling, and its traceback) or when
+    no flow run is going on (the flow's function called directly)."""
+    from prefect.context import FlowRunContext
+    from prefect.states import Failed
+
+    told = user_message(exc)
+    if told is None or FlowRunContext.get() is None:
+        return None
+    return Failed(message=told[0], data=exc)

@@ -20,18 +20,27 @@ from prefect.futures import wait
 from ddps_core import stages
 from ddps_core.config import Settings
 from flows.artifacts import publish
-from flows.common import parallel_tasks, settings_for, task_runner
+from flows.common import failed_state, one_line_user_errors, parallel_tasks, settings_for, task_runner
 from tasks.stage import finish_stage, plan_step, run_part, run_stage, tagged
 
 __all__ = ["FLOWS", "run"]
 
+one_line_user_errors()
 
-def run(name: str, params_path: str | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+
+def run(name: str, params_path: str | None, overrides: dict[str, Any] | None) -> Any:
     """Stage ``name`` inside the current flow run (see the module text); then its summary,
-    pictures and outputs as artifacts of the run."""
-    settings = settings_for(params_path, overrides)
-    stage = stages.get(name)
-    summary = _run(stage, settings)
+    pictures and outputs as artifacts of the run. Bad input ends the run Failed with its one
+    line as the state's message (:func:`~flows.common.failed_state`)."""
+    try:
+        settings = settings_for(params_path, overrides)
+        stage = stages.get(name)
+        summary = _run(stage, settings)
+    except Exception as exc:
+        state = failed_state(exc)
+        if state is None:
+            raise
+        return state
     products = stage.products(settings)
     try:
         publish(name, summary, stages.pictures(products), products)

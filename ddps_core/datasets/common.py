@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddps_core.errors import DataError, DataWarning
 
@@ -40,56 +40,125 @@ class Sample(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-#: How :func:`load_image` turns each PIL mode into 8-bit RGB (docs/datasets.md, "Image modes").
-IMAGE_MODE_RULES = {
-    "RGB": "kept as it is",
-    "L": "the grey value in all three channels",
-    "1": "black 0 and white 255, in all three channels",
-    "I;16 (and I;16B, I;16L, I)": "16-bit grey: the high byte, v // 256 (v clipped to 0..65535), in all three "
-                                  "channels; PIL reads 16-bit colour PNGs the same way (the high byte of each channel)",
-    "LA, RGBA, PA": "the alpha channel is dropped (not composited), the colour kept as stored",
-    "P": "the palette's colour of each index; palette transparency is dropped",
-    "other (CMYK, YCbCr, ...)": "PIL's convert('RGB')",
-}
-
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# What a file holds, told by its first bytes (its name may lie: JPEG bytes in a .png).
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\x93NUMPY", "npy"),
+    (b"\xff\xd8\xff", "jpeg"),
+)
+#: Formats whose compression changes pixel values: never a label map (class ids would change
+#: at every edge, silently).
+LOSSY_FORMATS = ("jpeg", "webp (lossy)")
 
 
-def image_to_rgb(im: Image.Image) -> np.ndarray:
-    """uint8 ``H x W x 3`` RGB of a PIL image, by the one rule of :data:`IMAGE_MODE_RULES`.
+def file_format(path: str | os.PathLike[str]) -> str | None:
+    """The format of ``path`` by content: ``png``, ``npy``, ``jpeg``, ``webp (lossy)``,
+    ``webp``, or None when the first bytes say nothing we know (or it cannot be read: the
+    reader that follows names that fault)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp (lossy)" if head[12:16] == b"VP8 " else "webp"
+    return None
 
-    The DDPM-Seg reference calls ``convert("RGB")``; that is what happens here too, except for
-    16-bit grey, which PIL would clip at 255 (almost every pixel white): we keep its high byte,
-    as PIL does for 16-bit colour."""
-    if im.mode in _SIXTEEN_BIT:
-        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
-        grey = (arr >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if im.mode == "RGB":
-        return np.array(im, dtype=np.uint8)
-    if im.mode in ("LA", "RGBA", "PA"):
-        im = im.convert(im.mode[:-1])  # drop alpha first: PIL's RGBA -> RGB does the same, LA/PA too
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.copy()
-        im.info.pop("transparency")
-    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+def refuse_lossy(path: Path, fmt: str | None, what: str) -> None:
+    """A :class:`DataError` when ``fmt`` (from :func:`file_format`) is lossy: ``what`` (a
+    label map, a prediction) must hold exact class ids."""
+    if fmt in LOSSY_FORMATS:
+        raise DataError(f"{path}: {what} holds {fmt.upper()} data (whatever its name says); that compression "
+                        f"is lossy and changes class ids at every edge, so it is refused: save it as PNG or .npy")
+
+
+def eight_bit(arr: np.ndarray, path: Path) -> np.ndarray:
+    """A 16-bit grey image as 8 bits, by one rule for every file: the high byte, ``v >> 8``
+    (16-bit colour images are decoded to their high byte too). It maps 8-bit values stored
+    as 16 bits (``v * 257``) back exactly, and a value means the same in every file."""
+    lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+    if lo < 0 or hi > 65535:
+        raise DataError(f"{path}: image values {lo}..{hi} exceed the 16-bit range 0..65535; convert it to an "
+                        "8- or 16-bit PNG")
+    return (arr.astype(np.uint32) >> 8).astype(np.uint8)
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as uint8 ``H x W x 3`` RGB; every mode converts by the one rule of
-    :func:`image_to_rgb` (grey, 16-bit grey, alpha, palette: :data:`IMAGE_MODE_RULES`)."""
+    """Read an image file as uint8 HxWx3 RGB, as it is displayed (an EXIF orientation tag
+    is applied), converted by the rule of :func:`to_rgb`."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            arr = image_to_rgb(im)
+        with Image.open(path) as raw:
+            raw.load()
+            arr = to_rgb(ImageOps.exif_transpose(raw), path)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file does not exist") from None
+        raise DataError(f"{path}: {_missing(path, 'image file')}") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: cannot read image (corrupt or not an image): {exc}") from None
+    return _checked_rgb(arr, path)
+
+
+def decode_image(data: bytes, name: str | os.PathLike[str]) -> np.ndarray:
+    """:func:`load_image` of a file's bytes (read from a URL, say); ``name`` names it in errors."""
+    try:
+        with Image.open(io.BytesIO(data)) as raw:
+            raw.load()
+            arr = to_rgb(ImageOps.exif_transpose(raw), name)
+    except _DECODE_ERRORS as exc:
+        why = "no known image format" if isinstance(exc, UnidentifiedImageError) else exc
+        raise DataError(f"{os.fspath(name)}: cannot read image (corrupt or not an image): {why}") from None
+    return _checked_rgb(arr, name)
+
+
+def to_rgb(image: Image.Image | np.ndarray, name: str | os.PathLike[str] = "image") -> np.ndarray:
+    """An image as uint8 ``H x W x 3`` RGB, by one rule for every input (``name`` names it in
+    errors):
+
+    * RGB: as it is;
+    * 16-bit (and 32-bit integer) grayscale: the high byte, ``v >> 8`` (:func:`eight_bit`),
+      then grey to RGB (R = G = B);
+    * 8-bit grayscale, palette (``P``: the palette's colours), CMYK, YCbCr, bilevel: PIL's
+      conversion to RGB;
+    * with an alpha channel (RGBA, LA, PA): the alpha channel is dropped, not composited: the
+      colours are taken as stored.
+
+    A numpy array is read as PIL reads it: ``H x W`` uint8 grey, ``H x W`` uint16 16-bit grey,
+    ``H x W x 3`` / ``H x W x 4`` uint8 RGB / RGBA (``H x W x 1`` as ``H x W``); other shapes
+    and dtypes are a ``ValueError``.
+    """
+    if isinstance(image, np.ndarray):
+        arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        ok = (arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16)) or (
+            arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8)
+        if not ok or 0 in arr.shape:
+            raise ValueError(f"expected an H x W (uint8 or uint16) or H x W x 3 / 4 (uint8) image array, "
+                             f"got {arr.dtype} {arr.shape}")
+        if arr.ndim == 3 and arr.shape[2] == 3:
+            return np.ascontiguousarray(arr)
+        image = Image.fromarray(np.ascontiguousarray(arr))
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # PIL's own conversion clips 16-bit values at 255; the high byte keeps their meaning
+        grey = eight_bit(np.asarray(image), Path(os.fspath(name)))
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return np.array(rgb, dtype=np.uint8)
+
+
+def _checked_rgb(arr: np.ndarray, name: str | os.PathLike[str]) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"{path}: image has unexpected shape {arr.shape}")
+        raise DataError(f"{os.fspath(name)}: image has unexpected shape {arr.shape}")
     return arr
+
+
+def _missing(path: Path, what: str) -> str:
+    """Why ``path`` cannot be opened although it was listed: gone, or a dangling link."""
+    if path.is_symlink():
+        return f"{what} is a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+    return f"{what} does not exist"
 
 
 def _to_label_dtype(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -109,15 +178,20 @@ def _to_label_dtype(arr: np.ndarray, path: Path) -> np.ndarray:
 def load_label(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a label map (``.npy`` 2-D integer array, or a single-channel PNG) as uint8/uint16 HxW.
 
-    PNG labels may be 8-bit grey (``L``), palette (``P``, the palette index is the class id) or
-    16-bit grey. An RGB PNG is accepted only if its three channels are identical.
+    The file is decoded by its content, not its name: ``.npy`` bytes are read as an array,
+    image bytes as an image, and JPEG (or lossy WebP) bytes are refused, since lossy
+    compression changes class ids. PNG labels may be 8-bit grey (``L``), palette (``P``,
+    the palette index is the class id) or 16-bit grey (the values themselves). An RGB PNG is
+    accepted only if its three channels are identical.
     """
     path = Path(path)
-    if path.suffix.lower() == ".npy":
+    fmt = file_format(path)
+    refuse_lossy(path, fmt, "label map")
+    if fmt == "npy" or (fmt is None and path.suffix.lower() == ".npy"):
         try:
             arr = np.load(path, allow_pickle=False)
         except FileNotFoundError:
-            raise DataError(f"{path}: label file does not exist") from None
+            raise DataError(f"{path}: {_missing(path, 'label file')}") from None
         except _DECODE_ERRORS as exc:
             raise DataError(f"{path}: cannot read .npy label (corrupt or truncated): {exc}") from None
         if not isinstance(arr, np.ndarray):
@@ -129,12 +203,13 @@ def load_label(path: str | os.PathLike[str]) -> np.ndarray:
         return _to_label_dtype(arr, path)
 
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as raw:
+            raw.load()
+            im = ImageOps.exif_transpose(raw)
             mode = im.mode
             arr = np.array(im)
     except FileNotFoundError:
-        raise DataError(f"{path}: label file does not exist") from None
+        raise DataError(f"{path}: {_missing(path, 'label file')}") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: cannot read label image (corrupt or not an image): {exc}") from None
     if arr.ndim == 3:
@@ -327,7 +402,11 @@ def scan_by_stem(
     except OSError as exc:
         raise DataError(f"{folder}: cannot list folder: {exc}") from None
     for p in entries:
-        if p.name.startswith(".") or p.suffix.lower() not in suffixes or not p.is_file():
+        if p.name.startswith(".") or p.suffix.lower() not in suffixes:
+            continue
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"{p}: {_missing(p, 'file')}")
+        if not p.is_file():
             continue
         stem = stem_of(p.name) if stem_of is not None else p.stem
         if stem is None:
@@ -398,6 +477,15 @@ class BaseReader:
 
         return content_id(x for sid, image, label in self._entries
                           for x in (sid.encode(), image, b"" if label is None else label))
+
+    def source_files(self) -> list[Path]:
+        """Every file this reader reads: its images and labels (by id), and the class file
+        at its root when there is one."""
+        files = [p for _, image, label in self._entries for p in (image, label) if p is not None]
+        classes = getattr(self, "root", None)
+        if classes is not None and (Path(classes) / "classes.yaml").is_file():
+            files.append(Path(classes) / "classes.yaml")
+        return files
 
     def _set_entries(self, entries: list[tuple[str, Path, Path | None]], folder: Path) -> None:
         if not entries:

@@ -13,13 +13,25 @@ Images keep their size (non-square ones are squared later, where they meet a mod
 build goes to a sibling ``.<name>.partial`` folder, file by file and atomically, so an
 interrupted import resumes; the finished folder replaces ``out`` in one swap. An existing
 ``out`` that this stage did not make is never overwritten.
+
+The import has an identity: its settings and the *content* of every file it reads
+(:func:`content_identity`: the sha256 of each file, under its path relative to the root).
+``classes.yaml`` records it. A rerun whose identity is the recorded one reuses ``out`` as it
+is (nothing is read or written but the hashes); any other rebuilds it, so new content under
+the same file names is never missed, even when a copy kept the old modification times. A
+leftover build folder of another identity is discarded. Hashing is kept cheap by a manifest
+beside ``out`` (``.<name>.sources.json``, not part of the output): a file whose size,
+modification time, change time and inode are those recorded keeps its recorded hash; the
+change time is the file system's own and no copy can set it, so it is the hash that decides.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +129,75 @@ def samples_reporting(reader: Any, warn: Callable[[str], None] | None) -> Iterat
         yield sample
 
 
+def _manifest_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.sources.json"
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def content_identity(files: Iterable[Path], root: Path, manifest: Path | None = None) -> str:
+    """The sha256 (16 hex digits) of ``files``' paths relative to ``root``, sizes and content
+    hashes. ``manifest`` caches each file's hash under its stat (size, mtime, ctime, inode):
+    an unchanged file is not read again. A manifest that cannot be written is only a cache
+    lost."""
+    cache: dict[str, Any] = {}
+    if manifest is not None:
+        try:
+            cache = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            cache = {}
+    fresh: dict[str, Any] = {}
+    h = hashlib.sha256()
+    for path in sorted(set(files)):
+        try:
+            st = path.stat()
+            key = _stat_key(st)
+            known = cache.get(str(path))
+            if isinstance(known, list) and known[:4] == key:
+                digest = known[4]
+            else:
+                with open(path, "rb") as fh:
+                    digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        fresh[str(path)] = [*key, digest]
+        rel = os.path.relpath(path, root)
+        h.update(f"{rel}\0{st.st_size}\0{digest}\n".encode())
+    if manifest is not None and fresh != cache:
+        try:
+            atomic_write_text(manifest, json.dumps({"files": fresh}, sort_keys=True))
+        except OSError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def _reusable(out: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded summary when ``out`` is a complete import of exactly ``ident``."""
+    try:
+        doc = yaml.safe_load((out / "classes.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(doc, dict) or doc.get(_MARK) != ident or not isinstance(doc.get("summary"), dict):
+        return None
+    summary = doc["summary"]
+    for split, n in summary.get("counts", {}).items():
+        folder = out / ("unlabeled" if split == "unlabeled" else f"real/{split}")
+        try:
+            pngs = sum(1 for name in os.listdir(folder) if name.endswith(".png") and not name.startswith("."))
+        except OSError:
+            return None
+        if pngs != n:
+            return None
+    return dict(summary)
+
+
 def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = None,
                    warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Validate a user dataset and write it to ``data.out`` in the canonical layout."""
+    """Validate a user dataset and write it to ``data.out`` in the canonical layout; reuse
+    ``data.out`` when it holds the import of the same settings and file contents."""
     out = Path(data.out)
-    settings = _settings(data)
     if out.exists() and any(out.iterdir()) and not _made_here(out):
         raise DataError(f"{out}: folder exists, is not empty and was not made by the data "
                         "stage; refusing to overwrite it (choose another data.out)")
@@ -131,6 +207,11 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
                                       num_classes=data.num_classes, ignore_index=data.ignore_index)
     if "train" not in readers:
         raise DataError(f"{data.root}: data.splits maps no reader split to 'train'")
+    sources = [p for reader in readers.values() for p in reader.source_files()]
+    settings = {**_settings(data), "content": content_identity(sources, Path(data.root), _manifest_path(out))}
+    done = _reusable(out, settings)
+    if done is not None:
+        return {**done, "out_dir": str(out), "reused": True}
     first = readers["train"]
     names = first.class_names or [f"class_{i}" for i in range(first.num_classes)]
     extra: dict[str, Any] = {}
@@ -147,6 +228,7 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
     pixels = np.zeros(first.num_classes, dtype=np.int64)
     n_done = 0
     for split, reader in readers.items():
+        before = int(pixels.sum())
         folder = partial / ("unlabeled" if split == "unlabeled" else f"real/{split}")
         folder.mkdir(parents=True, exist_ok=True)
         for sample in samples_reporting(reader, warn):  # reading validates: a fault raises DataError naming the file
@@ -165,6 +247,9 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
             n_done += 1
             if progress is not None:
                 progress(n_done)
+        if split == "train" and int(pixels.sum()) == before:
+            raise DataError(f"{getattr(reader, 'folder', data.root)}: every label pixel of the training split is "
+                            f"the ignore index {data.ignore_index}: there is nothing to train on")
         counts[split] = len(reader)
     total = int(pixels.sum())
     summary = {
@@ -178,4 +263,4 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
            "ignore_index": data.ignore_index, **extra, _MARK: settings, "summary": summary}
     atomic_write_text(partial / "classes.yaml", yaml.safe_dump(doc, sort_keys=False))
     swap_folder(partial, out)
-    return {**summary, "out_dir": str(out)}
+    return {**summary, "out_dir": str(out), "reused": False}

@@ -15,6 +15,7 @@ DDP) prefix is stripped from every key. Every problem raises
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import warnings
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from ddps_core.errors import CheckpointError
-from ddps_core.io import atomic_path
+from ddps_core.io import atomic_write_bytes
 
 from .presets import get_preset
 from .unet import UNetConfig, UNetModel, make_config
@@ -164,13 +165,18 @@ def save_unet(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
         k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in model.state_dict().items()
     }
-    with atomic_path(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    # Serialised in memory, then written: the writers of safetensors and torch, given a file
+    # name, turn a full disk into a SafetensorError or a RuntimeError that names neither the
+    # file nor the fault; a plain write raises the OSError that says both.
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
 
-            save_file(sd, str(tmp))
-        else:
-            torch.save(sd, tmp)
+        blob = save(sd)
+    else:
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        blob = buf.getvalue()
+    atomic_write_bytes(path, blob)
     return path
 
 

@@ -118,7 +118,8 @@ def use_checkpoint(cfg: DDPMSettings) -> dict[str, Any]:
 def load_trained(out: str | Path, device: torch.device | str = "cpu") -> tuple[UNetModel, dict[str, Any]]:
     """The model stage ``train_ddpm`` produced (trained EMA weights or the user checkpoint)."""
     out = Path(out)
-    info = read_record(out / INFO_FILE, "no diffusion model here; run the train_ddpm stage (`ddps ddpm train`) first")
+    info = read_record(out / INFO_FILE, "no diffusion model here; run the train_ddpm stage (`ddps ddpm train`) first",
+                       rerun="train_ddpm")
     path = info.get("checkpoint") or out / WEIGHTS_FILE
     model = load_unet(path, preset=info["preset"])
     return model.to(device).eval(), info

@@ -1095,6 +1095,17 @@ def open_or_create(path: str | os.PathLike[str], storage_options: Mapping[str, A
     lock = StoreLock(path, *storage.filesystem(path, storage_options)) if storage.is_remote(path) \
         else StoreLock(path)
     token, newly = lock.acquire_or_join()
+    try:
+        return _reopen(path, storage_options, want, token, newly)
+    except BaseException:
+        if newly:  # a run that cannot start leaves the store as it found it
+            lock.release()
+        raise
+
+
+def _reopen(path: str | Path, storage_options: Mapping[str, Any] | None, want: dict[str, Any],
+            token: str, newly: bool) -> FeatureStore:
+    """:func:`open_or_create`'s reopening, under the writer lock."""
     have = dict(FeatureStore._open_group(path, False, storage_options).attrs)
     if have.get("format") == FORMAT and have.get("format_version") != FORMAT_VERSION:
         raise ConfigError(

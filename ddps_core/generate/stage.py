@@ -149,11 +149,10 @@ def _model_info(settings: Settings) -> dict[str, Any]:
     """The trained DDPM's record (model id, schedule), without loading its weights."""
     from ddps_core.diffusion.train import INFO_FILE
 
-    path = Path(settings.ddpm.out) / INFO_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no diffusion model here; run the train_ddpm stage first") from None
+    from ddps_core.training import read_record
+
+    return read_record(Path(settings.ddpm.out) / INFO_FILE, "no diffusion model here; run the train_ddpm stage first",
+                       rerun="train_ddpm")
 
 
 def _sample_ids(settings: Settings) -> list[str]:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
+from ddps_core.datasets.common import file_format, refuse_lossy
 from ddps_core.errors import DataError
 from ddps_core.metrics.segmentation import (
     ConfusionAccumulator,
@@ -28,22 +29,27 @@ _SINGLE_CHANNEL_MODES = {"1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", 
 def load_label_map(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one single-channel class-id map from a ``.png`` or ``.npy`` file.
 
-    Raises :class:`DataError` naming ``path`` when it cannot be read or is not a 2-D map of
-    integer class ids.
+    The file is decoded by its content, whatever its name says: ``.npy`` bytes as an array,
+    PNG bytes as an image; JPEG (or lossy WebP) bytes are refused, since lossy compression
+    changes class ids. Raises :class:`DataError` naming ``path`` when it cannot be read or is
+    not a 2-D map of integer class ids.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".npy":
+    fmt = file_format(path)
+    refuse_lossy(path, fmt, "label map")
+    if fmt == "npy" or (fmt is None and suffix == ".npy"):
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"{path}: cannot read .npy label map ({exc})") from exc
         if not isinstance(array, np.ndarray):
             raise DataError(f"{path}: expected a single array, got {type(array).__name__}")
-    elif suffix == ".png":
+    elif fmt == "png" or suffix == ".png":
         try:
-            with Image.open(path) as img:
-                img.load()
+            with Image.open(path) as raw:
+                raw.load()
+                img = ImageOps.exif_transpose(raw)  # as the dataset import reads label maps
                 mode = img.mode
                 if mode not in _SINGLE_CHANNEL_MODES:
                     raise DataError(
@@ -77,6 +83,9 @@ def list_label_files(
     for entry in folder.iterdir():
         if entry.name.startswith(".") or entry.suffix.lower() not in LABEL_SUFFIXES:
             continue
+        if entry.is_symlink() and not entry.exists():
+            raise DataError(f"{entry}: {what} file is a dangling symbolic link (its target "
+                            f"{os.readlink(entry)} does not exist)")
         if not entry.is_file():
             continue
         found.setdefault(entry.stem, []).append(entry)

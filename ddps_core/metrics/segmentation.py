@@ -8,13 +8,18 @@ Conventions (mmseg / DDPS):
   pixels are dropped like any ignore pixel, a prediction of it on a valid pixel is a miss of
   that pixel's class, and its IoU, Boundary IoU and accuracy are NaN, so no mean counts it. Per-class intersection, union, prediction area and label area are *summed over
   the dataset*; ``IoU_c = I_c / U_c`` (NaN when ``U_c == 0``), ``mIoU = nanmean(IoU)``,
-  ``aAcc = sum(I) / sum(label area)``, ``mAcc = nanmean(I_c / label_area_c)``. Prediction
-  values outside ``[0, K)`` belong to no class (they lower the accuracy).
+  ``aAcc = sum(I) / sum(label area)``, ``mAcc = nanmean(I_c / label_area_c)``. A prediction
+  value outside ``[0, K)`` is an error naming the image (a prediction is a class id per
+  pixel; a value that is none is a broken predictor or the wrong ``K``, not a miss).
 * Boundary IoU: per class, the band of width ``d = boundary_width(H, W, boundary_ratio)`` of
   the ground-truth mask and of the predicted mask (see :mod:`ddps_core.metrics.boundary`);
   band intersections and unions are summed over the dataset, ``bIoU_c = I_c / U_c``.
   Ground-truth ignore pixels belong to no class (they are "outside" every GT mask and in no GT
   band); the predicted bands are computed on the full prediction, ignore positions included.
+* A class absent from both maps on the scored (non-ignored) pixels has no score at all: its
+  IoU, bIoU and accuracy are all NaN, even when its predicted band reaches into ignored
+  pixels. So a ground truth that is all ignore gives NaN for every metric, never a 0 for
+  one and NaN for another.
 * Each image's own mIoU (nanmean of its per-image IoU) is recorded with its image id.
 """
 
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ddps_core.errors import DataError
+from ddps_core.errors import ConfigError, DataError
 from ddps_core.metrics.boundary import boundary_band, boundary_width
 
 __all__ = [
@@ -126,6 +131,10 @@ class SegmentationResult:
         return len(self.per_image)
 
 
+class ClassSettingsError(ConfigError, ValueError):
+    """``num_classes`` / ``ignore_index`` that cannot score anything (a ValueError too)."""
+
+
 class ConfusionAccumulator:
     """Accumulates per-class areas and boundary-band areas over a dataset.
 
@@ -135,13 +144,13 @@ class ConfusionAccumulator:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, boundary_ratio: float = 0.02):
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-            raise ValueError(f"num_classes must be an integer, got {num_classes!r}")
+            raise ClassSettingsError(f"num_classes: must be an integer, got {num_classes!r}")
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise ClassSettingsError(f"num_classes: must be >= 1, got {num_classes}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-            raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+            raise ClassSettingsError(f"ignore_index: must be an integer, got {ignore_index!r}")
         if ignore_index < 0:
-            raise ValueError(f"ignore_index must not be negative, got {ignore_index}")
+            raise ClassSettingsError(f"ignore_index: must not be negative, got {ignore_index}")
         boundary_width(1, 1, boundary_ratio)  # validates the ratio
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -180,8 +189,9 @@ class ConfusionAccumulator:
         """Add one image. ``pred`` and ``gt`` are ``H x W`` integer class-id maps.
 
         Raises :class:`DataError` (naming ``source``, else ``image_id``) when a map is not 2-D
-        integer data, when the shapes differ, or when the ground truth holds a value that is
-        neither a class id in ``[0, K)`` nor ``ignore_index``.
+        integer data, when the shapes differ, when the ground truth holds a value that is
+        neither a class id in ``[0, K)`` nor ``ignore_index``, or when the prediction holds a
+        value outside ``[0, K)``.
         """
         if image_id is None:
             image_id = f"image_{len(self.per_image)}"
@@ -202,6 +212,14 @@ class ConfusionAccumulator:
             raise DataError(
                 f"{where}: ground truth holds value(s) {shown} outside [0, {k}) "
                 f"that are not ignore_index={self.ignore_index}"
+            )
+        wrong = (pred < 0) | (pred >= k)
+        if wrong.any():
+            values = np.unique(pred[wrong])
+            shown = ", ".join(str(v) for v in values[:10]) + (" ..." if values.size > 10 else "")
+            raise DataError(
+                f"{where}: prediction holds value(s) {shown} outside the class ids [0, {k}) "
+                f"(num_classes={k}); a prediction must be a class id at every pixel"
             )
 
         # Area statistics on non-ignored pixels.
@@ -235,8 +253,10 @@ class ConfusionAccumulator:
         """Metrics over everything added so far (arrays are copies)."""
         union = self.area_pred + self.area_label - self.area_intersect
         b_union = self.boundary_pred + self.boundary_label - self.boundary_intersect
+        biou = _ratio(self.boundary_intersect, b_union)
+        biou[union == 0] = np.nan  # no score where the class has none (see the module text)
         iou = self._unscored(_ratio(self.area_intersect, union))
-        biou = self._unscored(_ratio(self.boundary_intersect, b_union))
+        biou = self._unscored(biou)
         acc = self._unscored(_ratio(self.area_intersect, self.area_label))
         total = int(self.area_label.sum())
         summary = {

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,8 @@ from ddps_core.datasets import DDPMSegFolder, GenericFolder
 from ddps_core.datasets.common import png_bytes
 from ddps_core.device import autocast, resolve_device, torch_threads
 from ddps_core.errors import ConfigError, DataError
-from ddps_core.io import atomic_write_bytes
+from ddps_core.training import read_record
+from ddps_core.io import atomic_write_bytes, partial_folder, swap_folder
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, report_frame, write_report
@@ -296,15 +296,6 @@ def _png(mask: np.ndarray, num_classes: int) -> bytes:
     return png_bytes(mask.astype(np.uint8 if num_classes <= 256 else np.uint16))
 
 
-def _clear_stale_steps(folder: Path, steps: Sequence[int]) -> None:
-    if not folder.is_dir():
-        return
-    keep = {f"step_{i}" for i in steps}
-    for sub in folder.iterdir():
-        if sub.is_dir() and sub.name.startswith("step_") and sub.name not in keep:
-            shutil.rmtree(sub)
-
-
 def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``refine``: the student alone and the refiner (every run step) on the real test
     split; label PNGs, the report and its metrics (see the module text). Returns the step
@@ -342,9 +333,10 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
                         f"the student {num_classes}")
     names = reader.class_names if reader.class_names and len(reader.class_names) == num_classes else None
     data = ImageSet(reader, size)
-    out = Path(cfg.refined_out)
-    for method in denoisers:
-        _clear_stale_steps(out / method, steps[method])
+    # written beside the old labels and swapped in at the end: a failed run keeps them, and
+    # the new folder holds nothing the settings no longer make (a step, a method, an image)
+    final = Path(cfg.refined_out)
+    out = partial_folder(final, json.dumps(steps, sort_keys=True), resume=False)
 
     def accumulator() -> ConfusionAccumulator:
         return ConfusionAccumulator(num_classes, ignore_index=ign, boundary_ratio=settings.evaluate.boundary_ratio)
@@ -402,6 +394,7 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
     df = pd.concat(frames, ignore_index=True)[["method", "step", *REPORT_COLUMNS]]
     write_report(df, where["report"], options)
     storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
+    swap_folder(out, final)
     table = step_table(df)
     report.log("\n" + format_step_table(table))
     return {"steps": table.to_dict("records")}
@@ -456,7 +449,7 @@ def _data_shape(settings: Settings) -> tuple[int, int, str]:
     path = Path(settings.student.out) / STUDENT_INFO
     preset = DENOISER_PRESETS.get(settings.refiner.preset)
     if path.is_file():
-        sinfo = json.loads(path.read_text())
+        sinfo = read_record(path, "no student here", rerun="train_student")
         return int(sinfo["num_classes"]), int(sinfo["feature_channels"]), f"the student ({path})"
     channels = preset.feature_channels if preset is not None else 256
     try:

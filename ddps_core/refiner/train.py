@@ -369,8 +369,13 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
 def load_denoiser(out: str | Path, device: torch.device | str = "cpu") -> tuple[MaskDenoiser, MultinomialDiffusion, dict]:
     """The EMA denoiser, its schedule and ``model.json`` of a finished :func:`train_denoiser`."""
     out = Path(out)
-    info = read_record(out / INFO_FILE, "no DDPS denoiser here; run the train_ddps stage (`ddps ddps train`) first")
-    config = DenoiserConfig.from_dict(info["denoiser"])
+    info = read_record(out / INFO_FILE, "no DDPS denoiser here; run the train_refiner stage (`ddps refiner train`) "
+                       "first", rerun="train_refiner")
+    try:
+        config = DenoiserConfig.from_dict(info["denoiser"])
+    except TypeError as exc:  # a field missing from, or foreign to, the recorded config
+        raise DataError(f"{out / INFO_FILE}: incomplete record: its 'denoiser' entry does not describe a "
+                        f"denoiser ({exc}); rerun the train_refiner stage to write it again") from None
     model = config.build()
     sd = load_state_dict(out / WEIGHTS_FILE)
     try:

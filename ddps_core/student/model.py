@@ -21,7 +21,6 @@ strictly: a mismatch lists the missing and unexpected keys).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +133,11 @@ def load_student(out: str | Path, device: torch.device | str = "cpu") -> tuple[S
     """The selected student of a ``train_student`` run (eval mode) and its ``model.json``."""
     from safetensors.torch import load_file
 
+    from ddps_core.training import read_record
+
     out = Path(out)
-    try:
-        info = json.loads((out / INFO_FILE).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out / INFO_FILE}: no student here; run the train_student stage "
-                        "(`ddps student train`) first") from None
+    info = read_record(out / INFO_FILE, "no student here; run the train_student stage (`ddps student train`) first",
+                       rerun="train_student")
     model = Student(info["arch"], info["encoder"], info["num_classes"])
     path = out / WEIGHTS_FILE
     try:

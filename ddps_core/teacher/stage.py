@@ -18,6 +18,7 @@ Outputs: ``<teacher.out>/ensemble.safetensors`` (and ``train.json``, the resume 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ddps_core.errors import DataError
 from ddps_core.features.sampler import PixelSampler
 from ddps_core.datasets.training import entries_of_first_images, image_id_of
 from ddps_core.features.stage import open_store, store_exists, store_path, training_reader
-from ddps_core.io import atomic_write_text
+from ddps_core.io import atomic_write_text, remove_stale
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage, Step
 from ddps_core.teacher.ensemble import PixelEnsemble, source_id_of
@@ -117,6 +118,12 @@ def train_method(settings: Settings, method: str, report: Reporter) -> dict[str,
     sampler = PixelSampler(source, batch_size=cfg.batch_size, buffer_images=cfg.buffer_images,
                            seed=cfg.seed, ignore_index=settings.data.ignore_index,
                            min_class_pixels=cfg.min_class_pixels, image_indices=entries)
+    if sampler.num_pixels() < 2:  # nothing to train on: refuse before anything is written
+        raise DataError(f"{Path(settings.data.out) / 'real' / 'train'}: the training split has no labelled pixel "
+                        f"to train the {method} on: every label pixel of its first {n} image(s) is the ignore "
+                        f"index {settings.data.ignore_index}"
+                        + (f" or of a class with fewer than teacher.min_class_pixels={cfg.min_class_pixels} "
+                           "pixels in its image" if cfg.min_class_pixels > 1 else ""))
     ensemble = PixelEnsemble(source.feature_dim, _num_classes(settings), members=cfg.members,
                              seed=cfg.seed, source_id=source_id_of(source))
     out = model_folder(settings, method)
@@ -179,15 +186,36 @@ def label_group(settings: Settings, group: dict[str, Any], report: Reporter) -> 
                        group["parts"], progress=lambda done, total: report.progress(task, done, total))
 
 
+def _remove_stale_labels(settings: Settings, jobs: list[tuple[str, str]], ids: dict[tuple[str, str], list[str]]) -> None:
+    """The labels folder holds this run's labels only: the files of images no longer in a
+    split go, and so do the folders of (method, split) pairs the settings no longer label
+    (only folders this stage made: they hold its ``teacher.txt`` record)."""
+    for job in jobs:
+        keep = {"scores.parquet", "teacher.txt", *(f"{i}{end}" for i in ids[job] for end in (".png", "_uncertainty.png"))}
+        remove_stale(label_folder(settings, *job), keep)
+    root = Path(settings.teacher.labels_out)
+    for made in sorted(root.glob("*/*/teacher.txt")):
+        method, split = made.parent.parent.name, made.parent.name
+        if (method, split) not in jobs:
+            shutil.rmtree(made.parent)
+            if not any(made.parent.parent.iterdir()):
+                made.parent.parent.rmdir()
+
+
 def label(settings: Settings, report: Reporter) -> dict[str, Any]:
-    """Join each (method, split)'s parts into its ``scores.parquet``."""
+    """Join each (method, split)'s parts into its ``scores.parquet``; then remove what the
+    settings no longer label (:func:`_remove_stale_labels`)."""
     out = {}
-    for method, split in label_jobs(settings):
+    jobs = label_jobs(settings)
+    ids: dict[tuple[str, str], list[str]] = {}
+    for method, split in jobs:
         source = feature_source(settings, method, split)
+        ids[(method, split)] = list(source.image_ids)
         scores: pd.DataFrame = finish_labels(source, label_folder(settings, method, split),
                                              _labels_id(settings, method, source), _num_classes(settings))
         out[f"{method}/{split}"] = {"images": len(scores), "mean_score": float(scores["score"].mean())}
         report.log(f"{method}/{split}: {len(scores)} images labelled -> {label_folder(settings, method, split)}")
+    _remove_stale_labels(settings, jobs, ids)
     return out
 
 

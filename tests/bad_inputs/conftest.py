@@ -1,9 +1,9 @@
 """Shared pieces of the bad-input corpus.
 
 Each case builds its bad input in ``tmp_path``, runs the real ``ddps`` command line (the
-console-script function :func:`ddps.cli.main` in-process, or the installed ``.venv/bin/ddps``
-in a subprocess) and checks the contract of the README: a non-zero exit, one message that
-names the offending file or key and the fault, no traceback (unless ``--debug``), and no
+console-script function :func:`ddps.cli.main` in-process, or ``python -m ddps`` of this
+checkout in a subprocess) and checks the contract of the README: a non-zero exit, one message
+that names the offending file or key and the fault, no traceback (unless ``--debug``), and no
 earlier output changed.
 """
 
@@ -23,8 +23,9 @@ from PIL import Image
 
 from ddps.cli import main
 
-#: The installed console script next to the interpreter running the tests (.venv/bin/ddps).
-DDPS_SCRIPT = Path(sys.executable).with_name("ddps")
+#: The checkout these tests belong to: a subprocess runs its code (``python -m ddps``), not
+#: whatever checkout a shared environment's console script was installed from.
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -55,12 +56,18 @@ def cli(capsys):
     return run
 
 
-def run_script(*args: object, cwd: Path | None = None) -> Result:
-    """Run the installed ``ddps`` console script in a subprocess."""
-    assert DDPS_SCRIPT.is_file(), f"{DDPS_SCRIPT}: the console script is not installed"
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess that runs this checkout's code."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    proc = subprocess.run([str(DDPS_SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, **extra}
+
+
+def run_script(*args: object, cwd: Path | None = None, module: str = "ddps", timeout: int = 300) -> Result:
+    """Run ``python -m ddps ARGS...`` (the console script's entry point; or another
+    ``module``, e.g. ``flows``) of this checkout in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=subprocess_env(), timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -76,7 +83,9 @@ def assert_clear_error(res: Result, *needles: object) -> str:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file and folder under ``root`` (hidden ones too): size, mtime (ns), sha256."""
+    """Every file and folder under ``root`` (hidden ones too): size, mtime (ns), sha256. A
+    feature store's writer lock is not output: a refused run takes and gives it back, so only
+    its content (empty: free) is compared."""
     out: dict[str, tuple[int, int, str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames:
@@ -84,6 +93,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
         for name in filenames:
             p = Path(dirpath) / name
             st = p.stat()
+            if name == "writer.lock":
+                out[str(p.relative_to(root))] = (st.st_size, 0, hashlib.sha256(p.read_bytes()).hexdigest())
+                continue
             out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns,
                                              hashlib.sha256(p.read_bytes()).hexdigest())
     assert out, f"{root}: empty snapshot (nothing to protect)"

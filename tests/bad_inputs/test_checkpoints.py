@@ -143,3 +143,81 @@ def test_checkpoint_with_code_console_script(adopted, tmp_path):
     assert_clear_error(res, f"checkpoint {evil}", "not a plain weights file")
     assert not marker.exists()
     assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- model.json
+def _truncate(path: Path) -> str:
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    return "not a readable record (truncated or corrupt JSON"
+
+
+def _drop(key: str):
+    def drop(path: Path) -> str:
+        import json
+
+        record = json.loads(path.read_text())
+        del record[key]
+        path.write_text(json.dumps(record))
+        return f"incomplete record: no '{key}' entry"
+
+    return drop
+
+
+RECORD_FAULTS = {"truncated": _truncate, "incomplete": _drop("schedule")}
+
+
+@pytest.mark.parametrize("fault", list(RECORD_FAULTS))
+def test_a_broken_ddpm_model_json_is_one_line(adopted, cli, tmp_path, fault):
+    params, out = adopted
+    record = out / "model.json"
+    what = RECORD_FAULTS[fault](record)
+    before = snapshot(out)
+    res = cli("ddpm", "sample", "--params", params, "--n", "1", "--steps", "2", "--out", tmp_path / "s.png")
+    assert_clear_error(res, record, what, "train_ddpm")
+    assert snapshot(out) == before and not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "incomplete"])
+def test_a_broken_student_model_json_is_one_line(adopted, cli, tmp_path, fault):
+    """Any stage that loads the student (refine here) reads its model.json first."""
+    params, _ = adopted
+    student = tmp_path / "student"
+    student.mkdir()
+    record = student / "model.json"
+    record.write_text('{"arch": "segformer", "encoder": "mit_b0", "num_classes": 3, "image_size": 32}')
+    what = _truncate(record) if fault == "truncated" else _drop("encoder")(record)
+    before = snapshot(student)
+    res = cli("refiner", "refine", "--params", params, "--set", f"student.out={student}",
+              "--set", f"refiner.refined_out={tmp_path / 'refined'}")
+    assert_clear_error(res, record, what, "train_student")
+    assert snapshot(student) == before and not (tmp_path / "refined").exists()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "incomplete", "foreign"])
+def test_a_broken_refiner_model_json_is_one_line(tmp_path, fault):
+    from ddps_core.errors import DataError, user_message
+    from ddps_core.refiner.train import load_denoiser
+
+    record = tmp_path / "model.json"
+    record.write_text('{"denoiser": {"num_classes": 3, "width": 8, "channel_mult": [1]}, "schedule": {}}')
+    if fault == "truncated":
+        what = _truncate(record)
+    elif fault == "incomplete":
+        what = _drop("denoiser")(record)
+    else:
+        what = "its 'denoiser' entry does not describe a denoiser"
+    with pytest.raises(DataError) as err:
+        load_denoiser(tmp_path)
+    line, code = user_message(err.value)
+    assert code == 1 and "\n" not in line and line.startswith(f"{record}: ") and what in line
+
+
+def test_a_broken_ddpm_record_stops_generate_with_one_line(tmp_path):
+    from ddps_core.config import parse_settings
+    from ddps_core.errors import DataError
+    from ddps_core.generate.stage import _model_info
+
+    (tmp_path / "model.json").write_text('{"preset": "tiny32", "sche')
+    with pytest.raises(DataError, match=r"model\.json: not a readable record .*rerun the train_ddpm stage"):
+        _model_info(parse_settings({"ddpm": {"out": str(tmp_path)}}))

@@ -167,3 +167,30 @@ def test_data_import_cannot_be_written(fault, tmp_path, cli):
     res = cli("data", "prepare", "--params", params)
     _check(res, fault, fault.folder)
     assert snapshot(out) == before, fault.method
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_mode_the_umask_gives_a_new_file(tmp_path, cli, umask):
+    """Atomic writes go through a private temporary (mode 0600); the file they leave must have
+    the mode a plain ``open`` gives under the umask, or other users and groups lose access."""
+    root = make_user_dataset(tmp_path / "user")
+    out = tmp_path / "dataset"
+    params = import_params(tmp_path, root, out)
+    old = os.umask(umask)
+    try:
+        assert cli("data", "prepare", "--params", params).code == 0
+        report = tmp_path / "reports" / "report.parquet"
+        pred = tmp_path / "pred"
+        pred.mkdir()
+        for label in (out / "real" / "test").glob("*.npy"):
+            (pred / label.name).write_bytes(label.read_bytes())
+        assert cli("score", "--pred", pred, "--gt", root / "real" / "test", "--num-classes", "3",
+                   "--out", report).code == 0
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")  # what the umask gives a new file
+    finally:
+        os.umask(old)
+    want = plain.stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    written = [report, out / "classes.yaml", *sorted((out / "real" / "train").iterdir())]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(want) for p in written}

@@ -96,3 +96,67 @@ def test_feature_store_made_with_other_settings(extracted, cli):
     assert_clear_error(res, f"{store}: existing feature store was made with different settings",
                        "steps", "noise_seed")
     assert snapshot(store) == before
+
+
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path, cli, synthetic_out):
+    """YAML keeps the last of two equal keys without a word; the second n_test would win."""
+    before = snapshot(synthetic_out)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  out: {synthetic_out}\n  synthetic:\n    n_test: 1\n    n_labeled: 1\n"
+                      "    n_unlabeled: 0\n    n_test: 5\n")
+    res = cli("data", "prepare", "--params", params)
+    assert res.code == 2
+    assert_clear_error(res, f"{params}: data.synthetic.n_test: key given twice (lines 4 and 7)")
+    assert snapshot(synthetic_out) == before
+
+
+@pytest.mark.parametrize("setting, kind", [("teacher.members", "integer"), ("ddpm.lr", "number"),
+                                           ("features.steps", "integer")])
+def test_a_boolean_where_a_number_is_expected_is_an_error(tmp_path, cli, synthetic_out, setting, kind):
+    """pydantic would read ``members: true`` as one member."""
+    before = snapshot(synthetic_out)
+    section, key = setting.split(".")
+    params = tmp_path / "params.yaml"
+    value = [True, 10] if key == "steps" else True
+    params.write_text(yaml.safe_dump({"data": {"out": str(synthetic_out)}, section: {key: value}}))
+    res = cli("config", "show", "--params", params)
+    assert res.code == 2
+    assert_clear_error(res, f"{params}: {setting}: Input should be a valid {kind}, not a boolean")
+    assert snapshot(synthetic_out) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("features.steps=[10, 1000]", "features.steps: 1000 is not a timestep of the diffusion model "
+                                  "(ddpm.num_timesteps is 1000: 0..999)"),
+    ("features.blocks=[0, 6]", "features.blocks: 6 is not an output block of preset 'tiny32' (it has 6: 0..5)"),
+    ("ddpm.sample_steps=5000", "ddpm.sample_steps: 5000 sampling steps are more than the model's 1000"),
+])
+def test_settings_that_two_sections_rule_out_fail_in_config_show(tmp_path, cli, override, message):
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    extra = ["--set", "data.ignore_index=0"] if override.startswith("data.") else []
+    res = cli("config", "show", "--params", params, "--set", override, *extra)
+    assert res.code == 2
+    assert_clear_error(res, message)
+
+
+@pytest.mark.parametrize("option, value, needle", [("--n", "-1", "ddps ddpm sample: Invalid value for '--n'"),
+                                                   ("--steps", "0", "ddpm.sample_steps")])
+def test_ddpm_sample_with_an_option_out_of_range_is_one_line(tmp_path, cli, option, value, needle):
+    res = cli("ddpm", "sample", "--defaults", "--out", tmp_path / "s.png", option, value)
+    assert res.code == 2
+    assert_clear_error(res, needle)
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_ddpm_sample_with_more_steps_than_the_model_has_is_one_line(tmp_path, cli):
+    from tests.helpers import tiny_project
+
+    raw = tiny_project(tmp_path, {"n_unlabeled": 0, "n_labeled": 1, "n_test": 1})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    before = snapshot(tmp_path / "ddpm")
+    res = cli("ddpm", "sample", "--params", params, "--steps", "5000", "--n", "1", "--out", tmp_path / "s.png")
+    assert res.code == 2
+    assert_clear_error(res, "ddpm.sample_steps", "5000")
+    assert snapshot(tmp_path / "ddpm") == before and not (tmp_path / "s.png").exists()

@@ -95,7 +95,7 @@ def test_ddpm_nan_weights_with_a_finite_loss_are_not_checkpointed(ddpm_run, cli,
 
 def test_ddps_denoiser_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypatch):
     from ddps_core import training
-    from tests.test_refine_train import _cfg, _train
+    from tests.refiner.test_train import _cfg, _train
 
     real = training.ema_update
 
@@ -148,3 +148,96 @@ def test_pixel_ensemble_nan_weights_keep_the_last_checkpoint(tmp_path, monkeypat
     state = pixel_train.load_checkpoint(ck)
     assert state["state"]["updates"] == 4
     assert _finite(state["model"])
+
+
+# --------------------------------------------------------------------------- nothing to train on
+def test_an_all_ignore_training_split_is_refused_at_import(tmp_path, cli):
+    from tests.bad_inputs.conftest import import_params, make_user_dataset
+
+    root = make_user_dataset(tmp_path / "user")
+    out = tmp_path / "dataset"
+    params = import_params(tmp_path, root, out)
+    assert cli("data", "prepare", "--params", params).code == 0
+    before = snapshot(out)
+    for label in (root / "real" / "train").glob("*.npy"):
+        np.save(label, np.full((8, 8), 255, np.uint8))
+    res = cli("data", "prepare", "--params", params)
+    assert_clear_error(res, root / "real" / "train", "every label pixel of the training split is the ignore index 255")
+    assert snapshot(out) == before
+
+
+@pytest.fixture
+def ignored_store(tmp_path, cli):
+    """A tiny project whose training labels were all set to the ignore index after the
+    import (as a dataset made by another tool would hold them), extracted."""
+    from tests.helpers import tiny_project
+
+    raw = tiny_project(tmp_path, {"n_unlabeled": 0, "n_labeled": 2, "n_test": 1},
+                       features={"out": str(tmp_path / "features"), "steps": [10], "blocks": [2],
+                                 "splits": ["train"], "batch_size": 2},
+                       teacher={"baselines": [], "members": 2, "max_epochs": 2, "min_class_pixels": 1,
+                                "out": str(tmp_path / "teacher")})
+    for label in (tmp_path / "dataset" / "real" / "train").glob("*.npy"):
+        np.save(label, np.full(np.load(label).shape, 255, np.uint8))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert cli("features", "extract", "--params", params).code == 0
+    return params
+
+
+def test_a_teacher_with_no_labelled_pixel_is_not_trained(ignored_store, cli, tmp_path):
+    params = ignored_store
+    before = snapshot(tmp_path / "features")
+    res = cli("teacher", "train", "--params", params)
+    assert_clear_error(res, tmp_path / "dataset" / "real" / "train", "has no labelled pixel to train the teacher on",
+                       "ignore index 255")
+    assert snapshot(tmp_path / "features") == before
+    assert not (tmp_path / "teacher" / "ensemble.safetensors").exists()
+    assert not (tmp_path / "teacher" / "checkpoint.pt").exists()
+
+
+def test_a_full_disk_while_the_teacher_saves_its_checkpoint_is_one_line(tmp_path, cli, monkeypatch, request):
+    """torch's own writer said ``RuntimeError: basic_ios::clear``; the message must name the
+    checkpoint and the fault."""
+    from tests.bad_inputs.test_disk import EXPECTED, Fault
+    from tests.helpers import tiny_project
+
+    fault = Fault("full_disk", tmp_path / "mnt", monkeypatch)
+    request.node.user_properties.append(("method", fault.method))
+    request.addfinalizer(fault.close)
+    raw = tiny_project(tmp_path, {"n_unlabeled": 0, "n_labeled": 2, "n_test": 1},
+                       features={"out": str(tmp_path / "features"), "steps": [10], "blocks": [2],
+                                 "splits": ["train"], "batch_size": 2},
+                       teacher={"baselines": [], "members": 2, "max_epochs": 2, "min_class_pixels": 1,
+                                "out": str(tmp_path / "mnt" / "teacher")})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert cli("features", "extract", "--params", params).code == 0
+    before = snapshot(tmp_path / "features")
+    fault.arm()
+    res = cli("teacher", "train", "--params", params)
+    msg = assert_clear_error(res, tmp_path / "mnt" / "teacher" / "checkpoint.pt")
+    assert any(e in msg for e in EXPECTED["full_disk"]), f"[{fault.method}] {msg}"
+    assert snapshot(tmp_path / "features") == before
+    assert not list((tmp_path / "mnt" / "teacher").glob("*.tmp")) and not list((tmp_path / "mnt" / "teacher").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["ema.safetensors", "ema.pt"])
+def test_a_full_disk_while_a_trainer_saves_its_weights_names_the_file(tmp_path, monkeypatch, request, name):
+    """The DDPM's and the refiner's weights (``save_unet``): safetensors' and torch's writers,
+    given a file name, raised a SafetensorError or a RuntimeError naming neither."""
+    from ddps_core.diffusion.checkpoint import save_unet
+    from ddps_core.errors import user_message
+    from tests.bad_inputs.test_disk import EXPECTED, Fault
+
+    fault = Fault("full_disk", tmp_path / "mnt", monkeypatch)
+    request.node.user_properties.append(("method", fault.method))
+    request.addfinalizer(fault.close)
+    target = tmp_path / "mnt" / name
+    fault.arm()
+    with pytest.raises(OSError) as err:
+        save_unet(torch.nn.Linear(64, 4096), target)  # 1 MiB of weights
+    line, code = user_message(err.value)
+    assert code == 1 and "\n" not in line and line.startswith(f"{target}: ")
+    assert any(e in line for e in EXPECTED["full_disk"]), f"[{fault.method}] {line}"
+    assert not list(target.parent.glob(f".{name}.*"))

@@ -46,7 +46,8 @@ def test_import_writes_canonical_layout_losslessly(tmp_path):
             assert np.array_equal(sample.label, src_lab)
     doc = yaml.safe_load((tmp_path / "out" / "classes.yaml").read_text())
     assert doc["prepared"]["source"] == "folder"
-    assert not list(tmp_path.glob(".out.*"))  # the build folder is gone
+    # the build folder is gone; the hash cache of the sources stays beside (not in) the output
+    assert [p.name for p in tmp_path.glob(".out.*")] == [".out.sources.json"]
 
 
 def test_import_stops_at_the_bad_file_and_keeps_previous_output(tmp_path):

@@ -182,7 +182,7 @@ def test_generation_killed_five_times_resumes_to_the_same_dataset(project, gener
 
 @pytest.fixture(scope="module")
 def ddps_trained(tmp_path_factory):
-    from tests.test_refine_stage import _project, _settings
+    from tests.refiner.test_stage import _project, _settings
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("faults-ddps")
@@ -195,7 +195,7 @@ def ddps_trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ddps_training_killed_five_times_resumes_to_the_same_weights(ddps_trained, tmp_path):
-    from tests.test_refine_stage import _settings
+    from tests.refiner.test_stage import _settings
 
     root, kw, markers, seconds, ref = ddps_trained
     out = root / "ddps-killed"

@@ -1,6 +1,6 @@
 """Faults under Prefect, on a tiny project: a transient OSError in a real stage task is
 retried and the flow completes; a flow that fails leaves the outputs of the earlier stages
-byte for byte as they were. (``tests/test_flows.py`` checks the retry rule itself on toy
+byte for byte as they were. (``tests/flows/test_stages.py`` checks the retry rule itself on toy
 tasks: a transient error retried, a bad input not.)"""
 
 from __future__ import annotations

@@ -334,3 +334,44 @@ def test_info_reports_the_configured_and_the_reference_preset(project):
     assert entries[1]["parameters"] == parameter_counts(ref)
     text = info_text(settings)
     assert f"total {parameter_counts(ref)['total']:,}" in text and "K=150 C=256" in text
+
+
+def test_a_failed_refine_keeps_the_earlier_labels_and_a_rerun_drops_what_is_no_longer_made(refined, tmp_path,
+                                                                                            monkeypatch):
+    """The labels are written beside the old ones and swapped in at the end (DVC keeps them:
+    ``persist``): a run that fails half-way leaves them as they were, and a finished run
+    leaves nothing the settings no longer make (the ablation's folder, a stale file)."""
+    import hashlib
+
+    import ddps_core.refiner.stage as refine_stage
+
+    root, settings, _ = refined
+    out = root / "refined"
+
+    def snap():
+        return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snap()
+    calls = []
+    real = refine_stage.atomic_write_bytes
+
+    def failing(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(refine_stage, "atomic_write_bytes", failing)
+    with pytest.raises(OSError):
+        stages.get("refine").run(settings)
+    monkeypatch.undo()
+    assert snap() == before and all(out not in p.parents for p in calls)
+    (out / "student" / "gone.png").write_bytes(b"")
+    no_ablation = settings.model_copy(update={"refiner": settings.refiner.model_copy(update={"ablation": False}),
+                                              "evaluate": settings.evaluate.model_copy(
+                                                  update={"reports": str(tmp_path / "reports")})})
+    stages.get("refine").run(no_ablation)
+    assert sorted(p.name for p in out.iterdir()) == ["refiner", "student"]
+    assert not (out / "student" / "gone.png").exists()
+    assert not list(root.glob(".refined.*"))

@@ -149,3 +149,24 @@ def test_labels_changed_under_the_same_names_train_the_teacher_again(tmp_path):
     other = stages.get("train_teacher").run(s)["teacher"]
     assert other["resumed_from"] is None and first["resumed_from"] is None
     assert plan_labels(s, 1, Reporter()) != []  # the pool is labelled again by the new teacher
+
+
+def test_label_removes_what_the_settings_no_longer_label(project, tmp_path):
+    """``data/labels`` is a persistent DVC output relabelled in place: a baseline dropped from
+    teacher.baselines takes its folder with it, and an image no longer in a split its files."""
+    root, raw = project
+    s = parse_settings(raw)
+    stages.get("train_teacher").run(s)
+    stages.get("label").run(s)
+    stale = root / "labels" / "teacher" / "test"
+    (stale / "test_9999.png").write_bytes(b"")
+    (stale / "test_9999_uncertainty.png").write_bytes(b"")
+    foreign = root / "labels" / "notes"
+    foreign.mkdir(exist_ok=True)
+    (foreign / "mine.txt").write_text("kept: not made by the stage")
+    without = parse_settings({**raw, "teacher": {**raw["teacher"], "baselines": []}})
+    stages.get("label").run(without)
+    assert not (root / "labels" / "rgbxy").exists()
+    assert not (stale / "test_9999.png").exists() and not (stale / "test_9999_uncertainty.png").exists()
+    assert (stale / "scores.parquet").is_file() and len(list(stale.glob("*_uncertainty.png"))) == 3
+    assert (foreign / "mine.txt").read_text() == "kept: not made by the stage"

@@ -33,7 +33,7 @@ from ddps_core.errors import CheckpointError, ConfigError
 def spec_dir() -> Path:
     """The official checkpoints' state-dict keys and shapes (``name [shape]`` per line), read
     from guided-diffusion's released ``ffhq.pt`` layout: the fixture the UNet must load."""
-    return Path(__file__).resolve().parents[0] / "data" / "checkpoint_keys"
+    return Path(__file__).resolve().parents[1] / "data" / "checkpoint_keys"
 
 
 def read_keys(name: str) -> dict[str, tuple[int, ...]]:

@@ -245,7 +245,8 @@ def test_hand_gt_ignore_is_outside_for_gt_bands():
     # (b) prediction class 1 at the ignored centre
     #   IoU: the centre is dropped -> class 1 has U=0 -> NaN; mIoU = 1
     #   pred band c0 = 16 + 8 = 24 = GT band c0 -> bIoU 1
-    #   pred band c1 = {(2,2)} is kept although GT is ignore there: I=0, U=1 -> bIoU 0 (not NaN)
+    #   pred band c1 = {(2,2)} is counted although GT is ignore there (U=1), but class 1 has no
+    #   scored pixel in either map, so like its IoU its bIoU is NaN (not 0); mBIoU = 1
     pred = np.zeros((5, 5), int)
     pred[2, 2] = 1
     r = evaluate_arrays([("b", pred, gt)], num_classes=2)
@@ -253,8 +254,8 @@ def test_hand_gt_ignore_is_outside_for_gt_bands():
     assert r.summary["miou"] == 1.0
     np.testing.assert_array_equal(r.boundary_intersect, [24, 0])
     np.testing.assert_array_equal(r.boundary_union, [24, 1])
-    np.testing.assert_allclose(r.biou, [1.0, 0.0])
-    assert r.summary["mbiou"] == pytest.approx(0.5)
+    np.testing.assert_allclose(r.biou, [1.0, np.nan])
+    assert r.summary["mbiou"] == pytest.approx(1.0)
 
 
 def test_hand_dataset_sum_differs_from_per_image_mean():
@@ -273,23 +274,23 @@ def test_hand_dataset_sum_differs_from_per_image_mean():
     assert r.summary["macc"] == pytest.approx((4 / 5 + 3 / 3) / 2)
 
 
-def test_hand_prediction_out_of_range_counts_nowhere():
-    gt = np.array([[0, 1, 1]])
-    pred = np.array([[7, 1, -1]])
-    # c0: I=0, pred=0, label=1 -> IoU 0, acc 0; c1: I=1, pred=1, label=2, U=2 -> 0.5, acc 0.5
-    r = evaluate_arrays([("o", pred, gt)], num_classes=2)
-    np.testing.assert_array_equal(r.area_pred, [0, 1])
-    np.testing.assert_allclose(r.iou, [0.0, 0.5])
-    np.testing.assert_allclose(r.acc, [0.0, 0.5])
-    assert r.summary["aacc"] == pytest.approx(1 / 3)
+@pytest.mark.parametrize("value", [7, 2, -1, 255])
+def test_hand_prediction_out_of_range_is_an_error_naming_the_image_and_value(value):
+    gt = np.array([[0, 1, 255]])
+    pred = np.array([[value, 1, 0]])  # 255 too: a prediction is a class id, never "ignore"
+    with pytest.raises(DataError, match=rf"img-o.*prediction holds value\(s\) {value} outside the class ids \[0, 2\)"):
+        evaluate_arrays([("img-o", pred, gt)], num_classes=2)
 
 
 def test_all_ignore_image_and_empty_result():
     r = evaluate_arrays([("z", np.zeros((3, 3), int), np.full((3, 3), IGN))], num_classes=2)
     assert np.isnan(r.summary["miou"]) and np.isnan(r.summary["aacc"])
     assert np.isnan(r.per_image[0][1])
-    # the predicted band of class 0 is kept: GT band empty, pred band 8 pixels -> bIoU 0
+    # the predicted band of class 0 is counted (8 pixels), but no class has a scored pixel:
+    # every metric of every class is NaN, bIoU included
     np.testing.assert_array_equal(r.boundary_union, [8, 0])
+    assert np.isnan(r.iou).all() and np.isnan(r.biou).all() and np.isnan(r.acc).all()
+    assert all(np.isnan(r.summary[m]) for m in ("miou", "mbiou", "aacc", "macc"))
     empty = ConfusionAccumulator(3).result()
     assert np.isnan(empty.summary["mbiou"]) and empty.per_image == []
 
@@ -305,11 +306,13 @@ def test_random_dataset_matches_reference():
     pairs = []
     for i, shape in enumerate([(30, 30), (21, 50), (64, 17), (9, 9), (55, 70)]):
         gt = structured_labels(rng, *shape, k, ignore_frac=0.03)
-        pred = structured_labels(rng, *shape, k + 2)  # some ids >= k: belong to no class
+        pred = structured_labels(rng, *shape, k)
         keep = rng.random(shape) < 0.6
         pred = np.where(keep & (gt != IGN), gt, pred)
         if i == 1:
-            pred[0, 0] = -3
+            pred[gt == IGN] = k - 1  # class k-1 predicted only where the truth is ignored
+            pred[gt == k - 1] = 0
+            gt = np.where(gt == k - 1, IGN, gt)
         pairs.append((f"img{i}", pred, gt))
     for ratio in (0.02, 0.08):
         r = evaluate_arrays(pairs, k, boundary_ratio=ratio)
@@ -320,6 +323,11 @@ def test_random_dataset_matches_reference():
         np.testing.assert_array_equal(r.area_union, ap + al - ai)
         np.testing.assert_array_equal(r.boundary_intersect, bi)
         np.testing.assert_array_equal(r.boundary_union, bu)
+        # a class with no scored pixel in either map has no bIoU either, whatever its bands
+        union = ap + al - ai
+        want = [bi[c] / bu[c] if union[c] and bu[c] else np.nan for c in range(k)]
+        np.testing.assert_allclose(r.biou, want)
+        assert np.isnan(r.iou).tolist() == np.isnan(r.biou).tolist()
         assert [i for i, _ in r.per_image] == [i for i, _ in per_image]
         np.testing.assert_allclose([m for _, m in r.per_image], [m for _, m in per_image])
 

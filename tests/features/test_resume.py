@@ -17,7 +17,7 @@ import torch
 
 from ddps_core.features import FeatureStore, open_or_create
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 24
 SHARD_IMAGES = 4
 
@@ -73,7 +73,7 @@ def _done_shards(store_path: Path) -> int:
 
 def _spawn(store_path: Path, ckpt: Path, delay: float) -> subprocess.Popen:
     code = (
-        "from tests.test_features_resume import run_extraction; "
+        "from tests.features.test_resume import run_extraction; "
         f"run_extraction({str(store_path)!r}, {str(ckpt)!r}, {delay!r})"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -27,7 +27,7 @@ from ddps_core.errors import ConfigError, DataError
 from ddps_core.features import FeatureExtractor, FeatureStore, PixelSampler, extract_to_store, open_or_create
 from ddps_core.features.lock import HOST, Holder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"t3_b0": (2, 4, 4), "t3_b1": (1, 8, 8)}  # V = 32 + 64 = 96 values per image
 V = 96
 SETTINGS = dict(model_id="m", steps=[3], blocks=[0, 1], image_size=8, shapes=SHAPES,
