@@ -161,6 +161,9 @@ def test_a_rerun_gives_the_same_lock_and_a_picture_setting_reruns_only_the_pictu
     params["report"]["overlays"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_sh(["dvc", "status", "--json"], work, env).stdout)
+    # stage data is always_changed by design: it re-reads data.root and rewrites its outputs only when
+    # their content changed, so nothing below it reruns
+    assert status.pop("data", None) in (None, ["always changed"]), status
     assert set(status) == {"report"}, status
     params["report"]["overlays"] = 2
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,89 @@
+"""From a model that maps ``S x S`` windows to per-pixel maps, to those maps at each image's own
+size: every caller's path from images of any size to class probabilities.
+
+:func:`image_maps` cuts each image into its model inputs (:func:`ddps_core.geometry.tiling`,
+``whole`` or ``slide``), runs the model on the inputs of several images at once (``batch``
+windows per call, so small images share a forward), and merges each image's windows back
+(:meth:`~ddps_core.geometry.Tiling.merge`: the mean where windows overlap, bilinear to the
+image's size).
+
+Test-time augmentation, as mmsegmentation's ``aug_test``: ``flip`` adds the horizontally
+flipped image (its maps flipped back), ``scales`` rescales the image by each ratio before it
+is tiled (its maps resized back to the image's size); the maps of every (scale, flip) pair are
+averaged. In ``whole`` mode a scale changes nothing (the image is resized to ``S x S``
+anyway), so only ``slide`` makes use of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddps_core.geometry import Tiling, resize_image, tiling
+
+__all__ = ["WindowFn", "augmentations", "image_maps", "labels_of"]
+
+#: ``uint8 [n, S, S, 3]`` windows -> float ``[n, C, S, S]`` maps (on the CPU).
+WindowFn = Callable[[np.ndarray], torch.Tensor]
+
+
+def augmentations(flip: bool = False, scales: Sequence[float] | None = None) -> list[tuple[float, bool]]:
+    """The (scale, flip) pairs of a test-time augmentation; ``[(1.0, False)]`` without one."""
+    ratios = [1.0] if not scales else [float(s) for s in scales]
+    if any(not s > 0 for s in ratios):
+        raise ValueError(f"test-time scales must be positive, got {list(ratios)}")
+    return [(s, f) for s in ratios for f in ((False, True) if flip else (False,))]
+
+
+def _view(image: np.ndarray, scale: float, flip: bool) -> np.ndarray:
+    if scale != 1.0:
+        H, W = image.shape[:2]
+        image = resize_image(image, max(1, round(H * scale)), max(1, round(W * scale)))
+    return np.ascontiguousarray(image[:, ::-1]) if flip else image
+
+
+def image_maps(images: Sequence[np.ndarray], window_fn: WindowFn, size: int, mode: str = "whole",
+               stride: int | None = None, batch: int = 16, flip: bool = False,
+               scales: Sequence[float] | None = None) -> Iterator[torch.Tensor]:
+    """float ``[C, H, W]`` of each of ``images`` (uint8 ``H x W x 3``, any sizes), in order.
+
+    :param window_fn: the model on a batch of windows (see :data:`WindowFn`); its ``C`` maps
+        are merged channel by channel, so it may return probabilities and an uncertainty side by
+        side.
+    :param batch: windows per ``window_fn`` call, across images.
+    """
+    views = augmentations(flip, scales)
+    jobs: list[tuple[int, Tiling, bool]] = []
+    crops: list[np.ndarray] = []
+    for k, image in enumerate(images):
+        for scale, flipped in views:
+            view = _view(image, scale, flipped)
+            t = tiling(view.shape[:2], size, mode, stride)
+            jobs.append((k, t, flipped))
+            crops.append(t.crops(view))
+    windows = np.concatenate(crops) if crops else np.empty((0, size, size, 3), np.uint8)
+    outs = [window_fn(windows[a:a + batch]).float().cpu() for a in range(0, len(windows), max(1, int(batch)))]
+    maps = torch.cat(outs) if outs else torch.empty(0)
+    at, per_image = 0, len(views)
+    for k, image in enumerate(images):
+        H, W = image.shape[:2]
+        total = None
+        for _, t, flipped in jobs[k * per_image:(k + 1) * per_image]:
+            m = t.merge(maps[at:at + len(t)])
+            at += len(t)
+            if flipped:
+                m = m.flip(-1)
+            if tuple(m.shape[1:]) != (H, W):
+                m = F.interpolate(m[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            total = m if total is None else total + m
+        yield total / per_image
+
+
+def labels_of(probs: torch.Tensor, num_classes: int) -> np.ndarray:
+    """``H x W`` argmax of ``[C >= K, H, W]`` (the first ``num_classes`` channels), uint8 for up
+    to 256 classes, else uint16. Ties go to the smallest class id."""
+    labels = probs[:num_classes].argmax(0).numpy()
+    return labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
