@@ -240,7 +240,10 @@ class FeaturesSettings(Section):
                     "generators differ: the stores are then not interchangeable, and noise_id says @cuda). On a "
                     "CPU model both are the same noise.")
     splits: list[Literal["train", "test", "unlabeled"]] = Field(
-        default_factory=lambda: ["train", "test", "unlabeled"], min_length=1)
+        default_factory=lambda: ["train"], min_length=1,
+        description="The splits whose features are stored: the ones the teacher learns from (train). The test "
+                    "split and the pool are labelled streaming (stage label), without a store; add them only to "
+                    "keep their features for your own use.")
     out: str = "data/features"
     shard_images: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -321,7 +324,6 @@ class GenerateSettings(Section):
     contact_sheet: int = Field(8, ge=0, description="Most and least certain images shown in contact_sheet.png.")
     out: str = "data/generated"
     work: str = Field("data/work/generate", description="Scratch space (samples, their features); resumable.")
-    keep_work: bool = Field(False, description="Keep the scratch space (the generated images' features) after export.")
 
     @model_validator(mode="after")
     def _check_filter(self) -> GenerateSettings:
@@ -482,11 +484,23 @@ class EvaluateSettings(Section):
 
     boundary_ratio: float = Field(0.02, gt=0, le=0.5)
     student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
+    flip: bool = Field(False, description="Test-time augmentation: also predict the horizontally flipped test "
+                                          "image and average (every method's scores).")
+    scales: list[float] | None = Field(
+        None, min_length=1, description="Test-time augmentation: rescale each test image by these ratios before "
+                                        "it is tiled and average (the 'ms' scores; slide mode only changes with it).")
     reports: str = Field(
         "reports", description="Folder or fsspec URL of the reports: evaluate.parquet, refine.parquet, metrics/, "
                                "and stage report's plots/ and figures/.")
 
     _check_reports = field_validator("reports")(_known_location)
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(not v > 0 for v in value):
+            raise ValueError(f"every scale must be positive, got {value}")
+        return value
 
 
 class ReportSettings(Section):

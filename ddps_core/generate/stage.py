@@ -6,17 +6,15 @@ Sources (``generate.source``):
   (``<teacher.labels_out>/teacher/unlabeled/``; the teacher recorded there must be the
   current one);
 * ``generated``: ``generate.n_samples`` images sampled from the trained DDPM
-  (:mod:`.sample`), their features extracted into a feature store with the extract stage's
-  settings and shared noise, and labelled by the teacher, all under ``generate.work``. These
-  are the stage's three fan-out steps (sampling per batch, extraction per shard, labelling
-  per part), each resumable;
+  (:mod:`.sample`) and labelled by the teacher streaming (features, ensemble, labels; no
+  feature store), under ``generate.work``. These are the stage's two fan-out steps (sampling
+  per batch, labelling per part), each resumable;
 * ``both``.
 
 Each source is filtered on its own (:mod:`.filter`): the score distributions of real and
 sampled images differ, so one rule over the union would mostly keep one source. The real
 labelled training images are added unfiltered (``include_real``). :mod:`.export` writes the
-result. The generated images' feature store is deleted after a successful export unless
-``generate.keep_work`` (it is the largest intermediate).
+result.
 """
 
 from __future__ import annotations
@@ -82,7 +80,7 @@ def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candida
     scores_path, marker = folder / "scores.parquet", folder / "teacher.txt"
     if not scores_path.is_file():
         raise DataError(f"{scores_path}: the unlabelled pool has no teacher labels; run the label stage "
-                        "(features.splits must include unlabeled)")
+                        f"(the dataset needs an unlabeled split: {Path(settings.data.out) / 'unlabeled'})")
     # the marker is "<teacher id>-<features content id>" (see teacher.stage): the teacher part decides
     if not marker.is_file() or marker.read_text().strip().partition("-")[0] != teacher:
         raise DataError(f"{folder}: labelled by another teacher than {settings.teacher.out}; "
@@ -165,10 +163,6 @@ def _samples(settings: Settings) -> Path:
     return Path(settings.generate.work) / "samples"
 
 
-def _features(settings: Settings) -> Path:
-    return Path(settings.generate.work) / "features.zarr"
-
-
 def _labels(settings: Settings) -> Path:
     return Path(settings.generate.work) / "labels"
 
@@ -201,14 +195,14 @@ def _samples_reader(settings: Settings, clean: bool = False) -> GenericFolder:
     return reader
 
 
+def _sample_images(settings: Settings) -> Any:
+    from ddps_core.teacher.labels import ReaderImages
+
+    return ReaderImages(_samples_reader(settings))
+
+
 def _labels_done(settings: Settings) -> pd.DataFrame | None:
     return _finished_labels(_labels(settings), _teacher(settings), _sample_ids(settings))
-
-
-def _sample_store(settings: Settings):
-    from ddps_core.features.store import FeatureStore
-
-    return FeatureStore.open(_features(settings), read_only=True)
 
 
 # --------------------------------------------------------------------------- the steps
@@ -246,46 +240,27 @@ def sample_batches(settings: Settings, batches: list[int], report: Reporter) -> 
     return len(batches)
 
 
-def plan_sample_features(settings: Settings, n: int, report: Reporter) -> list[list[int]]:
-    """Step ``extract``: create or reopen the samples' feature store; its undone shards in
-    at most ``n`` groups (none once the samples are labelled)."""
-    from ddps_core.features.stage import extractor, open_for_writing, shard_groups
-
-    if not _uses_samples(settings):
-        return []
-    reader = _samples_reader(settings, clean=True)
-    if _labels_done(settings) is not None:
-        return []
-    store = open_for_writing(settings, _features(settings), reader, extractor(settings, device="cpu"),
-                             labelled=False, report=report, on_change="rebuild")
-    return shard_groups(store, n)
-
-
-def extract_sample_shards(settings: Settings, shards: list[int], report: Reporter) -> int:
-    """Extract one group of the samples' shards; images written."""
-    from ddps_core.features.stage import fill_shards
-
-    return fill_shards(settings, _samples_reader(settings), _features(settings), shards, "extract samples", report)
-
-
 def plan_sample_labels(settings: Settings, n: int, report: Reporter) -> list[list[int]]:
-    """Step ``label``: start labelling the samples with the teacher; the unfinished parts in
+    """Step ``label``: start labelling the samples with the teacher (streaming); the unfinished parts in
     at most ``n`` groups (none once they are labelled)."""
     from ddps_core.teacher.labels import pending_parts, start_labels
 
-    if not _uses_samples(settings) or _labels_done(settings) is not None:
+    if not _uses_samples(settings):
+        return []
+    _samples_reader(settings, clean=True)  # every sample drawn; strays of a larger earlier run removed
+    if _labels_done(settings) is not None:
         return []
     start_labels(_labels(settings), _teacher(settings))
-    return _groups(pending_parts(_sample_store(settings), _labels(settings)), n)
+    return _groups(pending_parts(_sample_images(settings), _labels(settings)), n)
 
 
 def label_sample_parts(settings: Settings, parts: list[int], report: Reporter) -> int:
     """Label one group of the samples' parts; images predicted."""
+    from ddps_core.inference import load_predictor
     from ddps_core.teacher.labels import label_parts
-    from ddps_core.teacher.stage import TEACHER, load_method
 
-    return label_parts(load_method(settings, TEACHER), _sample_store(settings), _labels(settings), "generated",
-                       parts, progress=lambda d, n: report.progress("label samples", d, n))
+    return label_parts(load_predictor(settings, "teacher"), _sample_images(settings), _labels(settings),
+                       "generated", parts, progress=lambda d, n: report.progress("label samples", d, n))
 
 
 # --------------------------------------------------------------------------- main
@@ -296,7 +271,7 @@ def _sample_scores(settings: Settings) -> pd.DataFrame:
     scores = _labels_done(settings)
     if scores is None:
         k = DDPMSegFolder(settings.data.out, "train").num_classes
-        scores = finish_labels(_sample_store(settings), _labels(settings), _teacher(settings), k)
+        scores = finish_labels(_sample_images(settings), _labels(settings), _teacher(settings), k)
     return scores
 
 
@@ -342,8 +317,6 @@ def generate(settings: Settings, report: Reporter) -> dict[str, Any]:
     manifest = export_dataset(g.out, candidates, decisions, names, ignore_index=settings.data.ignore_index,
                               ddpm_seg=g.format == "ddpm-seg", contact=g.contact_sheet, settings_text=ident,
                               progress=lambda d, n: report.progress("export", d, n))
-    if not g.keep_work and _features(settings).exists():
-        shutil.rmtree(_features(settings))
     stats = summary(manifest)
     for source, s in stats.items():
         if isinstance(s, dict):
@@ -354,6 +327,5 @@ def generate(settings: Settings, report: Reporter) -> dict[str, Any]:
 
 GENERATE = Stage("generate", main=generate, products=lambda s: [s.generate.out], steps=(
     Step("sample", plan_sampling, sample_batches),
-    Step("extract", plan_sample_features, extract_sample_shards),
     Step("label", plan_sample_labels, label_sample_parts),
 ))

@@ -11,11 +11,14 @@ every method, ``ddps predict`` and the Python API.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["MODELS", "Prediction", "Predictor"]
+from ddps_core.errors import ConfigError
+
+__all__ = ["MODELS", "Prediction", "Predictor", "load_predictor"]
 
 #: The models a workspace can predict with.
 MODELS = ("teacher", "student", "refiner")
@@ -53,3 +56,23 @@ class Predictor(Protocol):
         """uint8 ``H x W x 3`` images of any sizes, batched internally; one
         :class:`Prediction` per image, at its size."""
         ...
+
+
+def load_predictor(settings: Any, model: str, device: Any = None, flip: bool = False,
+                   scales: Sequence[float] | None = None) -> Predictor:
+    """The trained ``model`` of a workspace (one of :data:`MODELS`, or a teacher baseline:
+    ``random_unet``, ``rgbxy``) as a :class:`Predictor` on ``device`` (default:
+    ``settings.device``), with optional flip / multi-scale test-time augmentation."""
+    if model == "student":
+        from ddps_core.inference.student import load_student_predictor
+
+        return load_student_predictor(settings, device, flip=flip, scales=scales)
+    if model == "refiner":
+        from ddps_core.inference.refiner import load_refiner_predictor
+
+        return load_refiner_predictor(settings, device, flip=flip, scales=scales)
+    if model in ("teacher", "random_unet", "rgbxy"):
+        from ddps_core.inference.teacher import load_teacher_predictor
+
+        return load_teacher_predictor(settings, device, model, flip=flip, scales=scales)
+    raise ConfigError(f"model {model!r}: expected one of {list(MODELS)} (or a teacher baseline: random_unet, rgbxy)")

@@ -2,11 +2,13 @@
 
 The methods are the teacher and its baselines (their labels from stage ``label``) and, with
 ``evaluate.student``, the student (its predictions from stage ``train_student``). Each is
-scored against the test split's labels as the feature stores hold them, with the ignore
-index of ``data`` and the boundary band of ``evaluate``. Outputs, under ``evaluate.reports``
+scored against the test split's own labels at their own size (every method predicts at each
+image's size, see :mod:`ddps_core.inference`), with the ignore index of ``data`` and the
+boundary band of ``evaluate``. The report records the protocol (:func:`scoring_protocol`). Outputs, under ``evaluate.reports``
 (a folder or an fsspec URL)::
 
-    evaluate.parquet                 the ``ddps score`` schema with a ``method`` column (fractions)
+    evaluate.parquet                 the ``ddps score`` schema with ``method``, ``resize``, ``model_size``
+                                     and ``tta`` columns (fractions)
     metrics/evaluate.json            {method: {miou, mbiou, aacc, macc}} in percent
 
 Its pictures and plot tables are stage ``report``'s.
@@ -30,7 +32,7 @@ from ddps_core.metrics.segmentation import ConfusionAccumulator
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
 
-__all__ = ["EVALUATE", "percent", "prediction_folders", "report_locations"]
+__all__ = ["EVALUATE", "percent", "prediction_folders", "report_locations", "scoring_protocol"]
 
 
 def prediction_folders(settings: Settings) -> dict[str, Path]:
@@ -42,6 +44,18 @@ def prediction_folders(settings: Settings) -> dict[str, Path]:
     if settings.evaluate.student:
         folders["student"] = Path(settings.student.out) / "test"
     return folders
+
+
+def scoring_protocol(settings: Settings) -> dict[str, Any]:
+    """How the scores were made, recorded beside them: predictions at the labels' own size
+    from ``S x S`` model inputs made by ``data.resize`` (``model_size`` is ``S``), with the
+    test-time augmentation of ``evaluate.flip`` / ``evaluate.scales`` (``tta``: ``none``,
+    ``flip``, ``ms`` or ``ms+flip``)."""
+    from ddps_core.features.stage import model_size
+
+    e = settings.evaluate
+    tta = "+".join(([] if not e.scales else ["ms"]) + (["flip"] if e.flip else [])) or "none"
+    return {"resize": settings.data.resize, "model_size": model_size(settings), "tta": tta}
 
 
 def report_locations(settings: Settings, stage: str = "evaluate") -> dict[str, Path | str]:
@@ -56,32 +70,39 @@ def evaluate(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``evaluate``: the report and its metrics (see the module text); each file is
     written atomically. Returns ``{method: {miou, mbiou, aacc, macc}}`` in
     percent."""
-    from ddps_core.features.stage import open_store
-
     where = report_locations(settings)
     options = settings.storage.options
-    truth = open_store(settings, "test", read_only=True)
-    names = DDPMSegFolder(settings.data.out, "test").class_names
+    truth = DDPMSegFolder(settings.data.out, "test", ignore_index=settings.data.ignore_index)
+    names = truth.class_names
+    protocol = scoring_protocol(settings)
     frames, summary = [], {}
     folders = prediction_folders(settings)
+    labels = [truth[i].label for i in range(len(truth))]  # the dataset's own labels, at their size
     for n_method, (method, folder) in enumerate(folders.items()):
         report.progress("evaluate", n_method, len(folders))
         acc = ConfusionAccumulator(truth.num_classes, ignore_index=settings.data.ignore_index,
                                    boundary_ratio=settings.evaluate.boundary_ratio)
-        for i, image_id in enumerate(truth.image_ids):
+        for image_id, label in zip(truth.ids, labels):
             path = folder / f"{image_id}.png"
             if not path.is_file():
                 stage = "train_student" if method == "student" else "label"
                 raise DataError(f"{path}: missing prediction; run the {stage} stage")
-            acc.update(load_label_map(path), truth.label(i), image_id, source=str(path))
+            pred = load_label_map(path)
+            if pred.shape != label.shape:
+                stage = "train_student" if method == "student" else "label"
+                raise DataError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]}, the label "
+                                f"{label.shape[1]}x{label.shape[0]}; rerun the {stage} stage")
+            acc.update(pred, label, image_id, source=str(path))
         result = acc.result()
         frame = report_frame(result, names)
         frame.insert(0, "method", method)
+        for k, (key, value) in enumerate(protocol.items(), start=1):
+            frame.insert(k, key, value)
         frames.append(frame)
         summary[method] = {k: percent(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
         report.log(f"{method:12s} mIoU {summary[method]['miou']:.2f}  mBIoU {summary[method]['mbiou']:.2f}")
     report.progress("evaluate", len(folders), len(folders))
-    df = pd.concat(frames, ignore_index=True)[["method", *REPORT_COLUMNS]]
+    df = pd.concat(frames, ignore_index=True)[["method", *protocol, *REPORT_COLUMNS]]
     write_report(df, where["report"], options)
     storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
     return summary

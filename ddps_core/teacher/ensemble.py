@@ -57,6 +57,7 @@ __all__ = [
     "default_widths",
     "init_reference_",
     "reference_mlp",
+    "features_id",
     "source_id_of",
 ]
 
@@ -77,6 +78,13 @@ def default_widths(num_classes: int) -> tuple[int, int]:
     return (128, 32) if int(num_classes) < 30 else (256, 128)
 
 
+def features_id(settings: Mapping[str, Any]) -> str:
+    """The id of DDPM features made with a feature store's ``settings`` (only the keys that
+    define the features count): what an ensemble trained on them records as its source."""
+    text = json.dumps({k: settings.get(k) for k in _SOURCE_KEYS}, sort_keys=True, default=str)
+    return "features-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def source_id_of(source: Any) -> str:
     """A short id of a feature source: its ``source_id`` attribute when it has one, else (a
     :class:`~ddps_core.features.store.FeatureStore`) a hash of the settings that define its
@@ -86,9 +94,7 @@ def source_id_of(source: Any) -> str:
         return str(sid)
     settings = getattr(source, "settings", None)
     if callable(settings):
-        s = settings()
-        text = json.dumps({k: s.get(k) for k in _SOURCE_KEYS}, sort_keys=True, default=str)
-        return "features-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        return features_id(settings())
     raise ConfigError(f"cannot tell the feature source id of {type(source).__name__} (no source_id / settings())")
 
 

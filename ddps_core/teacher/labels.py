@@ -1,6 +1,10 @@
-"""Teacher labels written in resumable parts: ``<id>.png`` (the members' majority vote),
-``<id>_uncertainty.png`` (the Jensen-Shannon divergence of the members, 0..255 for 0..ln M)
-and ``scores.parquet`` (image_id, score, split, pixels per class).
+"""Teacher labels written in resumable parts: ``<id>.png`` (the members' majority vote, at the
+image's size), ``<id>_uncertainty.png`` (the Jensen-Shannon divergence of the members, 0..255
+for 0..ln M) and ``scores.parquet`` (image_id, score, split, pixels per class).
+
+The labels stream: a part's images go through the predictor
+(:class:`~ddps_core.inference.teacher.TeacherPredictor`: features, ensemble, labels) and only
+its PNGs are written; no feature store is made for the images that are labelled.
 
 A source's images are labelled in parts of :data:`PART_IMAGES`. A part's PNGs are written
 first, then its rows to ``.parts/part-<k>.parquet``, so a killed run redoes at most one part,
@@ -24,13 +28,28 @@ import pandas as pd
 from ddps_core.datasets.common import png_bytes
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_path, atomic_write_bytes, atomic_write_text
-from ddps_core.teacher.ensemble import PixelEnsemble
-from ddps_core.teacher.predict import predict_store
 
-__all__ = ["PART_IMAGES", "finish_labels", "label_images", "label_parts", "pending_parts", "start_labels",
-           "teacher_id"]
+__all__ = ["PART_IMAGES", "ReaderImages", "finish_labels", "label_images", "label_parts", "pending_parts",
+           "start_labels", "teacher_id"]
 
 PART_IMAGES = 64  # images labelled between two resume points
+
+
+class ReaderImages:
+    """The images of a dataset reader as a labelling source: ``image_ids``, ``image(i)``."""
+
+    def __init__(self, reader: Any):
+        self.reader = reader
+        self.image_ids = [str(i) for i in reader.ids]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.reader[i].image
+
+    def content_id(self) -> str:
+        return self.reader.content_id()
 
 
 def teacher_id(path: str | Path) -> str:
@@ -77,22 +96,27 @@ def pending_parts(source: Any, folder: str | Path) -> list[int]:
             if _finished_part(Path(folder), p, ids[a:b]) is None]
 
 
-def label_parts(ensemble: PixelEnsemble, source: Any, folder: str | Path, split: str,
+def label_parts(predictor: Any, source: Any, folder: str | Path, split: str,
                 parts: list[int] | None = None, progress: Callable[[int, int], Any] | None = None,
                 on_image: Callable[[int, np.ndarray], Any] | None = None) -> int:
-    """Label the images of ``parts`` (all by default) of ``source`` into ``folder``
-    (after :func:`start_labels`); finished parts are kept. Each part's PNGs are written
-    first, then its rows to ``.parts/part-<p>.parquet``. Writers of disjoint parts touch
-    disjoint files, so they may run concurrently. ``progress(done, total)`` counts this
-    call's images. Returns the number of images predicted."""
+    """Label the images of ``parts`` (all by default) of ``source`` (``image_ids``,
+    ``image(i)``: e.g. :class:`ReaderImages`) with ``predictor`` (a
+    :class:`~ddps_core.inference.Predictor` with an uncertainty) into ``folder`` (after
+    :func:`start_labels`); finished parts are kept. Each part's PNGs are written first, then
+    its rows to ``.parts/part-<p>.parquet``. Writers of disjoint parts touch disjoint files, so
+    they may run concurrently. ``progress(done, total)`` counts this call's images. Returns the
+    number of images predicted."""
     from ddps_core.metrics.files import load_label_map
 
     folder = Path(folder)
-    k = ensemble.num_classes
+    k = predictor.num_classes
     ids = list(source.image_ids)
     ranges = label_parts_of(len(ids))
     parts = list(range(len(ranges))) if parts is None else [int(p) for p in parts]
     total = sum(ranges[p][1] - ranges[p][0] for p in parts)
+    # 0..255 for 0..the largest uncertainty (ln M for M members; one member is never uncertain)
+    heat_scale = 255.0 / float(getattr(predictor, "uncertainty_max", None) or 1.0)
+    batch = max(1, int(getattr(predictor, "batch", 16)))
     done = predicted = 0
     for p in parts:
         a, b = ranges[p]
@@ -105,22 +129,22 @@ def label_parts(ensemble: PixelEnsemble, source: Any, folder: str | Path, split:
                 progress(done, total)
             continue
         rows = []
-        # uncertainty is at most log(members); one member is never uncertain
-        heat_scale = 255.0 / np.log(ensemble.members) if ensemble.members > 1 else 0.0
-        for i, (image_id, labels, unc, score) in zip(range(a, b), predict_store(ensemble, source, image_indices=list(range(a, b)))):
-            atomic_write_bytes(folder / f"{image_id}.png",
-                               png_bytes(labels.astype(np.uint8 if k <= 256 else np.uint16)))
-            heat = np.clip(unc * heat_scale, 0, 255).astype(np.uint8)
-            atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
-            counts = np.bincount(labels.ravel(), minlength=k)[:k]
-            rows.append({"image_id": image_id, "score": float(score), "split": split,
-                         **{f"pixels_{c}": int(v) for c, v in enumerate(counts)}})
-            if on_image is not None:
-                on_image(i, labels)
-            done += 1
-            predicted += 1
-            if progress is not None:
-                progress(done, total)
+        for c in range(a, b, batch):
+            idx = list(range(c, min(b, c + batch)))
+            for i, pred in zip(idx, predictor([source.image(i) for i in idx])):
+                image_id = ids[i]
+                atomic_write_bytes(folder / f"{image_id}.png", png_bytes(pred.labels))
+                heat = np.clip(pred.uncertainty * heat_scale, 0, 255).astype(np.uint8)
+                atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
+                counts = np.bincount(pred.labels.ravel(), minlength=k)[:k]
+                rows.append({"image_id": image_id, "score": float(pred.score), "split": split,
+                             **{f"pixels_{c}": int(v) for c, v in enumerate(counts)}})
+                if on_image is not None:
+                    on_image(i, pred.labels)
+                done += 1
+                predicted += 1
+                if progress is not None:
+                    progress(done, total)
         with atomic_path(_part_file(folder, p)) as tmp:
             pd.DataFrame(rows).to_parquet(tmp, index=False)
     return predicted
@@ -146,20 +170,20 @@ def finish_labels(source: Any, folder: str | Path, teacher: str, num_classes: in
     return scores
 
 
-def label_images(ensemble: PixelEnsemble, source: Any, folder: str | Path, split: str,
+def label_images(predictor: Any, source: Any, folder: str | Path, split: str,
                  teacher: str, progress: Callable[[int, int], Any] | None = None,
                  on_image: Callable[[int, np.ndarray], Any] | None = None) -> pd.DataFrame:
-    """Label every image of ``source`` (a feature store or RGB+xy source) into ``folder``:
-    ``<id>.png`` (majority vote), ``<id>_uncertainty.png`` (Jensen-Shannon heat map, 0..255
-    for 0..ln M) and ``scores.parquet`` (image_id, score, split, per-class pixel counts).
+    """Label every image of ``source`` into ``folder``: ``<id>.png`` (majority vote),
+    ``<id>_uncertainty.png`` (Jensen-Shannon heat map, 0..255 for 0..ln M) and
+    ``scores.parquet`` (image_id, score, split, per-class pixel counts).
 
     Resumable: images are labelled in parts of :data:`PART_IMAGES`; a part's PNGs are written
     first, then its rows to ``.parts/part-<k>.parquet``, so a killed run redoes at most one
-    part. Parts made by another ``teacher`` (the ensemble file's hash) are discarded.
-    ``on_image(i, labels)`` sees every image's labels, also those of resumed parts.
-    The steps (:func:`start_labels`, :func:`label_parts`, :func:`finish_labels`) can also be
-    run apart, with disjoint parts in concurrent tasks.
+    part. Parts made for another ``teacher`` id are discarded. ``on_image(i, labels)`` sees
+    every image's labels, also those of resumed parts. The steps (:func:`start_labels`,
+    :func:`label_parts`, :func:`finish_labels`) can also be run apart, with disjoint parts in
+    concurrent tasks.
     """
     start_labels(folder, teacher)
-    label_parts(ensemble, source, folder, split, None, progress, on_image)
-    return finish_labels(source, folder, teacher, ensemble.num_classes)
+    label_parts(predictor, source, folder, split, None, progress, on_image)
+    return finish_labels(source, folder, teacher, predictor.num_classes)

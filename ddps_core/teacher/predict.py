@@ -35,6 +35,7 @@ __all__ = [
     "predict_image",
     "predict_store",
     "vote_and_uncertainty",
+    "vote_maps",
 ]
 
 CHUNK_BYTES = 32 * 2**20
@@ -89,25 +90,28 @@ def _default_chunk(ensemble: PixelEnsemble) -> int:
 
 
 @torch.no_grad()
-def predict_image(
+def vote_maps(
     ensemble: PixelEnsemble,
     features: np.ndarray | torch.Tensor | FeatureFn,
     chunk: int | None = None,
     image_size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Predict one image: ``(labels [S, S], uncertainty float32 [S, S], score)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' votes of one ``S x S`` input: ``(shares float32 [K, S, S], js float32 [S, S])``.
+
+    ``shares[k]`` is the fraction of members whose argmax is class ``k``: its argmax over
+    ``k`` is the majority vote (ties to the smallest id), and, unlike the vote, it can be
+    averaged over overlapping windows and resized (:mod:`ddps_core.inference.windows`).
 
     :param features: float32 ``[D, S, S]`` (array or tensor), or a callable
         ``(ys, xs) -> [n, D]`` giving the features of pixels ``(ys, xs)`` (then ``image_size``
         is required).
     :param chunk: pixels evaluated at once (default: sized from ``D`` and ``M * K``).
-    :return: labels uint8 (uint16 when ``K > 256``), the Jensen-Shannon map, the top-10 % score.
     """
     was_training = ensemble.training
     ensemble.eval()
     try:
         device = next(ensemble.parameters()).device
-        D, K = ensemble.feature_dim, ensemble.num_classes
+        D, K, M = ensemble.feature_dim, ensemble.num_classes, ensemble.members
         chunk = int(chunk) if chunk else _default_chunk(ensemble)
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -123,8 +127,8 @@ def predict_image(
             S = int(arr.shape[1])
             flat = arr.reshape(D, S * S)
         n = S * S
-        labels = np.empty(n, dtype=np.uint8 if K <= 256 else np.uint16)
-        unc = np.empty(n, dtype=np.float32)
+        shares = torch.empty(K, n, dtype=torch.float32)
+        unc = torch.empty(n, dtype=torch.float32)
         for p0 in range(0, n, chunk):
             p1 = min(n, p0 + chunk)
             if flat is None:
@@ -135,14 +139,31 @@ def predict_image(
                     raise ValueError(f"feature callable returned {tuple(x.shape)}, expected {(p1 - p0, D)}")
             else:
                 x = flat[:, p0:p1].t()
-            x = x.to(device=device, dtype=torch.float32)
-            lab, js = vote_and_uncertainty(ensemble(x))
-            labels[p0:p1] = lab.cpu().numpy()
-            unc[p0:p1] = js.cpu().numpy()
-        unc_map = unc.reshape(S, S)
-        return labels.reshape(S, S), unc_map, image_score(unc_map)
+            logits = ensemble(x.to(device=device, dtype=torch.float32))
+            votes = logits.argmax(dim=-1)  # [M, n]
+            counts = torch.zeros(p1 - p0, K, dtype=torch.float32, device=votes.device)
+            counts.scatter_add_(1, votes.t(), torch.ones(p1 - p0, M, dtype=torch.float32, device=votes.device))
+            shares[:, p0:p1] = (counts / M).t().cpu()
+            unc[p0:p1] = js_divergence(torch.softmax(logits.double(), dim=-1)).float().cpu()
+        return shares.reshape(K, S, S), unc.reshape(S, S)
     finally:
         ensemble.train(was_training)
+
+
+def predict_image(
+    ensemble: PixelEnsemble,
+    features: np.ndarray | torch.Tensor | FeatureFn,
+    chunk: int | None = None,
+    image_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Predict one ``S x S`` input: ``(labels [S, S], uncertainty float32 [S, S], score)``: the
+    majority vote of :func:`vote_maps`, the Jensen-Shannon map, the top-10 % score. Labels are
+    uint8 (uint16 when ``K > 256``)."""
+    shares, unc = vote_maps(ensemble, features, chunk, image_size)
+    K = ensemble.num_classes
+    labels = shares.argmax(dim=0).numpy().astype(np.uint8 if K <= 256 else np.uint16)
+    unc_map = unc.numpy()
+    return labels, unc_map, image_score(unc_map)
 
 
 #: Upper bound of the native maps read ahead at once by :func:`predict_store`.

@@ -34,7 +34,7 @@ from ddps_core.io import atomic_write_text, remove_stale
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage, Step
 from ddps_core.teacher.ensemble import PixelEnsemble, source_id_of
-from ddps_core.teacher.labels import finish_labels, label_parts, pending_parts, start_labels, teacher_id
+from ddps_core.teacher.labels import ReaderImages, finish_labels, label_parts, pending_parts, start_labels, teacher_id
 from ddps_core.teacher.sources import RGBXYSource
 from ddps_core.teacher.train import train_ensemble
 
@@ -157,11 +157,34 @@ TRAIN_TEACHER = Stage("train_teacher", main=train_teacher,
 # --------------------------------------------------------------------------- label
 def label_jobs(settings: Settings) -> list[tuple[str, str]]:
     """(method, split) pairs of stage ``label``: the test split with every method, the
-    unlabelled pool with the teacher (when its features are extracted)."""
+    unlabelled pool with the teacher when ``generate.source`` takes it and the dataset has one."""
     jobs = [(m, "test") for m in methods(settings)]
-    if "unlabeled" in settings.features.splits:
+    if settings.generate.source in ("pool", "both") and (Path(settings.data.out) / "unlabeled").is_dir():
         jobs.append((TEACHER, "unlabeled"))
     return jobs
+
+
+def _images(settings: Settings, split: str) -> ReaderImages:
+    return ReaderImages(DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index))
+
+
+def _augmented(settings: Settings, split: str) -> tuple[bool, list[float] | None]:
+    """Test-time augmentation (``evaluate.flip`` / ``evaluate.scales``) is for scoring: the
+    test split only; the pool's labels are the plain prediction, as DDPM-Seg makes them."""
+    e = settings.evaluate
+    return (bool(e.flip), e.scales) if split == "test" else (False, None)
+
+
+def _labels_id(settings: Settings, method: str, split: str, source: ReaderImages) -> str:
+    """What a labelling's parts were made from: the teacher's file, then the images' content
+    and how they met the model (parts of another teacher, of other images under the same ids,
+    or of another geometry are redone)."""
+    from ddps_core.training import content_id
+
+    flip, scales = _augmented(settings, split)
+    how = json.dumps({"resize": settings.data.resize, "stride": settings.data.stride, "flip": flip,
+                      "scales": scales, "images": source.content_id()}, sort_keys=True)
+    return f"{teacher_id(model_folder(settings, method) / WEIGHTS)}-{content_id([how.encode()])}"
 
 
 def plan_labels(settings: Settings, n: int, report: Reporter) -> list[dict[str, Any]]:
@@ -170,19 +193,23 @@ def plan_labels(settings: Settings, n: int, report: Reporter) -> list[dict[str, 
     groups = []
     for method, split in label_jobs(settings):
         folder = label_folder(settings, method, split)
-        source = feature_source(settings, method, split)
-        start_labels(folder, _labels_id(settings, method, source))
+        source = _images(settings, split)
+        start_labels(folder, _labels_id(settings, method, split, source))
         todo = pending_parts(source, folder)
         groups += [{"method": method, "split": split, "parts": todo[i::n]} for i in range(max(1, n)) if todo[i::n]]
     return groups
 
 
 def label_group(settings: Settings, group: dict[str, Any], report: Reporter) -> int:
-    """Label one group of :func:`plan_labels`; the number of images predicted."""
+    """Label one group of :func:`plan_labels` (images, features, ensemble, PNGs: no feature
+    store); the number of images predicted."""
+    from ddps_core.inference import load_predictor
+
     method, split = group["method"], group["split"]
-    source = feature_source(settings, method, split)
+    flip, scales = _augmented(settings, split)
+    predictor = load_predictor(settings, method, flip=flip, scales=scales)
     task = f"label {method}/{split}"
-    return label_parts(load_method(settings, method), source, label_folder(settings, method, split), split,
+    return label_parts(predictor, _images(settings, split), label_folder(settings, method, split), split,
                        group["parts"], progress=lambda done, total: report.progress(task, done, total))
 
 
@@ -209,10 +236,10 @@ def label(settings: Settings, report: Reporter) -> dict[str, Any]:
     jobs = label_jobs(settings)
     ids: dict[tuple[str, str], list[str]] = {}
     for method, split in jobs:
-        source = feature_source(settings, method, split)
+        source = _images(settings, split)
         ids[(method, split)] = list(source.image_ids)
         scores: pd.DataFrame = finish_labels(source, label_folder(settings, method, split),
-                                             _labels_id(settings, method, source), _num_classes(settings))
+                                             _labels_id(settings, method, split, source), _num_classes(settings))
         out[f"{method}/{split}"] = {"images": len(scores), "mean_score": float(scores["score"].mean())}
         report.log(f"{method}/{split}: {len(scores)} images labelled -> {label_folder(settings, method, split)}")
     _remove_stale_labels(settings, jobs, ids)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from ddps_core import storage
 from ddps_core.config import Settings
-from ddps_core.datasets import DDPMSegFolder, load_image, to_square
+from ddps_core.datasets import DDPMSegFolder, load_image
 from ddps_core.datasets.common import png_bytes
 from ddps_core.errors import DataError
 from ddps_core.progress import Reporter
@@ -164,14 +164,14 @@ def overlays(settings: Settings, method: str, folder: Path, out: Any, limit: int
     for k in range(min(limit, len(reader))):
         sample = reader[k]
         pred = np.asarray(load_image(folder / f"{sample.id}.png"))[..., 0]
-        image, gt = to_square(sample.image, sample.label, pred.shape[0])
+        image, gt = sample.image, sample.label  # predictions are at the image's own size
         row = [image, overlay(image, gt, ignore_index=ign), overlay(image, pred, ignore_index=ign)]
         heat_path = folder / f"{sample.id}_uncertainty.png"
         if heat_path.is_file():
             heat = np.asarray(load_image(heat_path)).astype(np.float32)
             row.append((heat * (255.0 / max(float(heat.max()), 1.0))).astype(np.uint8))
         storage.write_bytes(storage.join(out, f"{method}_{sample.id}.png"),
-                            png_bytes(grid([row], scale=max(1, 128 // pred.shape[0]))), settings.storage.options)
+                            png_bytes(grid([row], scale=max(1, 128 // max(pred.shape)))), settings.storage.options)
     return min(limit, len(reader))
 
 
@@ -186,12 +186,22 @@ def refinement_figure(settings: Settings, steps: list[int], limit: int) -> np.nd
         return None
     reader = DDPMSegFolder(settings.data.out, "test", ignore_index=settings.data.ignore_index)
     ids = [reader.ids[k] for k in range(min(limit, len(reader)))]
-    base = np.stack([load_label_map(refined / "student" / f"{i}.png") for i in ids])
-    size = base.shape[-1]
-    pairs = [to_square(reader[k].image, reader[k].label, size) for k in range(len(ids))]
-    masks = {s: np.stack([load_label_map(refined / "refiner" / f"step_{s}" / f"{i}.png") for i in ids]) for s in steps}
-    return refinement_picture(np.stack([p[0] for p in pairs]), masks, gt=np.stack([p[1] for p in pairs]), base=base,
-                              ignore_index=settings.data.ignore_index)
+    # one row per image: each shown at the diffusion model's size S x S (nearest for the masks),
+    # whatever its own size, so that images of several sizes make one grid
+    from ddps_core.features.stage import model_size
+    from ddps_core.geometry import resize_image, resize_label
+
+    S = model_size(settings)
+
+    def mask(path: Path) -> np.ndarray:
+        return resize_label(load_label_map(path), S, S)
+
+    base = np.stack([mask(refined / "student" / f"{i}.png") for i in ids])
+    samples = [reader[k] for k in range(len(ids))]
+    images = np.stack([resize_image(x.image, S, S) for x in samples])
+    gt = np.stack([resize_label(x.label, S, S) for x in samples])
+    masks = {s: np.stack([mask(refined / "refiner" / f"step_{s}" / f"{i}.png") for i in ids]) for s in steps}
+    return refinement_picture(images, masks, gt=gt, base=base, ignore_index=settings.data.ignore_index)
 
 
 def report(settings: Settings, report: Reporter) -> dict[str, Any]:

@@ -9,7 +9,10 @@ import pytest
 from ddps_core import stages
 from ddps_core.config import parse_settings
 from ddps_core.features.stage import store_path
+from ddps_core.datasets import DDPMSegFolder
 from ddps_core.features.store import FeatureStore
+from ddps_core.inference import load_predictor
+from ddps_core.metrics.files import load_label_map
 from ddps_core.metrics import evaluate_dirs
 from ddps_core.progress import Reporter
 from ddps_core.teacher import labels as labelling
@@ -33,6 +36,29 @@ def project(tmp_path_factory):
     return root, raw
 
 
+def test_streaming_labels_equal_labels_from_stored_features(project, tmp_path):
+    """Stage label streams (no store): its test labels and scores equal the ensemble's on the
+    features the extract stage stores for the same images (float16 both ways)."""
+    from ddps_core.teacher.predict import predict_store
+    from ddps_core.teacher.stage import load_method
+
+    root, raw = project
+    s = parse_settings(raw)
+    stages.get("train_teacher").run(s)
+    stages.get("label").run(s)
+    stored = parse_settings({**raw, "features": {**raw["features"], "splits": ["test"], "out": str(tmp_path / "f")}})
+    stages.get("extract").run(stored)
+    store = FeatureStore.open(store_path(stored, "test"), read_only=True)
+    folder = root / "labels" / "teacher" / "test"
+    scores = pd.read_parquet(folder / "scores.parquet").set_index("image_id")["score"]
+    agree = []
+    for image_id, labels, _, score in predict_store(load_method(s, "teacher"), store):
+        streamed = load_label_map(folder / f"{image_id}.png")
+        agree.append(float((streamed == labels).mean()))
+        assert scores[image_id] == pytest.approx(score, rel=1e-3, abs=1e-6)
+    assert len(agree) == 3 and min(agree) >= 0.999, agree
+
+
 def test_teacher_and_baseline_train_label_and_score_like_an_independent_scoring(project, tmp_path):
     root, raw = project
     s = parse_settings(raw)
@@ -43,11 +69,11 @@ def test_teacher_and_baseline_train_label_and_score_like_an_independent_scoring(
     done = stages.get("label").run(s)
     assert set(done) == {"teacher/test", "rgbxy/test", "teacher/unlabeled"}
     assert done["teacher/unlabeled"]["images"] == 12
-    store = FeatureStore.open(store_path(s, "test"), read_only=True)
+    test = DDPMSegFolder(s.data.out, "test")
     gt = tmp_path / "gt"
     gt.mkdir()
-    for i, image_id in enumerate(store.image_ids):
-        np.save(gt / f"{image_id}.npy", store.label(i))
+    for sample in test:
+        np.save(gt / f"{sample.id}.npy", sample.label)
     settings = parse_settings({**raw, "evaluate": {"student": False, "reports": str(tmp_path / "reports")},
                                "report": {"overlays": 1}})
     report = stages.get("evaluate").run(settings)
@@ -55,18 +81,18 @@ def test_teacher_and_baseline_train_label_and_score_like_an_independent_scoring(
     for method in ("teacher", "rgbxy"):
         folder = root / "labels" / method / "test"
         scores = pd.read_parquet(folder / "scores.parquet")
-        assert list(scores["image_id"]) == store.image_ids
+        assert list(scores["image_id"]) == test.ids
         assert (scores["score"] >= 0).all() and {"pixels_0", "pixels_6"} <= set(scores.columns)
         assert not (folder / ".parts").exists()
         # stage evaluate's figures equal an independent scoring of the label PNGs
         pred = tmp_path / "pred" / method
         pred.mkdir(parents=True)
-        for image_id in store.image_ids:
+        for image_id in test.ids:
             (pred / f"{image_id}.png").write_bytes((folder / f"{image_id}.png").read_bytes())
         again = evaluate_dirs(pred, gt, 7)
         assert report[method]["miou"] == pytest.approx(100 * again.miou, abs=1e-4, nan_ok=True)
         assert report[method]["mbiou"] == pytest.approx(100 * again.mbiou, abs=1e-4, nan_ok=True)
-        assert (tmp_path / "reports" / "figures" / "overlays" / f"{method}_{store.image_ids[0]}.png").is_file()
+        assert (tmp_path / "reports" / "figures" / "overlays" / f"{method}_{test.ids[0]}.png").is_file()
 
 
 def test_labelling_in_disjoint_groups_equals_one_run(project, tmp_path, monkeypatch):
@@ -93,14 +119,30 @@ def test_labelling_in_disjoint_groups_equals_one_run(project, tmp_path, monkeypa
 def test_labelling_resumes_by_part_to_the_same_files(project, tmp_path, monkeypatch):
     """A labelling killed after its first part redoes only the parts after it and ends with
     the same PNGs and scores as an uninterrupted run; parts of another teacher are redone."""
-    from ddps_core.teacher.stage import load_method
-
     root, raw = project
     s = parse_settings(raw)
     stages.get("train_teacher").run(s)
     monkeypatch.setattr(labelling, "PART_IMAGES", 4)  # 12 pool images: 3 parts
-    ens, store = load_method(s, "teacher"), FeatureStore.open(store_path(s, "unlabeled"), read_only=True)
+    predicted = []
+
+    class Counting:
+        """The teacher, noting which pool images it is asked to predict."""
+
+        def __init__(self, inner):
+            self.inner, self.num_classes = inner, inner.num_classes
+            self.uncertainty_max, self.batch = inner.uncertainty_max, inner.batch
+
+        def __call__(self, images):
+            predicted.extend(index[id(x)] for x in images)
+            return self.inner(images)
+
+    pool = labelling.ReaderImages(DDPMSegFolder(s.data.out, "unlabeled"))
+    cached = [pool.image(i) for i in range(len(pool))]
+    index = {id(x): i for i, x in enumerate(cached)}
+    pool.image = cached.__getitem__
+    ens, store = Counting(load_predictor(s, "teacher")), pool
     full = labelling.label_images(ens, store, tmp_path / "a", "unlabeled", "t1")
+    predicted.clear()
 
     class Killed(Exception):
         pass
@@ -112,10 +154,7 @@ def test_labelling_resumes_by_part_to_the_same_files(project, tmp_path, monkeypa
     with pytest.raises(Killed):
         labelling.label_images(ens, store, tmp_path / "b", "unlabeled", "t1", on_image=kill_at_6)
     assert sorted(p.name for p in (tmp_path / "b" / ".parts").glob("part-*")) == ["part-00000.parquet"]
-    predicted = []
-    real_predict = labelling.predict_store
-    monkeypatch.setattr(labelling, "predict_store", lambda e, src, image_indices: (
-        predicted.extend(image_indices) or real_predict(e, src, image_indices=image_indices)))
+    predicted.clear()
     again = labelling.label_images(ens, store, tmp_path / "b", "unlabeled", "t1")
     assert predicted == list(range(4, 12))  # the finished part is not redone
     pd.testing.assert_frame_equal(again, full)
