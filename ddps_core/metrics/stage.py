@@ -51,11 +51,11 @@ def scoring_protocol(settings: Settings) -> dict[str, Any]:
     from ``S x S`` model inputs made by ``data.resize`` (``model_size`` is ``S``), with the
     test-time augmentation of ``evaluate.flip`` / ``evaluate.scales`` (``tta``: ``none``,
     ``flip``, ``ms`` or ``ms+flip``)."""
-    from ddps_core.features.stage import model_size
+    from ddps_core.diffusion.presets import get_preset
 
     e = settings.evaluate
     tta = "+".join(([] if not e.scales else ["ms"]) + (["flip"] if e.flip else [])) or "none"
-    return {"resize": settings.data.resize, "model_size": model_size(settings), "tta": tta}
+    return {"resize": settings.data.resize, "model_size": int(get_preset(settings.ddpm.preset).image_size), "tta": tta}
 
 
 def report_locations(settings: Settings, stage: str = "evaluate") -> dict[str, Path | str]:

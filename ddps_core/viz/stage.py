@@ -188,10 +188,10 @@ def refinement_figure(settings: Settings, steps: list[int], limit: int) -> np.nd
     ids = [reader.ids[k] for k in range(min(limit, len(reader)))]
     # one row per image: each shown at the diffusion model's size S x S (nearest for the masks),
     # whatever its own size, so that images of several sizes make one grid
-    from ddps_core.features.stage import model_size
+    from ddps_core.diffusion.presets import get_preset
     from ddps_core.geometry import resize_image, resize_label
 
-    S = model_size(settings)
+    S = int(get_preset(settings.ddpm.preset).image_size)
 
     def mask(path: Path) -> np.ndarray:
         return resize_label(load_label_map(path), S, S)

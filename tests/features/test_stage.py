@@ -36,7 +36,8 @@ def arrays(path):
 
 def test_extract_fills_every_split_and_the_baseline_stores(project, tmp_path):
     root, raw = project
-    s = settings(raw, out=str(tmp_path / "lib"))
+    assert settings(raw).features.splits == ["train"]  # by default: what the teacher learns from
+    s = settings(raw, out=str(tmp_path / "lib"), splits=["train", "test", "unlabeled"])
     calls = []
     summary = stages.get("extract").run(s, CallbackReporter(progress=lambda *a, **_: calls.append(a)))
     # the pool is extracted for the trained model only; the baseline needs the labelled splits
@@ -66,7 +67,8 @@ def test_extract_fills_every_split_and_the_baseline_stores(project, tmp_path):
 
 def test_without_the_random_unet_baseline_only_the_trained_model_is_extracted(project, tmp_path):
     root, raw = project
-    summary = stages.get("extract").run(settings(raw, baselines=["rgbxy"], out=str(tmp_path / "f")))
+    summary = stages.get("extract").run(settings(raw, baselines=["rgbxy"], out=str(tmp_path / "f"),
+                                                 splits=["train", "test", "unlabeled"]))
     assert set(summary) == {"train", "test", "unlabeled"}
 
 

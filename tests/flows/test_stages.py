@@ -123,7 +123,7 @@ def test_two_writer_extract_flow_equals_the_in_process_stage(tmp_path, one_threa
 
     raw = tiny_project(tmp_path, {"n_unlabeled": 2, "n_labeled": 5, "n_test": 3},
                        features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
-                                 "out": str(tmp_path / "lib")},
+                                 "out": str(tmp_path / "lib"), "splits": ["train", "test", "unlabeled"]},
                        teacher={"baselines": []})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
