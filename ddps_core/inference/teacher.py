@@ -44,7 +44,7 @@ def ddpm_window_features(extractor: Any) -> WindowFeatures:
     names = list(extractor.names)
 
     def features(windows: np.ndarray) -> list[Callable[[np.ndarray, np.ndarray], np.ndarray]]:
-        x = torch.from_numpy(np.ascontiguousarray(windows)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+        x = torch.from_numpy(np.array(windows)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
         with torch.inference_mode():
             maps = extractor(x)
         natives = [{n: maps[n][b].to(torch.float16).float().numpy() for n in names} for b in range(len(windows))]
