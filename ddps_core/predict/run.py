@@ -90,13 +90,9 @@ def require_trained(settings: Settings, model: str) -> None:
 def _load(settings: Settings, model: str, device: str | None = None) -> Predictor:
     """The trained ``model`` of the workspace ``settings`` describe, as a
     :class:`~ddps_core.inference.Predictor` (the loader seam the tests replace)."""
-    require_trained(settings, model)
-    from ddps_core import inference
+    from ddps_core.inference import load_predictor
 
-    load_predictor = getattr(inference, "load_predictor", None)
-    if load_predictor is None:
-        raise DDPSError("ddps_core.inference.load_predictor is missing: this installation cannot load trained "
-                        "models for prediction")
+    require_trained(settings, model)
     return load_predictor(settings, model, device=device)
 
 
