@@ -30,8 +30,7 @@ __all__ = ["RECIPES", "apply_recipe", "merge"]
 
 _DDPM_SEG_256: dict[str, Any] = {
     "ddpm": {"preset": "adm-256-lsun", "schedule": "linear", "num_timesteps": 1000},
-    # the reference's datasets have no pool: the teacher's splits, and DatasetDDPM samples
-    "features": {"steps": [50, 150, 250], "blocks": [5, 6, 7, 8, 12], "noise_seed": 0, "splits": ["train", "test"]},
+    "features": {"steps": [50, 150, 250], "blocks": [5, 6, 7, 8, 12], "noise_seed": 0},
     "teacher": {"members": 10, "batch_size": 64, "lr": 0.001, "max_epochs": 100, "patience": 50, "min_epoch": 4,
                 "min_class_pixels": 20},
     # scripts/datasetDDPM/generate_dataset.sh: 10000 samples, all 1000 ancestral steps;

@@ -39,7 +39,7 @@ def test_ddpm_seg_256_resolves_to_the_reference_settings():
     assert (st.optimizer, st.lr, st.weight_decay, st.batch_size, st.epochs) == ("adamw", 0.001, 0.0, 8, 20)
     assert (st.hflip, st.scale_min, st.scale_max, st.poly_power, st.warmup_steps, st.selection) == \
         (False, 1.0, 1.0, 0.0, 0, "real")
-    assert s.features.splits == ["train", "test"]  # the reference's datasets have no pool
+    assert s.features.splits == ["train"]  # only what the teacher trains on is stored
     # the preset is guided-diffusion's MODEL_FLAGS: --attention_resolutions 32,16,8 --dropout 0.1
     # --image_size 256 --learn_sigma True --num_channels 256 --num_head_channels 64
     # --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True
