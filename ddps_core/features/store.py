@@ -123,6 +123,7 @@ __all__ = [
     "ShardDamage",
     "bilinear_taps",
     "footprint",
+    "image_index",
     "open_or_create",
     "shard_ranges",
     "upsample_pixels",
@@ -162,6 +163,16 @@ SETTINGS_KEYS = (
 # --------------------------------------------------------------------------------------------
 # Pure helpers: on-demand bilinear upsampling, footprint
 # --------------------------------------------------------------------------------------------
+
+
+def image_index(i: int, n: int, where: Any) -> int:
+    """``i`` as an image index of a source of ``n`` images at ``where``: an integer (not a
+    bool) in ``[0, n)``, else a TypeError / IndexError naming the source."""
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"image index must be an integer, got {type(i).__name__}")
+    if not 0 <= i < n:
+        raise IndexError(f"{where}: image index {i} out of range for {n} images")
+    return int(i)
 
 
 def bilinear_taps(n_in: int, n_out: int, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -902,11 +913,7 @@ class FeatureStore:
     # -- reading --------------------------------------------------------------------------------
 
     def _check_index(self, i: int) -> int:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"image index must be an integer, got {type(i).__name__}")
-        if not 0 <= i < len(self):
-            raise IndexError(f"{self.path}: image index {i} out of range for {len(self)} images")
-        return int(i)
+        return image_index(i, len(self), self.path)
 
     @contextlib.contextmanager
     def _reading(self, a: int, b: int, name: str = "features") -> Iterator[None]:

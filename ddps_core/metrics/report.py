@@ -47,26 +47,6 @@ from ddps_core.metrics.segmentation import SegmentationResult
 
 __all__ = ["REPORT_COLUMNS", "report_frame", "write_report"]
 
-REPORT_COLUMNS: list[str] = [
-    "scope",
-    "class_id",
-    "class_name",
-    "image_id",
-    "iou",
-    "biou",
-    "acc",
-    "area_intersect",
-    "area_union",
-    "area_pred",
-    "area_label",
-    "boundary_intersect",
-    "boundary_union",
-    "miou",
-    "mbiou",
-    "aacc",
-    "macc",
-]
-
 _AREA_COLUMNS = [
     "area_intersect",
     "area_union",
@@ -75,6 +55,22 @@ _AREA_COLUMNS = [
     "boundary_intersect",
     "boundary_union",
 ]
+
+REPORT_COLUMNS: list[str] = [
+    "scope",
+    "class_id",
+    "class_name",
+    "image_id",
+    "iou",
+    "biou",
+    "acc",
+    *_AREA_COLUMNS,
+    "miou",
+    "mbiou",
+    "aacc",
+    "macc",
+]
+
 
 
 def report_frame(result: SegmentationResult, class_names: list[str] | None = None) -> pd.DataFrame:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ddps_core.datasets import to_square
 from ddps_core.errors import DataError
-from ddps_core.features.store import pixel_coords
+from ddps_core.features.store import image_index, pixel_coords
 
 __all__ = ["ArraySource", "RGBXYSource", "rgbxy_features"]
 
@@ -43,11 +43,7 @@ class _FullResSource:
         return len(self.image_ids)
 
     def _check_index(self, i: int) -> int:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"image index must be an integer, got {type(i).__name__}")
-        if not 0 <= i < len(self):
-            raise IndexError(f"{self.path}: image index {i} out of range for {len(self)} images")
-        return int(i)
+        return image_index(i, len(self), self.path)
 
     def native(self, i: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
