@@ -71,3 +71,22 @@ def test_predict_split_labels_each_image_at_its_size_and_scores_its_own_labels(t
         acc.update(saved, x.label, x.id)
     assert int(result.area_label.sum()) == sum(int((x.label != 255).sum()) for x in samples)
     assert result.miou == pytest.approx(acc.result().miou, nan_ok=True)
+
+
+def test_predict_split_uses_the_test_time_augmentation_of_evaluate(tmp_path):
+    import numpy as np
+
+    from ddps_core.datasets import DDPMSegFolder
+    from ddps_core.inference.student import load_student_predictor
+    from ddps_core.student.stage import predict_split
+    from tests.refiner.test_stage import _project, _settings
+
+    _project(tmp_path)
+    s = _settings(tmp_path)
+    s = s.model_copy(update={"evaluate": s.evaluate.model_copy(update={"flip": True})})
+    predict_split(s, "test", tmp_path / "pred")
+    reader = DDPMSegFolder(s.data.out, "test")
+    images = [reader[k].image for k in range(len(reader))]
+    flipped = load_student_predictor(s, "cpu", flip=True)(images)
+    for sid, p in zip(reader.ids, flipped, strict=True):
+        assert np.array_equal(load_label_map(tmp_path / "pred" / f"{sid}.png"), p.labels)
