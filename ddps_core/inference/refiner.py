@@ -91,8 +91,11 @@ class RefinerPredictor:
 
         return window_fn
 
-    def _batch(self, report: list[int]) -> int:
-        per_window = (self.num_classes * len(report) + 1) * self.size * self.size * 4
+    def _batch(self) -> int:
+        """Windows per batch: ``batch``, fewer when the maps of every run step would pass
+        :data:`MAP_BUDGET` (counted for all run steps, whichever are reported, so that the
+        draws, hence the labels of a step, do not depend on which steps are asked for)."""
+        per_window = (self.num_classes * len(self.steps) + 1) * self.size * self.size * 4
         return max(1, min(self.batch, MAP_BUDGET // per_window))
 
     def step_maps(self, images: Sequence[np.ndarray],
@@ -100,7 +103,7 @@ class RefinerPredictor:
         """Per image, in order: ``({step: H x W labels}, float32 H x W uncertainty)`` for the
         ``report`` steps (default :attr:`report_steps`)."""
         report = self._check(report if report is not None else self.report_steps)
-        K, batch = self.num_classes, self._batch(report)
+        K, batch = self.num_classes, self._batch()
         window_fn = self._window_fn(report)
         for group in image_groups([im.shape[:2] for im in images], self.size, self.mode, self.stride, batch,
                                   self.flip, self.scales):

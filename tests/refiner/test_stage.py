@@ -295,6 +295,14 @@ def test_refine_student_rows_equal_an_independent_evaluation(refined):
             assert row["miou"] == pytest.approx(res.miou, nan_ok=True)
             assert row["mbiou"] == pytest.approx(res.mbiou, nan_ok=True)
             assert _scored_pixels(df, method, i) == labelled
+    # the refiner predictor is the stage's implementation: same seed, same images, same labels
+    from ddps_core.inference.refiner import load_refiner_predictor
+
+    predictor = load_refiner_predictor(settings, "cpu")
+    assert (predictor.model, predictor.size, predictor.num_classes, predictor.steps) == ("refiner", S, K, STEPS)
+    for x, p in zip(samples, predictor([x.image for x in samples]), strict=True):
+        assert np.array_equal(p.labels, load_label_map(root / "refined" / "refiner" / "step_19" / f"{x.id}.png"))
+        assert p.uncertainty.shape == x.label.shape and 0 <= p.uncertainty.min() <= p.uncertainty.max() <= 1
 
 
 def test_refine_is_reproducible_and_slides_over_the_images(refined, tmp_path):
