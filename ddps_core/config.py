@@ -469,26 +469,55 @@ class RefinerSettings(Section):
     ablation: bool = Field(False, description="Also train x0_source=gt with the same budget (<out>/ablation-gt); doubles train_refiner.")
     # refinement (Free-Re-noising)
     refine_steps: int = Field(2, ge=1, description="n: network steps range(0, T, T // n) plus T - 1.")
+    report_steps: list[int] | None = Field(
+        None, min_length=1, description="The run steps stage refine writes and scores (e.g. [0, 10, 19] or "
+        "\"0, 10, 19\"); null: every run step.")
     guidance: float = Field(0.0, ge=0, description="w: logits = (1 + w) f(F, x) - w f(0, x).")
     refined_out: str = "data/refined"
+
+    @field_validator("report_steps", mode="before")
+    @classmethod
+    def _steps_from_text(cls, value: Any) -> Any:
+        """``"0, 10, 19"`` (as ``--set refiner.report_steps=0,10,19`` gives it) is the list."""
+        if isinstance(value, str):
+            try:
+                return [int(v) for v in value.replace(",", " ").split()]
+            except ValueError:
+                raise ValueError(f"expected step numbers such as \"0, 10, 19\", got {value!r}") from None
+        return value
 
     @model_validator(mode="after")
     def _check_steps(self) -> RefinerSettings:
         if self.refine_steps > self.num_timesteps:
             raise ValueError(f"refiner.refine_steps ({self.refine_steps}) must be <= refiner.num_timesteps ({self.num_timesteps})")
+        if self.report_steps is not None:
+            run = run_steps(self.num_timesteps, self.refine_steps)
+            unknown = sorted(set(self.report_steps) - set(run))
+            if unknown:
+                raise ValueError(f"refiner.report_steps: {unknown} {'is' if len(unknown) == 1 else 'are'} not a run "
+                                 f"step; refiner.refine_steps {self.refine_steps} with refiner.num_timesteps "
+                                 f"{self.num_timesteps} runs steps {run}")
         return self
+
+
+def run_steps(num_timesteps: int, n: int) -> list[int]:
+    """The network steps Free-Re-noising runs: ``range(0, T, T // n)`` plus ``T - 1`` (the
+    rule of :func:`ddps_core.refiner.sample.refinement_steps`, here without importing torch)."""
+    steps = list(range(0, num_timesteps, max(1, num_timesteps // n)))
+    return steps if steps[-1] == num_timesteps - 1 else [*steps, num_timesteps - 1]
 
 
 class EvaluateSettings(Section):
     """Stage ``evaluate`` and the metric conventions every evaluation shares (docs/method.md)."""
 
     boundary_ratio: float = Field(0.02, gt=0, le=0.5)
-    student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
-    flip: bool = Field(False, description="Test-time augmentation: also predict the horizontally flipped test "
-                                          "image and average (every method's scores).")
+    flip: bool = Field(False, description="Test-time augmentation when scoring: also predict the horizontally "
+                                          "flipped image and average the class probabilities.")
     scales: list[float] | None = Field(
-        None, min_length=1, description="Test-time augmentation: rescale each test image by these ratios before "
-                                        "it is tiled and average (the 'ms' scores; slide mode only changes with it).")
+        None, min_length=1, description="Test-time augmentation when scoring: also predict the image rescaled by "
+        "each ratio (e.g. [0.75, 1.0, 1.25]) and average; null: the image's own scale only. Used in slide mode "
+        "(whole resizes every scale to S x S anyway).")
+    student: bool = Field(True, description="Stage evaluate also scores the student (needs train_student).")
     reports: str = Field(
         "reports", description="Folder or fsspec URL of the reports: evaluate.parquet, refine.parquet, metrics/, "
                                "and stage report's plots/ and figures/.")

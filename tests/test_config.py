@@ -53,6 +53,10 @@ def test_missing_file_means_defaults_only_when_asked(tmp_path):
         ({"data": {"synthetic": {"n_labeled": 0}}}, "data.synthetic.n_labeled", "greater than or equal"),
         ({"device": "tpu"}, "device", "'auto', 'cpu' or 'cuda'"),
         ({"data": {"source": "ade20k"}}, "data", "data.root is required"),
+        ({"refiner": {"report_steps": [0, 7]}}, "refiner", "refiner.report_steps: [7] is not a run step"),
+        ({"refiner": {"report_steps": "0, x"}}, "refiner.report_steps", "step numbers"),
+        ({"evaluate": {"scales": [0.5, 0]}}, "evaluate.scales", "must be positive"),
+        ({"evaluate": {"flip": "sometimes"}}, "evaluate.flip", "valid boolean"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, raw, key, phrase):
@@ -106,3 +110,16 @@ def test_parse_assignment_keeps_yaml_types():
 def test_split_map_defaults_and_overrides():
     s = parse_settings({"data": {"source": "ade20k", "root": "x", "splits": {"test": "training"}}})
     assert s.data.split_map() == {"train": "training", "test": "training", "unlabeled": None}
+
+
+def test_report_steps_and_test_time_augmentation():
+    from ddps_core.config import run_steps
+    from ddps_core.refiner.sample import refinement_steps
+
+    assert all(run_steps(t, n) == refinement_steps(t, n) for t in range(2, 41) for n in range(1, t + 1))
+    s = parse_settings({"refiner": {"num_timesteps": 20, "refine_steps": 2, "report_steps": "19, 0,10"}})
+    assert s.refiner.report_steps == [19, 0, 10]
+    assert parse_settings({}).refiner.report_steps is None  # every run step
+    e = parse_settings({"evaluate": {"flip": True, "scales": [0.75, 1, 1.25]}}).evaluate
+    assert e.flip is True and e.scales == [0.75, 1.0, 1.25]
+    assert parse_settings({}).evaluate.flip is False and parse_settings({}).evaluate.scales is None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ddps_core.geometry import Tiling, resize_image, tiling
 
-__all__ = ["WindowFn", "augmentations", "image_maps", "labels_of"]
+__all__ = ["WindowFn", "augmentations", "image_groups", "image_maps", "labels_of"]
 
 #: ``uint8 [n, S, S, 3]`` windows -> float ``[n, C, S, S]`` maps (on the CPU).
 WindowFn = Callable[[np.ndarray], torch.Tensor]
@@ -38,10 +38,38 @@ def augmentations(flip: bool = False, scales: Sequence[float] | None = None) -> 
     return [(s, f) for s in ratios for f in ((False, True) if flip else (False,))]
 
 
+def _view_shape(shape: Sequence[int], scale: float) -> tuple[int, int]:
+    H, W = int(shape[0]), int(shape[1])
+    return (H, W) if scale == 1.0 else (max(1, round(H * scale)), max(1, round(W * scale)))
+
+
+def image_groups(shapes: Sequence[Sequence[int]], size: int, mode: str = "whole", stride: int | None = None,
+                 windows: int = 16, flip: bool = False, scales: Sequence[float] | None = None) -> list[list[int]]:
+    """Indices of images (of ``shapes`` ``(H, W)``), in order, cut into consecutive groups of at
+    most ``windows`` model inputs each (every test-time view counted); an image with more is a
+    group of its own. Give each group to :func:`image_maps` to bound the maps held at once
+    (they are all kept until its images are merged). A function of the shapes and the settings
+    only: batches cut this way, and the random draws made per batch, are the same on any
+    machine."""
+    views = augmentations(flip, scales)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    held = 0
+    for k, shape in enumerate(shapes):
+        n = sum(len(tiling(_view_shape(shape, s), size, mode, stride)) for s, _ in views)
+        if current and held + n > windows:
+            groups.append(current)
+            current, held = [], 0
+        current.append(k)
+        held += n
+    if current:
+        groups.append(current)
+    return groups
+
+
 def _view(image: np.ndarray, scale: float, flip: bool) -> np.ndarray:
     if scale != 1.0:
-        H, W = image.shape[:2]
-        image = resize_image(image, max(1, round(H * scale)), max(1, round(W * scale)))
+        image = resize_image(image, *_view_shape(image.shape[:2], scale))
     return np.ascontiguousarray(image[:, ::-1]) if flip else image
 
 

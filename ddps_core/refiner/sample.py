@@ -81,6 +81,9 @@ class RefineResult:
 
     steps: list[int]
     logits: dict[int, torch.Tensor]
+    changes: torch.Tensor | None = None
+    """float32 ``[B, H, W]`` at the output size (``changes=True``): how many run steps' masks
+    (argmax at the output size) differ from the previous run step's at the pixel."""
 
     def masks(self) -> dict[int, torch.Tensor]:
         """Argmax class maps ``[B, H, W]`` (long) of every collected step."""
@@ -105,6 +108,7 @@ def free_renoising(
     output_size: tuple[int, int] | None = None,
     guidance: float = 0.0,
     generator: torch.Generator | None = None,
+    changes: bool = False,
 ) -> RefineResult:
     """Free-re-noising refinement of a batch of base features ``[B, C, h, w]``.
 
@@ -116,6 +120,8 @@ def free_renoising(
     :param output_size: ``(H, W)`` of the returned logits (default: the feature size).
     :param guidance: w.
     :param generator: source of the initial mask and the re-noising draws.
+    :param changes: also count, per pixel at the output size, the run steps whose mask
+        changed it (:attr:`RefineResult.changes`); every run step is then upsampled.
     """
     T = schedule.num_timesteps
     if steps is None:
@@ -128,6 +134,7 @@ def free_renoising(
     device = features.device
     size = tuple(output_size) if output_size is not None else (h, w)
     out: dict[int, torch.Tensor] = {}
+    count = previous = None
     with torch.inference_mode(), autocast(device):
         x = uniform_mask((b, h, w), schedule.num_classes, generator, device)
         x0_hat = None
@@ -137,10 +144,17 @@ def free_renoising(
             t = torch.full((b,), i, dtype=torch.long, device=device)
             logits = guided_logits(denoiser, x, t, features, guidance)
             x0_hat = class_argmax(logits)
-            if i in want:
-                out[i] = (logits if size == (h, w) else
-                          F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
-    return RefineResult(steps=steps, logits=out)
+            if i in want or changes:
+                up = logits if size == (h, w) else F.interpolate(logits, size=size, mode="bilinear",
+                                                                 align_corners=False)
+                if i in want:
+                    out[i] = up
+                if changes:
+                    mask = class_argmax(up)
+                    count = torch.zeros(mask.shape, dtype=torch.float32, device=device) if count is None else \
+                        count + (mask != previous)
+                    previous = mask
+    return RefineResult(steps=steps, logits=out, changes=count)
 
 
 def refine_images(

@@ -23,23 +23,31 @@ in ``model.json``'s ``inputs``) is
 trained on another student, other pairs or another batching is not resumed, and ``refine``
 refuses a denoiser whose student is not the current one.
 
-``refine`` (:func:`refine`): the real test split, squared to the diffusion model's size (the
-size every other method is scored at; the student sees the images at its own size, as in
-:func:`~ddps_core.student.stage.predict_split`), in batches under inference mode:
+``refine`` (:func:`refine`): the real test split, every image at its own size: the models see
+its ``S x S`` inputs (``S``: the student's ``image_size``; ``data.resize`` ``whole`` or
+``slide`` windows at ``data.stride``), their maps are merged back to the image's ``H x W``
+(:mod:`ddps_core.inference.windows`), and the labels are scored against the dataset's own
+labels at their original resolution. ``evaluate.flip`` / ``evaluate.scales`` add test-time
+augmentation. Images are read ``REFINE_BATCH`` at a time:
 
-- ``student``: the student alone (argmax of its logits);
+- ``student``: the student alone (:class:`~ddps_core.inference.student.StudentPredictor`: the
+  argmax of its merged softmax probabilities);
 - ``refiner``: Free-Re-noising with the first-prediction denoiser, ``refiner.refine_steps``
-  (n) and ``refiner.guidance`` (w); the logits of every run step are kept and scored;
+  (n) and ``refiner.guidance`` (w) (:class:`~ddps_core.inference.refiner.RefinerPredictor`:
+  each step's one-hot masks merged over the windows); the steps of ``refiner.report_steps``
+  (default: every run step) are written and scored;
 - ``refiner-gt``: the same with the ablation's denoiser, when ``refiner.ablation`` and it
   exists.
 
 Each method's re-noising draws come from its own generator seeded with ``refiner.seed``, on
-the device the masks live on (a CPU run is reproducible; a GPU run differs from it anyway,
-through bf16 and cuDNN). Outputs, the reports under ``evaluate.reports``::
+the device the masks live on, in fixed batches of windows (a CPU run is reproducible; a GPU
+run differs from it anyway, through bf16 and cuDNN). Outputs, the reports under
+``evaluate.reports``::
 
-    <refined_out>/student/<id>.png                  the student's labels
+    <refined_out>/student/<id>.png                  the student's labels (the image's size)
     <refined_out>/<method>/step_<i>/<id>.png        labels after network step i
-    <reports>/refine.parquet                        the ``ddps score`` schema + method, step
+    <reports>/refine.parquet                        the ``ddps score`` schema + method, step,
+                                                    then mode (data.resize) and size (S)
     <reports>/metrics/refine.json                   {method: {step_<i>: {miou, mbiou}}}, student flat (%)
 
 Its picture and plot tables are stage ``report``'s.
@@ -56,12 +64,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder, GenericFolder
 from ddps_core.datasets.common import png_bytes
-from ddps_core.device import autocast, resolve_device, torch_threads
+from ddps_core.device import resolve_device, torch_threads
 from ddps_core.errors import ConfigError, DataError
 from ddps_core.training import read_record
 from ddps_core.io import atomic_write_bytes, partial_folder, swap_folder
@@ -70,11 +77,12 @@ from ddps_core.stages import Stage
 from ddps_core.metrics import REPORT_COLUMNS, ConfusionAccumulator, report_frame, write_report
 from ddps_core.refiner.base import freeze
 from ddps_core.refiner.denoiser import DENOISER_PRESETS, DenoiserConfig, denoiser_preset, describe, parameter_counts
-from ddps_core.refiner.sample import class_argmax, free_renoising, refinement_steps
+from ddps_core.refiner.sample import refinement_steps
 from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, build_config, load_denoiser, train_denoiser
 
 __all__ = [
     "ABLATION_DIR",
+    "PROTOCOL_COLUMNS",
     "REFINE_BATCH",
     "REFERENCE_PRESET",
     "TrainBatches",
@@ -84,14 +92,16 @@ __all__ = [
     "info_text",
     "REFINE",
     "TRAIN_REFINER",
-    "score_size",
     "step_table",
     "student_id",
     "train_config",
 ]
 
 ABLATION_DIR = "ablation-gt"
-REFINE_BATCH = 64  # test images per refinement batch (fixed: the random draws depend on it)
+REFINE_BATCH = 64  # test images read per batch (fixed: the windows' batches, so the draws, depend on it)
+#: The columns stage ``refine`` adds after the ``ddps score`` schema: how the images met the
+#: models (``data.resize``) and the models' input size S.
+PROTOCOL_COLUMNS = ["mode", "size"]
 REFERENCE_PRESET = "ddps-segformer-b2"
 REFINER = "refiner"
 
@@ -137,25 +147,11 @@ def denoiser_folders(settings: Settings) -> dict[str, Path]:
     return folders
 
 
-def score_size(settings: Settings) -> int:
-    """The size the test split is scored at: the diffusion model's (every method's)."""
-    from ddps_core.diffusion.presets import get_preset
-
-    return int(get_preset(settings.ddpm.preset).image_size)
-
-
 def student_id(settings: Settings) -> str:
     """sha256 (16 hex digits) of the student's weights file: the base a denoiser belongs to."""
-    from ddps_core.student.model import WEIGHTS_FILE
+    from ddps_core.student.model import weights_id
 
-    path = Path(settings.student.out) / WEIGHTS_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: no student weights; run the train_student stage (`ddps student train`) first")
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return weights_id(settings.student.out)
 
 
 def _id_part(data_id: str, key: str) -> str | None:
@@ -297,86 +293,61 @@ def _png(mask: np.ndarray, num_classes: int) -> bytes:
 
 
 def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
-    """Stage ``refine``: the student alone and the refiner (every run step) on the real test
-    split; label PNGs, the report and its metrics (see the module text). Returns the step
-    table's records (:func:`step_table`)."""
+    """Stage ``refine``: the student alone and the refiner (its ``refiner.report_steps``) on
+    the real test split, each image at its own size; label PNGs, the report and its metrics
+    (see the module text). Returns the step table's records (:func:`step_table`)."""
     from ddps_core import storage
+    from ddps_core.inference.refiner import refiner_predictors
     from ddps_core.metrics.stage import percent
-    from ddps_core.student.model import load_student
-    from ddps_core.student.train import ImageSet
 
     say = report.log
     where = report_locations(settings)
     options = settings.storage.options
-    cfg = settings.refiner
+    cfg, ev = settings.refiner, settings.evaluate
     ign = settings.data.ignore_index
     device = resolve_device(settings.device)
-    student, sinfo = load_student(settings.student.out, device)
-    freeze(student)
-    num_classes = int(sinfo["num_classes"])
-    denoisers = _load_denoisers(settings, student_id(settings), device, say)
-    steps: dict[str, list[int]] = {}
-    for method, (model, schedule, _) in denoisers.items():
-        if model.num_classes != num_classes:
-            raise DataError(f"{denoiser_folders(settings)[method]}: the denoiser has {model.num_classes} classes, "
-                            f"the student {num_classes}; rerun the train_refiner stage")
-        try:
-            steps[method] = refinement_steps(schedule.num_timesteps, cfg.refine_steps)
-        except ValueError as exc:
-            raise ConfigError(f"refiner.refine_steps: {exc} (the {method} denoiser has T = "
-                              f"{schedule.num_timesteps})") from None
-
-    size, model_size = score_size(settings), int(sinfo["image_size"])
+    student, predictors = refiner_predictors(settings, device, flip=ev.flip, scales=ev.scales, say=say)
+    num_classes = student.num_classes
+    steps = {method: p.report_steps for method, p in predictors.items()}
     reader = DDPMSegFolder(settings.data.out, "test", ignore_index=ign)
     if reader.num_classes != num_classes:
         raise DataError(f"{settings.data.out}: the test split has {reader.num_classes} classes, "
                         f"the student {num_classes}")
+    if not reader.has_labels:
+        raise DataError(f"{settings.data.out}: the test split has no labels to score the refinement against")
     names = reader.class_names if reader.class_names and len(reader.class_names) == num_classes else None
-    data = ImageSet(reader, size)
     # written beside the old labels and swapped in at the end: a failed run keeps them, and
     # the new folder holds nothing the settings no longer make (a step, a method, an image)
     final = Path(cfg.refined_out)
     out = partial_folder(final, json.dumps(steps, sort_keys=True), resume=False)
 
     def accumulator() -> ConfusionAccumulator:
-        return ConfusionAccumulator(num_classes, ignore_index=ign, boundary_ratio=settings.evaluate.boundary_ratio)
+        return ConfusionAccumulator(num_classes, ignore_index=ign, boundary_ratio=ev.boundary_ratio)
 
     blocks: dict[tuple[str, int | None], ConfusionAccumulator] = {("student", None): accumulator()}
-    for method in denoisers:
+    for method in predictors:
         for i in steps[method]:
             blocks[(method, i)] = accumulator()
-    # The draws are made where the masks live: drawing on the CPU and copying costs a GPU more
-    # than the denoiser's forwards at 256 px (docs/benchmarks.md), and a GPU's masks differ
-    # from the CPU's anyway (bf16, cuDNN), so a CPU generator would buy no reproducibility.
-    gens = {m: torch.Generator(device=device).manual_seed(cfg.seed) for m in denoisers}
-    n = len(data)
+    n = len(reader)
+    say(f"refine: {n} test images at their own size, {settings.data.resize} mode on the student's "
+        f"{student.size} px inputs" + (f", test-time flip {ev.flip} scales {ev.scales}" if ev.flip or ev.scales else ""))
     report.progress("refine", 0, n)
     with torch_threads(cfg.threads):
         for a in range(0, n, REFINE_BATCH):
-            idx = list(range(a, min(n, a + REFINE_BATCH)))
-            images, labels = data.batch(idx)
-            x = images.to(device)
-            if model_size != size:
-                x = F.interpolate(x, size=(model_size, model_size), mode="bilinear", align_corners=False)
-            with torch.inference_mode(), autocast(device):
-                feats, base_logits = student.features_and_logits(x)
-            feats, base_logits = feats.float(), base_logits.float()
-            if tuple(base_logits.shape[-2:]) != (size, size):
-                base_logits = F.interpolate(base_logits, size=(size, size), mode="bilinear", align_corners=False)
-            preds = {("student", None): class_argmax(base_logits).cpu().numpy()}
-            for method, (model, schedule, _) in denoisers.items():
-                result = free_renoising(model, schedule, feats, steps=steps[method], output_size=(size, size),
-                                guidance=cfg.guidance, generator=gens[method])
-                for i, mask in result.masks().items():
-                    preds[(method, i)] = mask.cpu().numpy()
-            gt = labels.numpy()
+            samples = [reader[k] for k in range(a, min(n, a + REFINE_BATCH))]
+            images = [sample.image for sample in samples]
+            preds: dict[tuple[str, int | None], list[np.ndarray]] = {("student", None): list(student.labels(images))}
+            for method, predictor in predictors.items():
+                per_image = [labels for labels, _ in predictor.step_maps(images)]
+                for i in steps[method]:
+                    preds[(method, i)] = [labels[i] for labels in per_image]
             for key, pred in preds.items():
                 method, i = key
                 folder = out / method if i is None else out / method / f"step_{i}"
-                for j, k in enumerate(idx):
-                    atomic_write_bytes(folder / f"{data.ids[k]}.png", _png(pred[j], num_classes))
-                    blocks[key].update(pred[j], gt[j], data.ids[k])
-            report.progress("refine", idx[-1] + 1, n)
+                for sample, labels in zip(samples, pred, strict=True):
+                    atomic_write_bytes(folder / f"{sample.id}.png", _png(labels, num_classes))
+                    blocks[key].update(labels, sample.label, sample.id)
+            report.progress("refine", a + len(samples), n)
 
     frames, summary = [], {}
     for (method, i), acc in blocks.items():
@@ -384,6 +355,8 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
         frame = report_frame(result, names)
         frame.insert(0, "step", pd.array([i] * len(frame), dtype="Int64"))
         frame.insert(0, "method", method)
+        frame["mode"] = settings.data.resize
+        frame["size"] = pd.array([student.size] * len(frame), dtype="Int64")
         frames.append(frame)
         scores = {"miou": percent(result.miou), "mbiou": percent(result.mbiou)}
         if i is None:
@@ -391,7 +364,7 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
         else:
             summary.setdefault(method, {})[f"step_{i}"] = scores
         say(f"{method}{'' if i is None else f' step {i}'}: mIoU {scores['miou']:.2f}  mBIoU {scores['mbiou']:.2f}")
-    df = pd.concat(frames, ignore_index=True)[["method", "step", *REPORT_COLUMNS]]
+    df = pd.concat(frames, ignore_index=True)[["method", "step", *REPORT_COLUMNS, *PROTOCOL_COLUMNS]]
     write_report(df, where["report"], options)
     storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
     swap_folder(out, final)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ddps_core.errors import CheckpointError, ConfigError, DataError
 
-__all__ = ["ARCHS", "INFO_FILE", "WEIGHTS_FILE", "Student", "build_student", "load_student"]
+__all__ = ["ARCHS", "INFO_FILE", "WEIGHTS_FILE", "Student", "build_student", "load_student", "weights_id"]
 
 ARCHS = {"deeplabv3plus": "DeepLabV3Plus", "segformer": "Segformer"}
 WEIGHTS_FILE = "student.safetensors"
@@ -148,3 +148,18 @@ def load_student(out: str | Path, device: torch.device | str = "cpu") -> tuple[S
     except Exception as exc:
         raise CheckpointError(f"{path}: does not fit the student of {out / INFO_FILE}: {exc}") from None
     return model.to(device).eval(), info
+
+
+def weights_id(out: str | Path) -> str:
+    """sha256 (16 hex digits) of the student's weights file in ``out``: the content id the
+    student's predictions and the denoisers trained on it are tied to."""
+    import hashlib
+
+    path = Path(out) / WEIGHTS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no student weights; run the train_student stage (`ddps student train`) first")
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

@@ -80,7 +80,8 @@ def training_data(settings: Settings) -> dict[str, Any]:
 
 def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
     """Stage ``train_student``: train (or resume) and select the student, then predict the
-    real test split into ``<student.out>/test/<id>.png`` (what ``evaluate`` scores)."""
+    real test split into ``<student.out>/test/<id>.png``, each at the image's own size (what
+    ``evaluate`` scores; :func:`predict_split`)."""
     cfg = settings.student
     data = training_data(settings)
     report.progress("student", 0, None)
@@ -89,58 +90,44 @@ def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
             cfg, data["train"], data["val"], num_classes=data["num_classes"], ignore_index=settings.data.ignore_index,
             class_names=data["class_names"], device=resolve_device(settings.device), inputs=data["inputs"],
             report=report, image_size=student_size(settings))
-    result = predict_split(settings, "test", Path(cfg.out) / "test", _model_size(settings),
+    result = predict_split(settings, "test", Path(cfg.out) / "test",
                            progress=lambda d, n: report.progress("predict test", d, n))
     report.log(f"student {info['arch']}/{info['encoder']} ({cfg.source}): epoch {info['best_epoch']} selected; "
                f"test mIoU {100 * result.miou:.2f}, mBIoU {100 * result.mbiou:.2f} -> {cfg.out}")
-    return {**info, "test_miou": float(result.miou), "test_mbiou": float(result.mbiou)}
+    return {**info, "test_miou": float(result.miou), "test_mbiou": float(result.mbiou),
+            "test_mode": settings.data.resize, "test_size": int(info["image_size"])}
 
 
 TRAIN_STUDENT = Stage("train_student", main=train_student, products=lambda s: [s.student.out])
 
 
-def predict_split(settings: Settings, split: str, folder: str | Path, size: int,
+def predict_split(settings: Settings, split: str, folder: str | Path,
                   progress: Callable[[int, int], None] | None = None) -> Any:
     """Label every image of a real ``split`` with the trained student into ``folder``
-    (``<id>.png``), at ``size`` (the teacher's: images and labels squared like the feature
-    stores'; the student sees the images at its own size). Returns the metrics when the
-    split has labels."""
-    import numpy as np
-
+    (``<id>.png``), each at the image's own size
+    (:class:`~ddps_core.inference.student.StudentPredictor`: ``data.resize`` / ``data.stride``,
+    test-time ``evaluate.flip`` / ``evaluate.scales``). Returns the metrics against the split's
+    own labels, at their resolution, when it has labels."""
     from ddps_core.datasets.common import png_bytes
+    from ddps_core.inference.student import load_student_predictor
     from ddps_core.io import atomic_write_bytes
     from ddps_core.metrics import ConfusionAccumulator
-    from ddps_core.student.model import load_student
-    from ddps_core.student.train import predict_labels
 
-    device = resolve_device(settings.device)
-    model, info = load_student(settings.student.out, device)
+    ev = settings.evaluate
+    predictor = load_student_predictor(settings, resolve_device(settings.device), flip=ev.flip, scales=ev.scales)
     reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
-    data = ImageSet(reader, size)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    acc = ConfusionAccumulator(info["num_classes"], ignore_index=settings.data.ignore_index,
-                               boundary_ratio=settings.evaluate.boundary_ratio) if reader.has_labels else None
-    batch = 64
+    acc = ConfusionAccumulator(predictor.num_classes, ignore_index=settings.data.ignore_index,
+                               boundary_ratio=ev.boundary_ratio) if reader.has_labels else None
+    n, batch = len(reader), 64
     with torch_threads(settings.student.threads):
-        for a in range(0, len(data), batch):
-            idx = list(range(a, min(len(data), a + batch)))
-            images, labels = data.batch(idx) if acc is not None else (_images(data, idx), None)
-            pred = predict_labels(model, images, batch, device, info["image_size"]).numpy().astype(np.uint8)
-            for j, i in enumerate(idx):
-                atomic_write_bytes(folder / f"{data.ids[i]}.png", png_bytes(pred[j]))
+        for a in range(0, n, batch):
+            samples = [reader[k] for k in range(a, min(n, a + batch))]
+            for sample, labels in zip(samples, predictor.labels([x.image for x in samples]), strict=True):
+                atomic_write_bytes(folder / f"{sample.id}.png", png_bytes(labels))
                 if acc is not None:
-                    acc.update(pred[j], labels[j].numpy(), data.ids[i])
+                    acc.update(labels, sample.label, sample.id)
             if progress is not None:
-                progress(idx[-1] + 1, len(data))
+                progress(a + len(samples), n)
     return acc.result() if acc is not None else None
-
-
-def _images(data: ImageSet, idx: list[int]) -> Any:
-    import numpy as np
-    import torch
-
-    from ddps_core.datasets import to_square
-
-    imgs = [to_square(data.reader[i].image, None, data.size)[0] for i in idx]
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0

@@ -30,7 +30,7 @@ import pandas as pd
 
 from ddps_core import storage
 from ddps_core.config import Settings
-from ddps_core.datasets import DDPMSegFolder, load_image
+from ddps_core.datasets import DDPMSegFolder, load_image, to_square
 from ddps_core.datasets.common import png_bytes
 from ddps_core.errors import DataError
 from ddps_core.progress import Reporter
@@ -164,15 +164,36 @@ def overlays(settings: Settings, method: str, folder: Path, out: Any, limit: int
     for k in range(min(limit, len(reader))):
         sample = reader[k]
         pred = np.asarray(load_image(folder / f"{sample.id}.png"))[..., 0]
-        image, gt = sample.image, sample.label  # predictions are at the image's own size
+        image, gt, pred = _on_square(sample.image, sample.label, pred)
         row = [image, overlay(image, gt, ignore_index=ign), overlay(image, pred, ignore_index=ign)]
         heat_path = folder / f"{sample.id}_uncertainty.png"
         if heat_path.is_file():
-            heat = np.asarray(load_image(heat_path)).astype(np.float32)
+            heat = _on_square(sample.image, None, np.asarray(load_image(heat_path)), image.shape[0])[2]
+            heat = heat.astype(np.float32)
             row.append((heat * (255.0 / max(float(heat.max()), 1.0))).astype(np.uint8))
         storage.write_bytes(storage.join(out, f"{method}_{sample.id}.png"),
-                            png_bytes(grid([row], scale=max(1, 128 // max(pred.shape)))), settings.storage.options)
+                            png_bytes(grid([row], scale=max(1, 128 // pred.shape[0]))), settings.storage.options)
     return min(limit, len(reader))
+
+
+def _on_square(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray,
+               size: int | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The image, its label and a prediction on one square picture (:func:`to_square`): a
+    prediction at the image's own size is squared like the label; a square one (squared
+    before) is the picture's size. ``size``: default the prediction's, or for one at the
+    image's size its short side, at most 256."""
+    pred = np.asarray(pred)
+    if pred.shape[:2] == image.shape[:2]:
+        size = size or min(256, *pred.shape[:2])
+        img, lab = to_square(image, label, size)
+        return img, lab, to_square(image, pred if pred.ndim == 2 else pred[..., 0], size)[1]
+    size = size or pred.shape[0]
+    img, lab = to_square(image, label, size)
+    if pred.shape[:2] != (size, size):
+        from ddps_core.geometry import resize_label
+
+        pred = resize_label(pred, size, size)
+    return img, lab, pred
 
 
 def refinement_figure(settings: Settings, steps: list[int], limit: int) -> np.ndarray | None:
@@ -186,22 +207,19 @@ def refinement_figure(settings: Settings, steps: list[int], limit: int) -> np.nd
         return None
     reader = DDPMSegFolder(settings.data.out, "test", ignore_index=settings.data.ignore_index)
     ids = [reader.ids[k] for k in range(min(limit, len(reader)))]
-    # one row per image: each shown at the diffusion model's size S x S (nearest for the masks),
-    # whatever its own size, so that images of several sizes make one grid
-    from ddps_core.diffusion.presets import get_preset
-    from ddps_core.geometry import resize_image, resize_label
-
-    S = int(get_preset(settings.ddpm.preset).image_size)
-
-    def mask(path: Path) -> np.ndarray:
-        return resize_label(load_label_map(path), S, S)
-
-    base = np.stack([mask(refined / "student" / f"{i}.png") for i in ids])
     samples = [reader[k] for k in range(len(ids))]
-    images = np.stack([resize_image(x.image, S, S) for x in samples])
-    gt = np.stack([resize_label(x.label, S, S) for x in samples])
-    masks = {s: np.stack([mask(refined / "refiner" / f"step_{s}" / f"{i}.png") for i in ids]) for s in steps}
-    return refinement_picture(images, masks, gt=gt, base=base, ignore_index=settings.data.ignore_index)
+    # predictions at each image's size (or squared, from an older run): one square picture size
+    first = load_label_map(refined / "student" / f"{ids[0]}.png")
+    size = min(256, *(min(x.image.shape[:2]) for x in samples)) if first.shape == samples[0].image.shape[:2] \
+        else first.shape[0]
+
+    def squared(folder: Path) -> np.ndarray:
+        return np.stack([_on_square(x.image, None, load_label_map(folder / f"{x.id}.png"), size)[2] for x in samples])
+
+    pairs = [to_square(x.image, x.label, size) for x in samples]
+    masks = {s: squared(refined / "refiner" / f"step_{s}") for s in steps}
+    return refinement_picture(np.stack([p[0] for p in pairs]), masks, gt=np.stack([p[1] for p in pairs]),
+                              base=squared(refined / "student"), ignore_index=settings.data.ignore_index)
 
 
 def report(settings: Settings, report: Reporter) -> dict[str, Any]:

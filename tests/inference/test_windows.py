@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ddps_core.inference.windows import augmentations, image_maps, labels_of
+from ddps_core.inference.windows import augmentations, image_groups, image_maps, labels_of
 
 S = 16
 
@@ -72,3 +72,21 @@ def test_a_scale_tiles_the_rescaled_image_and_comes_back_at_the_image_size():
     assert augmentations(True, [0.5, 1.0]) == [(0.5, False), (0.5, True), (1.0, False), (1.0, True)]
     with pytest.raises(ValueError, match="positive"):
         augmentations(False, [0.0])
+
+
+def test_groups_count_windows_and_views():
+    """image_groups: consecutive images cut so that each group holds at most the given number
+    of model inputs (every test-time view counted), an image with more alone."""
+    shapes = [(96, 64), (64, 160), (32, 32), (32, 32), (64, 160)]
+    # whole: one input per image
+    assert image_groups(shapes, 32, "whole", windows=2) == [[0, 1], [2, 3], [4]]
+    # slide at S = 32, stride 22: 2, 4, 1, 1, 4 windows
+    assert image_groups(shapes, 32, "slide", windows=4) == [[0], [1], [2, 3], [4]]
+    assert image_groups(shapes, 32, "slide", windows=6) == [[0, 1], [2, 3, 4]]
+    assert image_groups(shapes, 32, "slide", windows=1) == [[0], [1], [2], [3], [4]]
+    # each test-time view counts: flip doubles an image's inputs; at scale 2 a 32 x 32 image is a
+    # 64 x 64 canvas, 3 x 3 windows at stride 22
+    assert image_groups(shapes[:3], 32, "whole", windows=2, flip=True) == [[0], [1], [2]]
+    assert image_groups([(32, 32)] * 3, 32, "slide", windows=10, scales=[1.0, 2.0]) == [[0], [1], [2]]
+    assert image_groups([(32, 32)] * 3, 32, "slide", windows=4, scales=[0.5, 1.0]) == [[0, 1], [2]]
+    assert image_groups([], 32) == []

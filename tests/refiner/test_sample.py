@@ -183,3 +183,17 @@ def test_refinement_picture():
     from ddps_core.viz import overlay
     assert np.array_equal(plain[:8, 10:18], overlay(images[0], masks[0][0]))
     assert np.array_equal(plain[:8, 30:38], overlay(images[0], masks[19][0]))
+
+
+def test_changes_count_the_steps_whose_upsampled_mask_changed(denoiser, schedule, features):
+    steps = refinement_steps(T, 3)
+    kw = dict(steps=steps, output_size=(12, 10), guidance=0.5)
+    full = free_renoising(denoiser, schedule, features, generator=torch.Generator().manual_seed(4), **kw)
+    assert full.changes is None
+    some = free_renoising(denoiser, schedule, features, collect=[19], changes=True,
+                          generator=torch.Generator().manual_seed(4), **kw)
+    torch.testing.assert_close(some.logits[19], full.logits[19])  # the same draws
+    masks = full.masks()
+    expected = sum((masks[b] != masks[a]).float() for a, b in zip(steps, steps[1:]))
+    assert some.changes.shape == (3, 12, 10) and torch.equal(some.changes, expected)
+    assert 0 < float(some.changes.max()) <= len(steps) - 1

@@ -1,8 +1,9 @@
 """Stages train_refiner and refine on a tiny project (a random 4-class SegFormer-B0 student,
-8 generated / real training images and 6 test images of 32 px): train_refiner trains the
-refiner and its ablation, resumes exactly and does nothing on a rerun; refine writes the
-report blocks, the PNGs, metrics and the picture, and its rows equal an independent
-evaluation."""
+8 generated / real training images of 32 px and 6 test images of 96 x 64, 64 x 160 and 32 x 32
+px): train_refiner trains the refiner and its ablation, resumes exactly and does nothing on a
+rerun; refine writes the report blocks, the PNGs at each image's size, metrics and the
+picture, in whole and slide mode, and its rows equal an independent evaluation against the
+labels at their own size."""
 
 import json
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddps_core import stages
 from ddps_core.config import load_settings
@@ -27,7 +29,6 @@ from ddps_core.refiner.stage import (
     step_table,
 )
 from ddps_core.student.model import Student, load_student
-from ddps_core.student.train import ImageSet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,14 +37,17 @@ NAMES = ["bg", "left", "right", "box"]
 STEPS = [0, 10, 19]  # T = 20, n = 2
 
 
-def _pair(rng):
-    lab = np.zeros((S, S), np.uint8)
-    lab[:, : S // 2], lab[:, S // 2:] = 1, 2
-    y, x = rng.integers(0, S - 10, 2)
+TEST_SHAPES = [(96, 64), (64, 160), (S, S)]  # the test images' (H, W), in turn
+
+
+def _pair(rng, h=S, w=S):
+    lab = np.zeros((h, w), np.uint8)
+    lab[:, : w // 2], lab[:, w // 2:] = 1, 2
+    y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
     lab[y:y + 10, x:x + 10] = 3
     lab[0, :4] = 255  # a few ignore pixels
     colours = np.array([[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200]], np.float64)
-    img = np.clip(colours[np.where(lab == 255, 0, lab)] + rng.normal(0, 20, (S, S, 3)), 0, 255).astype(np.uint8)
+    img = np.clip(colours[np.where(lab == 255, 0, lab)] + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
     return img, lab
 
 
@@ -54,7 +58,7 @@ def _project(root):
         folder = ds / "real" / split
         folder.mkdir(parents=True)
         for i in range(n):
-            img, lab = _pair(rng)
+            img, lab = _pair(rng) if split == "train" else _pair(rng, *TEST_SHAPES[i % len(TEST_SHAPES)])
             (folder / f"{split}{i:02d}.png").write_bytes(png_bytes(img))
             (folder / f"{split}{i:02d}.npy").write_bytes(npy_bytes(lab))
     (ds / "classes.yaml").write_text(json.dumps(NAMES))
@@ -199,7 +203,8 @@ def refined(project):
 
 def test_refine_report_blocks_and_files(refined):
     root, settings, df = refined
-    assert list(df.columns) == ["method", "step", *REPORT_COLUMNS]
+    assert list(df.columns) == ["method", "step", *REPORT_COLUMNS, "mode", "size"]
+    assert set(df["mode"]) == {"whole"} and set(df["size"]) == {S}  # how the images met the models
     keys = df[["method", "step"]].drop_duplicates().itertuples(index=False)
     blocks = [(m, None if pd.isna(s) else int(s)) for m, s in keys]
     assert blocks == [("student", None)] + [("refiner", i) for i in STEPS] + [("refiner-gt", i) for i in STEPS]
@@ -232,60 +237,123 @@ def test_report_draws_the_refinement_from_the_refined_labels(refined):
     student = df[(df["scope"] == "summary") & (df["method"] == "student")].iloc[0]
     assert plot["student"].tolist() == pytest.approx([100 * student["miou"]] * len(STEPS), abs=1e-4)
     picture = np.asarray(Image.open(root / "reports" / "figures" / "refinement.png"))
-    scale = 4  # 32 px panels upscaled to >= 128
-    assert picture.shape[1] >= 6 * S * scale  # image | student | 3 steps | truth
-    assert picture.shape[0] >= 2 * S * scale  # report.refinement = 2 rows
+    scale = 2  # the images squared to 64 px (their shortest side) upscaled to >= 128
+    assert picture.shape[1] >= 6 * 64 * scale  # image | student | 3 steps | truth
+    assert picture.shape[0] >= 2 * 64 * scale  # report.refinement = 2 rows
     # each panel is drawn from the label PNGs: the first step's panel of the first image
     # overlays refined/refiner/step_0/<id>.png on the image
     assert (root / "reports" / "figures" / "refine_steps.png").is_file()
     assert not (root / "reports" / "plots" / "per_class_iou.csv").exists()  # no evaluate report
 
 
+def _student_by_hand(model, image):
+    """Whole mode by hand: the image resized to S x S (PIL bilinear), the student's softmax,
+    bilinear back to the image's size, argmax."""
+    from PIL import Image
+
+    H, W = image.shape[:2]
+    x = np.asarray(Image.fromarray(image).resize((S, S), Image.Resampling.BILINEAR))
+    x = torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 255.0
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)
+    return F.interpolate(probs, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+
+
+def _scored_pixels(df, method, step=None):
+    rows = df[(df["method"] == method) & (df["scope"] == "class")]
+    rows = rows[rows["step"].isna()] if step is None else rows[rows["step"] == step]
+    return int(rows["area_label"].sum())
+
+
 def test_refine_student_rows_equal_an_independent_evaluation(refined):
     root, settings, df = refined
     model, _ = load_student(settings.student.out)
-    data = ImageSet(DDPMSegFolder(settings.data.out, "test"), S)
-    images, labels = data.batch(range(len(data)))
-    with torch.no_grad():
-        pred = model(images).argmax(1).numpy()
+    reader = DDPMSegFolder(settings.data.out, "test")
+    samples = [reader[k] for k in range(len(reader))]
+    assert [x.image.shape[:2] for x in samples] == [TEST_SHAPES[k % 3] for k in range(N_TEST)]
     acc = ConfusionAccumulator(K)
-    for j, image_id in enumerate(data.ids):
-        acc.update(pred[j], labels[j].numpy(), image_id)
-        saved = load_label_map(root / "refined" / "student" / f"{image_id}.png")
-        assert np.array_equal(saved, pred[j])
+    for sample in samples:
+        pred = _student_by_hand(model, sample.image)
+        saved = load_label_map(root / "refined" / "student" / f"{sample.id}.png")
+        assert saved.shape == sample.label.shape and np.mean(saved == pred) > 0.999  # float ties aside
+        acc.update(saved, sample.label, sample.id)
     expected = report_frame(acc.result(), NAMES)
     got = df[df["method"] == "student"][REPORT_COLUMNS].reset_index(drop=True)
     pd.testing.assert_frame_equal(got, expected)
-    # and each refinement step's rows are the evaluation of its PNGs
+    # every labelled pixel of the labels at their own size is scored, and nothing else
+    labelled = sum(int((x.label != 255).sum()) for x in samples)
+    assert labelled < sum(x.label.size for x in samples)
+    assert _scored_pixels(df, "student") == labelled
+    # and each refinement step's rows are the evaluation of its PNGs, at the images' sizes
     for method in ("refiner", "refiner-gt"):
         for i in STEPS:
             folder = root / "refined" / method / f"step_{i}"
-            res = evaluate_arrays(((sid, load_label_map(folder / f"{sid}.png"), labels[j].numpy())
-                                   for j, sid in enumerate(data.ids)), K)
+            for x in samples:
+                assert load_label_map(folder / f"{x.id}.png").shape == x.label.shape
+            res = evaluate_arrays(((x.id, load_label_map(folder / f"{x.id}.png"), x.label) for x in samples), K)
             row = df[(df["method"] == method) & (df["step"] == i) & (df["scope"] == "summary")].iloc[0]
             assert row["miou"] == pytest.approx(res.miou, nan_ok=True)
             assert row["mbiou"] == pytest.approx(res.mbiou, nan_ok=True)
+            assert _scored_pixels(df, method, i) == labelled
+    # the refiner predictor is the stage's implementation: same seed, same images, same labels
+    from ddps_core.inference.refiner import load_refiner_predictor
+
+    predictor = load_refiner_predictor(settings, "cpu")
+    assert (predictor.model, predictor.size, predictor.num_classes, predictor.steps) == ("refiner", S, K, STEPS)
+    for x, p in zip(samples, predictor([x.image for x in samples]), strict=True):
+        assert np.array_equal(p.labels, load_label_map(root / "refined" / "refiner" / "step_19" / f"{x.id}.png"))
+        assert p.uncertainty.shape == x.label.shape and 0 <= p.uncertainty.min() <= p.uncertainty.max() <= 1
 
 
-def test_refine_is_reproducible_and_scores_at_the_model_size(refined, tmp_path):
+def test_refine_is_reproducible_and_slides_over_the_images(refined, tmp_path):
     root, settings, df = refined
     again = refine(settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update={"reports": str(tmp_path)})}))
     pd.testing.assert_frame_equal(again, df)
-    # the teacher's size (tiny64: 64 px) differs from the student's (32 px): scored at 64,
-    # the student's rows equal predict_split's
+    # slide mode (windows of the image scaled to short side 32), two of the three run steps
     from ddps_core.student.stage import predict_split
 
-    s64 = settings.model_copy(update={"ddpm": settings.ddpm.model_copy(update={"preset": "tiny64"}),
-                                      "refiner": settings.refiner.model_copy(update={"refined_out": str(tmp_path / "r64"),
-                                                                                     "ablation": False}),
-                                      "evaluate": settings.evaluate.model_copy(update={"reports": str(tmp_path / "f64")})})
-    df64 = refine(s64)
-    assert set(df64["method"]) == {"student", "refiner"}
-    assert load_label_map(tmp_path / "r64" / "refiner" / "step_19" / "test00.png").shape == (64, 64)
-    expected = predict_split(s64, "test", tmp_path / "p64", 64)
-    row = df64[(df64["method"] == "student") & (df64["scope"] == "summary")].iloc[0]
+    slide = settings.model_copy(update={
+        "data": settings.data.model_copy(update={"resize": "slide"}),
+        "refiner": settings.refiner.model_copy(update={"refined_out": str(tmp_path / "slide"), "ablation": False,
+                                                       "report_steps": [0, 19]}),
+        "evaluate": settings.evaluate.model_copy(update={"reports": str(tmp_path / "f-slide")})})
+    dfs = refine(slide)
+    keys = dfs[["method", "step"]].drop_duplicates().itertuples(index=False)
+    assert [(m, None if pd.isna(s) else int(s)) for m, s in keys] == [("student", None), ("refiner", 0), ("refiner", 19)]
+    assert sorted(p.name for p in (tmp_path / "slide" / "refiner").iterdir()) == ["step_0", "step_19"]
+    assert set(dfs["mode"]) == {"slide"}
+    metrics = json.loads((tmp_path / "f-slide" / "metrics" / "refine.json").read_text())
+    assert set(metrics["refiner"]) == {"step_0", "step_19"}
+    reader = DDPMSegFolder(settings.data.out, "test")
+    labelled = 0
+    for k in range(len(reader)):
+        x = reader[k]
+        labelled += int((x.label != 255).sum())
+        for folder in ("student", "refiner/step_0", "refiner/step_19"):
+            assert load_label_map(tmp_path / "slide" / folder / f"{x.id}.png").shape == x.label.shape
+    for method, step in (("student", None), ("refiner", 0), ("refiner", 19)):
+        assert _scored_pixels(dfs, method, step) == labelled
+    # the student's rows equal predict_split's in the same mode
+    expected = predict_split(slide, "test", tmp_path / "p-slide")
+    row = dfs[(dfs["method"] == "student") & (dfs["scope"] == "summary")].iloc[0]
     assert row["miou"] == pytest.approx(expected.miou) and row["mbiou"] == pytest.approx(expected.mbiou)
+    for k in range(len(reader)):
+        sid = reader.ids[k]
+        assert np.array_equal(load_label_map(tmp_path / "p-slide" / f"{sid}.png"),
+                              load_label_map(tmp_path / "slide" / "student" / f"{sid}.png"))
 
+
+def test_refine_refuses_report_steps_it_does_not_run(project, tmp_path):
+    from ddps_core.errors import ConfigError
+
+    root, settings, _ = project
+    with pytest.raises(ConfigError, match="refiner.report_steps"):
+        _settings(root, report_steps=[0, 7])
+    # a denoiser whose T differs from the settings' (trained with other settings)
+    s = settings.model_copy(update={"refiner": settings.refiner.model_copy(
+        update={"num_timesteps": 30, "report_steps": [0, 15], "refined_out": str(tmp_path / "r")})})
+    with pytest.raises(ConfigError, match="refiner.report_steps"):
+        stages.get("refine").run(s)
 
 
 def test_refine_refuses_a_denoiser_of_another_student(project, tmp_path):

@@ -41,3 +41,52 @@ def test_student_is_trained_predicts_and_is_scored_next_to_the_teacher(tmp_path)
 
     per_class = pd.read_csv(tmp_path / "reports" / "plots" / "per_class_iou.csv")
     assert per_class["student"].notna().all() and per_class["random_unet"].isna().all()
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_predict_split_labels_each_image_at_its_size_and_scores_its_own_labels(tmp_path, mode):
+    """Test images of 96 x 64, 64 x 160 and 32 x 32 px (the refiner's tiny project): the PNGs
+    are at the images' sizes, equal the student predictor's labels, and every labelled pixel
+    of the labels at their own size is scored."""
+    import numpy as np
+
+    from ddps_core.datasets import DDPMSegFolder
+    from ddps_core.inference.student import load_student_predictor
+    from ddps_core.student.stage import predict_split
+    from tests.refiner.test_stage import TEST_SHAPES, _project, _settings
+
+    _project(tmp_path)
+    s = _settings(tmp_path)
+    s = s.model_copy(update={"data": s.data.model_copy(update={"resize": mode})})
+    result = predict_split(s, "test", tmp_path / "pred")
+    reader = DDPMSegFolder(s.data.out, "test")
+    samples = [reader[k] for k in range(len(reader))]
+    assert {x.image.shape[:2] for x in samples} == set(TEST_SHAPES)
+    predictor = load_student_predictor(s, "cpu")
+    assert (predictor.model, predictor.size, predictor.num_classes) == ("student", 32, 4)
+    acc = ConfusionAccumulator(4)
+    for x, p in zip(samples, predictor([x.image for x in samples]), strict=True):
+        saved = load_label_map(tmp_path / "pred" / f"{x.id}.png")
+        assert saved.shape == x.label.shape and np.array_equal(saved, p.labels)
+        acc.update(saved, x.label, x.id)
+    assert int(result.area_label.sum()) == sum(int((x.label != 255).sum()) for x in samples)
+    assert result.miou == pytest.approx(acc.result().miou, nan_ok=True)
+
+
+def test_predict_split_uses_the_test_time_augmentation_of_evaluate(tmp_path):
+    import numpy as np
+
+    from ddps_core.datasets import DDPMSegFolder
+    from ddps_core.inference.student import load_student_predictor
+    from ddps_core.student.stage import predict_split
+    from tests.refiner.test_stage import _project, _settings
+
+    _project(tmp_path)
+    s = _settings(tmp_path)
+    s = s.model_copy(update={"evaluate": s.evaluate.model_copy(update={"flip": True})})
+    predict_split(s, "test", tmp_path / "pred")
+    reader = DDPMSegFolder(s.data.out, "test")
+    images = [reader[k].image for k in range(len(reader))]
+    flipped = load_student_predictor(s, "cpu", flip=True)(images)
+    for sid, p in zip(reader.ids, flipped, strict=True):
+        assert np.array_equal(load_label_map(tmp_path / "pred" / f"{sid}.png"), p.labels)
