@@ -81,20 +81,32 @@ class Tiling:
     shape: tuple[int, int]
     scaled: tuple[int, int]
     origins: tuple[tuple[int, int], ...]
+    padded: tuple[int, int] | None = None
+    """The canvas the windows are cut from when ``scaled`` is smaller than a window along an
+    axis (a test-time scale below 1): ``scaled`` padded with zeros at the bottom and right."""
 
     def __len__(self) -> int:
         return len(self.origins)
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return self.padded or self.scaled
 
     def crops(self, image: np.ndarray) -> np.ndarray:
         """uint8 ``[n, S, S, 3]``: the model inputs of ``image`` (``H x W x 3``)."""
         self._check(image.shape[:2], "image")
         canvas = resize_image(image, *self.scaled)
+        if self.canvas != self.scaled:
+            (h, w), (ph, pw) = self.scaled, self.canvas
+            canvas = np.pad(canvas, ((0, ph - h), (0, pw - w), (0, 0)))
         S = self.size
         return np.stack([canvas[y:y + S, x:x + S] for y, x in self.origins])
 
     def label_crops(self, label: np.ndarray) -> np.ndarray:
         """``[n, S, S]``: ``label`` (``H x W``) on the model inputs' pixels (nearest)."""
         self._check(label.shape[:2], "label")
+        if self.canvas != self.scaled:
+            raise ValueError("label_crops: a padded tiling (a scale below 1) has no label for its padding")
         canvas = resize_label(label, *self.scaled)
         S = self.size
         return np.stack([canvas[y:y + S, x:x + S] for y, x in self.origins])
@@ -108,13 +120,13 @@ class Tiling:
         if self.mode == "whole":
             canvas = probs[0]
         else:
-            h, w = self.scaled
-            total = probs.new_zeros(k, h, w)
-            count = probs.new_zeros(1, h, w)
+            (h, w), (ph, pw) = self.scaled, self.canvas
+            total = probs.new_zeros(k, ph, pw)
+            count = probs.new_zeros(1, ph, pw)
             for (y, x), p in zip(self.origins, probs):
                 total[:, y:y + S, x:x + S] += p
                 count[:, y:y + S, x:x + S] += 1
-            canvas = total / count
+            canvas = (total / count)[:, :h, :w]
         if tuple(canvas.shape[1:]) == self.shape:
             return canvas
         return F.interpolate(canvas[None], size=self.shape, mode="bilinear", align_corners=False)[0]
@@ -131,8 +143,14 @@ def _starts(n: int, size: int, stride: int) -> list[int]:
     return sorted({min(i * stride, n - size) for i in range(count)})
 
 
-def tiling(shape: Sequence[int], size: int, mode: str = "whole", stride: int | None = None) -> Tiling:
-    """The :class:`Tiling` of an image of ``shape`` ``(H, W)`` for ``size x size`` inputs."""
+def tiling(shape: Sequence[int], size: int, mode: str = "whole", stride: int | None = None,
+           scale: float = 1.0) -> Tiling:
+    """The :class:`Tiling` of an image of ``shape`` ``(H, W)`` for ``size x size`` inputs.
+
+    ``scale`` (``slide`` only; a test-time scale) scales the image so that its short side is
+    ``round(scale * size)`` instead of ``size``, as mmsegmentation's multi-scale test rescales
+    before it slides; a canvas smaller than a window is padded (:attr:`Tiling.padded`). In
+    ``whole`` mode the image is resized to ``size x size`` whatever the scale."""
     H, W = int(shape[0]), int(shape[1])
     size = int(size)
     if H < 1 or W < 1:
@@ -144,9 +162,13 @@ def tiling(shape: Sequence[int], size: int, mode: str = "whole", stride: int | N
     stride = default_stride(size) if stride is None else int(stride)
     if not 1 <= stride <= size:
         raise ConfigError(f"slide stride must be between 1 and the window size {size}, got {stride}")
-    h, w = (size, max(size, round(W * size / H))) if H <= W else (max(size, round(H * size / W)), size)
-    origins = tuple((y, x) for y in _starts(h, size, stride) for x in _starts(w, size, stride))
-    return Tiling(mode, size, (H, W), (h, w), origins)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    short = max(1, round(size * float(scale)))
+    h, w = (short, max(short, round(W * short / H))) if H <= W else (max(short, round(H * short / W)), short)
+    ph, pw = max(h, size), max(w, size)
+    origins = tuple((y, x) for y in _starts(ph, size, stride) for x in _starts(pw, size, stride))
+    return Tiling(mode, size, (H, W), (h, w), origins, None if (ph, pw) == (h, w) else (ph, pw))
 
 
 def windows_per_image(shape: Sequence[int], size: int, mode: str, stride: int | None = None) -> int:

@@ -8,10 +8,11 @@ windows per call, so small images share a forward), and merges each image's wind
 image's size).
 
 Test-time augmentation, as mmsegmentation's ``aug_test``: ``flip`` adds the horizontally
-flipped image (its maps flipped back), ``scales`` rescales the image by each ratio before it
-is tiled (its maps resized back to the image's size); the maps of every (scale, flip) pair are
-averaged. In ``whole`` mode a scale changes nothing (the image is resized to ``S x S``
-anyway), so only ``slide`` makes use of it.
+flipped image (its maps flipped back), ``scales`` slides over the image scaled to a short side
+of ``scale * S`` instead of ``S`` (:func:`ddps_core.geometry.tiling`; padded where it is
+smaller than a window), its maps resized back to the image's size; the maps of every
+(scale, flip) pair are averaged. In ``whole`` mode a scale changes nothing (the image is
+resized to ``S x S`` anyway), so only ``slide`` makes use of it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ddps_core.geometry import Tiling, resize_image, tiling
+from ddps_core.geometry import Tiling, tiling
 
 __all__ = ["WindowFn", "augmentations", "image_groups", "image_maps", "labels_of"]
 
@@ -38,11 +38,6 @@ def augmentations(flip: bool = False, scales: Sequence[float] | None = None) -> 
     return [(s, f) for s in ratios for f in ((False, True) if flip else (False,))]
 
 
-def _view_shape(shape: Sequence[int], scale: float) -> tuple[int, int]:
-    H, W = int(shape[0]), int(shape[1])
-    return (H, W) if scale == 1.0 else (max(1, round(H * scale)), max(1, round(W * scale)))
-
-
 def image_groups(shapes: Sequence[Sequence[int]], size: int, mode: str = "whole", stride: int | None = None,
                  windows: int = 16, flip: bool = False, scales: Sequence[float] | None = None) -> list[list[int]]:
     """Indices of images (of ``shapes`` ``(H, W)``), in order, cut into consecutive groups of at
@@ -56,7 +51,7 @@ def image_groups(shapes: Sequence[Sequence[int]], size: int, mode: str = "whole"
     current: list[int] = []
     held = 0
     for k, shape in enumerate(shapes):
-        n = sum(len(tiling(_view_shape(shape, s), size, mode, stride)) for s, _ in views)
+        n = sum(len(tiling(shape, size, mode, stride, s)) for s, _ in views)
         if current and held + n > windows:
             groups.append(current)
             current, held = [], 0
@@ -65,12 +60,6 @@ def image_groups(shapes: Sequence[Sequence[int]], size: int, mode: str = "whole"
     if current:
         groups.append(current)
     return groups
-
-
-def _view(image: np.ndarray, scale: float, flip: bool) -> np.ndarray:
-    if scale != 1.0:
-        image = resize_image(image, *_view_shape(image.shape[:2], scale))
-    return np.ascontiguousarray(image[:, ::-1]) if flip else image
 
 
 def image_maps(images: Sequence[np.ndarray], window_fn: WindowFn, size: int, mode: str = "whole",
@@ -88,8 +77,8 @@ def image_maps(images: Sequence[np.ndarray], window_fn: WindowFn, size: int, mod
     crops: list[np.ndarray] = []
     for k, image in enumerate(images):
         for scale, flipped in views:
-            view = _view(image, scale, flipped)
-            t = tiling(view.shape[:2], size, mode, stride)
+            view = np.ascontiguousarray(image[:, ::-1]) if flipped else image
+            t = tiling(view.shape[:2], size, mode, stride, scale)
             jobs.append((k, t, flipped))
             crops.append(t.crops(view))
     windows = np.concatenate(crops) if crops else np.empty((0, size, size, 3), np.uint8)
@@ -100,12 +89,10 @@ def image_maps(images: Sequence[np.ndarray], window_fn: WindowFn, size: int, mod
         H, W = image.shape[:2]
         total = None
         for _, t, flipped in jobs[k * per_image:(k + 1) * per_image]:
-            m = t.merge(maps[at:at + len(t)])
+            m = t.merge(maps[at:at + len(t)])  # at the image's size
             at += len(t)
             if flipped:
                 m = m.flip(-1)
-            if tuple(m.shape[1:]) != (H, W):
-                m = F.interpolate(m[None], size=(H, W), mode="bilinear", align_corners=False)[0]
             total = m if total is None else total + m
         yield total / per_image
 

@@ -22,23 +22,29 @@ def window_model(windows: np.ndarray) -> torch.Tensor:
     return torch.cat([probs, ramp], dim=1)
 
 
-def by_hand(image: np.ndarray, mode: str, stride: int) -> torch.Tensor:
+def by_hand(image: np.ndarray, mode: str, stride: int, short: int = S) -> torch.Tensor:
+    """The image scaled to a short side of ``short`` (slide), zero-padded to at least S x S,
+    S x S windows every ``stride`` (the last one moved back to the border), their maps summed
+    and counted per pixel, the padding cut off, then resized to the image's size."""
     H, W = image.shape[:2]
     if mode == "whole":
         small = np.asarray(Image.fromarray(image).resize((S, S), Image.Resampling.BILINEAR))
         canvas = window_model(small[None])[0]
     else:
-        h, w = (S, round(W * S / H)) if H <= W else (round(H * S / W), S)
+        h, w = (short, round(W * short / H)) if H <= W else (round(H * short / W), short)
         scaled = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
-        ys = sorted({min(y, h - S) for y in range(0, h - S + stride, stride)})
-        xs = sorted({min(x, w - S) for x in range(0, w - S + stride, stride)})
-        total, count = torch.zeros(4, h, w), torch.zeros(1, h, w)
+        ph, pw = max(h, S), max(w, S)
+        padded = np.zeros((ph, pw, 3), np.uint8)
+        padded[:h, :w] = scaled
+        ys = sorted({min(y, ph - S) for y in range(0, ph - S + stride, stride)})
+        xs = sorted({min(x, pw - S) for x in range(0, pw - S + stride, stride)})
+        total, count = torch.zeros(4, ph, pw), torch.zeros(1, ph, pw)
         for y in ys:
             for x in xs:
-                total[:, y:y + S, x:x + S] += window_model(scaled[None, y:y + S, x:x + S])[0]
+                total[:, y:y + S, x:x + S] += window_model(padded[None, y:y + S, x:x + S])[0]
                 count[:, y:y + S, x:x + S] += 1
         assert count.min() >= 1 and (count.max() > 1 or len(ys) * len(xs) == 1)
-        canvas = total / count
+        canvas = (total / count)[:, :h, :w]
     return F.interpolate(canvas[None], size=(H, W), mode="bilinear", align_corners=False)[0]
 
 
@@ -62,13 +68,16 @@ def test_flip_averages_the_flipped_prediction_flipped_back():
     torch.testing.assert_close(both, (plain + mirrored.flip(-1)) / 2)
 
 
-def test_a_scale_tiles_the_rescaled_image_and_comes_back_at_the_image_size():
+def test_a_scale_slides_over_the_image_at_that_scale_and_comes_back_at_its_size():
     image = np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    big = np.asarray(Image.fromarray(image).resize((60, 36), Image.Resampling.BILINEAR))
-    at_big = next(image_maps([big], window_model, S, "slide", stride=8))
-    expect = F.interpolate(at_big[None], size=(24, 40), mode="bilinear", align_corners=False)[0]
-    got = next(image_maps([image], window_model, S, "slide", stride=8, scales=[1.5]))
-    torch.testing.assert_close(got, expect)
+    for scale, short in [(1.5, 24), (0.5, 8)]:  # 0.5: a 8 x 13 canvas, padded to one 16 x 16 window
+        got = next(image_maps([image], window_model, S, "slide", stride=8, scales=[scale]))
+        torch.testing.assert_close(got, by_hand(image, "slide", 8, short), atol=1e-5, rtol=1e-5)
+    two = next(image_maps([image], window_model, S, "slide", stride=8, scales=[1.0, 1.5]))
+    torch.testing.assert_close(two, (by_hand(image, "slide", 8) + by_hand(image, "slide", 8, 24)) / 2,
+                               atol=1e-5, rtol=1e-5)
+    whole = next(image_maps([image], window_model, S, "whole", scales=[0.5, 2.0]))
+    torch.testing.assert_close(whole, by_hand(image, "whole", 8))  # whole: a scale changes nothing
     assert augmentations(True, [0.5, 1.0]) == [(0.5, False), (0.5, True), (1.0, False), (1.0, True)]
     with pytest.raises(ValueError, match="positive"):
         augmentations(False, [0.0])
