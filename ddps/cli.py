@@ -495,11 +495,15 @@ def refiner_train(
 def refiner_refine(
     steps: Annotated[int | None, Key("refiner.refine_steps", "n, the refinement steps.", "--steps", metavar="N")] = None,
     guidance: Annotated[float | None, Key("refiner.guidance", "w, the guidance weight.", metavar="W")] = None,
+    report_steps: Annotated[str | None, Key("refiner.report_steps", "The run steps to write and score, "
+                                            "e.g. \"0, 10, 19\" (default: every run step).",
+                                            metavar="STEPS")] = None,
     params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
 ) -> None:
-    """Run stage refine: refine the test split (Free-Re-noising) and score the student and every
-    step of each refiner."""
-    s = settings_from(params, defaults, set_, **{"refiner.refine_steps": steps, "refiner.guidance": guidance})
+    """Run stage refine: refine the test split (Free-Re-noising) and score the student and the
+    reported steps of each refiner."""
+    s = settings_from(params, defaults, set_, **{"refiner.refine_steps": steps, "refiner.guidance": guidance,
+                                                 "refiner.report_steps": report_steps})
     rows = run_stage("refine", s)["steps"]
     table = Table(title=f"refinement (n = {s.refiner.refine_steps}, w = {s.refiner.guidance})")
     columns = list(rows[0]) if rows else []

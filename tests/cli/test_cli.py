@@ -188,3 +188,15 @@ def test_features_info_verify_names_a_flipped_value_and_repair_marks_its_shard(t
     assert done.tolist() == [True, True, False, False]
     code, _, err = flat(run(["features", "info", str(tmp_path / "s.zarr"), "--repair"], capsys))
     assert code != 0 and "--repair: only with --verify" in err
+
+
+def test_report_steps_option_takes_the_steps_as_text(tmp_path):
+    """`ddps refiner refine --report-steps "0, 19"` sets refiner.report_steps (T = 20 by
+    default); a step that is not run is one line naming the key (the stage is not reached)."""
+    from ddps.cli import settings_from
+
+    s = settings_from(tmp_path / "none.yaml", True, None, **{"refiner.report_steps": "0, 19"})
+    assert s.refiner.report_steps == [0, 19]
+    proc = subprocess.run([sys.executable, "-m", "ddps", "refiner", "refine", "--defaults", "--report-steps", "3"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and "refiner.report_steps" in proc.stderr and "Traceback" not in proc.stderr
