@@ -90,8 +90,7 @@ def test_dvc_repro_builds_every_stage(pipeline):
     assert (work / "data/models/ddpm/samples.png").is_file()
     loss = pd.read_csv(work / "data/models/ddpm/loss.csv")
     assert list(loss["step"]) == [1, 2, 3, 4, 5, 6]
-    for split in ("train", "test", "unlabeled"):
-        assert (work / f"data/features/{split}.zarr/zarr.json").is_file()
+    assert (work / "data/features/train.zarr/zarr.json").is_file()  # test split and pool: streaming
     # teacher per method, labels of the test split and of the pool, one report
     assert (work / "data/models/teacher/ensemble.safetensors").is_file()
     for method in ("random_unet", "rgbxy"):
@@ -190,8 +189,9 @@ def test_an_experiment_with_a_changed_param_shows_in_the_metrics(pipeline):
 
 def test_cli_reads_pipeline_outputs(pipeline):
     work, env, _ = pipeline
-    out = _sh([sys.executable, "-m", "ddps", "features", "info", "data/features/test.zarr"], work, env)
+    out = _sh([sys.executable, "-m", "ddps", "features", "info", "data/features/train.zarr"], work, env)
     assert "4 / 4" in out.stdout and "ratio" in out.stdout
+    assert sorted(p.name for p in (work / "data/features").glob("*.zarr")) == ["train.zarr"]  # the rest streams
     gt = work / "data/dataset/real/test"
     pred = work / "pred"
     pred.mkdir()

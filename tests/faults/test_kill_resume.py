@@ -39,7 +39,7 @@ def project(tmp_path_factory):
     raw = tiny_project(
         root, {"n_unlabeled": 12, "n_labeled": 4, "n_test": 3},
         features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
-                  "out": str(root / "features")},
+                  "out": str(root / "features"), "splits": ["train", "test", "unlabeled"]},  # more shards to kill
         teacher={"baselines": [], "members": 2, "max_epochs": 8, "patience": 100, "checkpoint_every": 3,
                  "out": str(root / "ens"), "labels_out": str(root / "labels"), "min_class_pixels": 1},
         generate={"source": "both", "n_samples": 8, "sample_steps": 2, "batch_size": 1, "filter": "drop_both",
