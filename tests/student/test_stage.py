@@ -8,8 +8,7 @@ import pytest
 
 from ddps_core import stages
 from ddps_core.config import parse_settings
-from ddps_core.features.stage import store_path
-from ddps_core.features.store import FeatureStore
+from ddps_core.datasets import DDPMSegFolder
 from ddps_core.metrics import ConfusionAccumulator
 from ddps_core.metrics.files import load_label_map
 from tests.generate.test_stage import labelled_project
@@ -27,16 +26,16 @@ def test_student_is_trained_predicts_and_is_scored_next_to_the_teacher(tmp_path)
     assert len(list(pred.glob("*.png"))) == 3
     summary = stages.get("evaluate").run(s)
     assert list(summary) == ["teacher", "student"]
-    truth = FeatureStore.open(store_path(s, "test"), read_only=True)
+    truth = DDPMSegFolder(s.data.out, "test")  # the dataset's own labels
     acc = ConfusionAccumulator(7)
-    for i, image_id in enumerate(truth.image_ids):
-        acc.update(load_label_map(pred / f"{image_id}.png"), truth.label(i), image_id)
+    for sample in truth:
+        acc.update(load_label_map(pred / f"{sample.id}.png"), sample.label, sample.id)
     assert summary["student"]["miou"] == pytest.approx(100 * acc.result().miou, abs=1e-4, nan_ok=True)
     assert summary["student"]["miou"] == pytest.approx(100 * info["test_miou"], abs=1e-4, nan_ok=True)
     metrics = json.loads((tmp_path / "reports" / "metrics" / "evaluate.json").read_text())
     assert metrics["student"]["miou"] == pytest.approx(summary["student"]["miou"], nan_ok=True)
     stages.get("report").run(s)
-    assert (tmp_path / "reports" / "figures" / "overlays" / f"student_{truth.image_ids[0]}.png").is_file()
+    assert (tmp_path / "reports" / "figures" / "overlays" / f"student_{truth.ids[0]}.png").is_file()
     import pandas as pd
 
     per_class = pd.read_csv(tmp_path / "reports" / "plots" / "per_class_iou.csv")
