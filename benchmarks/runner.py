@@ -97,6 +97,15 @@ def _pipeline(device: str) -> list[dict]:
 BENCHMARKS["pipeline"] = _pipeline
 
 
+def _label_stream(device: str) -> list[dict]:
+    from benchmarks import bench_label_stream
+
+    return bench_label_stream.run()
+
+
+BENCHMARKS["label_stream"] = _label_stream
+
+
 def _gpu(device: str) -> list[dict]:
     from benchmarks import bench_gpu
 
