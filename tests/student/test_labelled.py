@@ -1,7 +1,8 @@
 """``student.source: labelled``: the segmentor trains on the dataset's own labelled split at its
 own resolution, with mmsegmentation's random resize, crop and flip (the supervised setting of
 DDPS). Tiny ADE20K and Cityscapes folders in their real layouts, non-square, train a
-MobileNetV2 DeepLabV3+ and a MiT-B0 SegFormer for two steps through the stage."""
+MobileNetV2 DeepLabV3+ and a MiT-B0 SegFormer for two steps through the stage; the DDPS refiner
+then trains on each and refines its test predictions, scored at the labels' own size."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from ddps_core import stages
 from ddps_core.config import parse_settings
+from ddps_core.datasets import DDPMSegFolder
 from ddps_core.datasets.stage import prepare_dataset
 from ddps_core.student.labelled import LabelledCrops, random_crop_box, rescale_size
 
@@ -78,6 +81,26 @@ def test_labelled_training_through_the_stage(tmp_path, recipe, make, arch, encod
         assert {g["lr_mult"] for g in opt} == {1.0, 10.0} and 0.0 in {g["weight_decay"] for g in opt}
     # 3 images in batches of 2: one step per epoch, so 2 iterations are 2 epochs (header + 2 rows)
     assert len((tmp_path / "student" / "history.csv").read_text().splitlines()) == 3 and info["epochs"] == 2
+
+    # the refiner on top of that segmentor, trained on the real labelled images, and its step
+    # table on the test split at the labels' own (non-square) size
+    s = parse_settings({**s.model_dump(mode="json"), "refiner": {
+        **s.refiner.model_dump(mode="json"), "data": "real", "steps": 2, "single_step_steps": 1, "batch_size": 2,
+        "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1, "out": str(tmp_path / "refiner"),
+        "refined_out": str(tmp_path / "refined")},
+        "evaluate": {**s.evaluate.model_dump(mode="json"), "reports": str(tmp_path / "reports")}})
+    assert s.refiner.num_timesteps == 20  # the recipe's T
+    stages.get("train_refiner").run(s)
+    table = stages.get("refine").run(s)["steps"]
+    refiner = next(row for row in table if row["method"] == "refiner")
+    assert [k for k in refiner if k.startswith("mIoU ")] == ["mIoU 0", "mIoU 10", "mIoU 19"]
+    assert all(np.isfinite(refiner[k]) for k in ("mIoU 0", "mIoU 10", "mIoU 19", "mBIoU 19"))
+    report = pd.read_parquet(tmp_path / "reports" / "refine.parquet")
+    test = DDPMSegFolder(s.data.out, "test")
+    labelled = sum(int((x.label != s.data.ignore_index).sum()) for x in test)  # every pixel of the labels but the ignored
+    assert labelled > 0 and all(x.label.shape != (x.label.shape[0],) * 2 for x in test)
+    for (method, step), block in report.query("scope == 'class'").groupby(["method", "step"], dropna=False):
+        assert int(block["area_label"].sum()) == labelled, (method, step)
 
 
 def test_rescale_follows_mmcv_imrescale():
