@@ -10,10 +10,11 @@ bilinear to ``H x W``), and its argmax is that step's labels. The uncertainty is
 the run steps after the first whose mask changed the pixel (vs the previous run step), merged
 the same way; the image's score is its mean.
 
-Randomness: one generator per predictor, seeded with ``refiner.seed`` on the device, drawn in
-the order the windows come. Windows are batched in fixed groups that depend on the images'
-sizes and the settings only (:func:`~ddps_core.inference.windows.image_groups`), so the same
-images in the same order give the same draws on any machine of the same device kind.
+Randomness: each image's draws (its windows' initial masks and re-noising) come from a
+generator on the device seeded with ``refiner.seed`` and the image's pixels
+(:func:`image_seed`), so an image gets the same labels whatever other images it is predicted
+with, in whatever order and batches (``ddps predict`` and stage ``refine`` agree), on any
+machine of the same device kind.
 """
 
 from __future__ import annotations
@@ -26,15 +27,24 @@ import torch
 import torch.nn.functional as F
 
 from ddps_core.inference import Prediction
-from ddps_core.inference.windows import image_groups, image_maps, labels_of
+from ddps_core.inference.windows import image_maps, labels_of
 
-__all__ = ["MAP_BUDGET", "REFINE_BATCH", "RefinerPredictor", "load_refiner_predictor", "refiner_predictors"]
+__all__ = ["MAP_BUDGET", "REFINE_BATCH", "RefinerPredictor", "image_seed", "load_refiner_predictor", "refiner_predictors"]
 
 #: Windows per denoiser batch, at most (fixed: the random draws depend on it).
 REFINE_BATCH = 64
 #: Bytes of merged maps (one-hot masks of the requested steps) held for one batch of windows:
 #: fewer windows per batch for many classes or steps (a function of the settings, not the machine).
 MAP_BUDGET = 1 << 30
+
+
+def image_seed(seed: int, image: np.ndarray) -> int:
+    """A 63-bit seed from ``seed`` and an image's shape and pixels (sha256)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{int(seed)} {tuple(image.shape)} {image.dtype}".encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
 class RefinerPredictor:
@@ -56,7 +66,8 @@ class RefinerPredictor:
         self.report_steps = self._check(report_steps if report_steps is not None else self.steps)
         self.guidance = float(guidance)
         self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator(device=self.device)
         self.mode, self.stride = mode, stride
         self.flip, self.scales = bool(flip), (list(scales) if scales else None)
         self.batch = int(batch)
@@ -105,12 +116,14 @@ class RefinerPredictor:
         report = self._check(report if report is not None else self.report_steps)
         K, batch = self.num_classes, self._batch()
         window_fn = self._window_fn(report)
-        for group in image_groups([im.shape[:2] for im in images], self.size, self.mode, self.stride, batch,
-                                  self.flip, self.scales):
-            for maps in image_maps([images[k] for k in group], window_fn, self.size, self.mode, self.stride, batch,
-                                   self.flip, self.scales):
-                labels = {i: labels_of(maps[r * K:(r + 1) * K], K) for r, i in enumerate(report)}
-                yield labels, maps[-1].numpy().astype(np.float32)
+        for image in images:
+            # the draws of an image come from a generator seeded by refiner.seed and the image's
+            # pixels: its labels do not depend on the other images, their order or the batching
+            self.generator.manual_seed(image_seed(self.seed, image))
+            maps = next(image_maps([image], window_fn, self.size, self.mode, self.stride, batch,
+                                   self.flip, self.scales))
+            labels = {i: labels_of(maps[r * K:(r + 1) * K], K) for r, i in enumerate(report)}
+            yield labels, maps[-1].numpy().astype(np.float32)
 
     def __call__(self, images: list[np.ndarray]) -> list[Prediction]:
         last = self.steps[-1]

@@ -28,7 +28,8 @@ its ``S x S`` inputs (``S``: the student's ``image_size``; ``data.resize`` ``who
 ``slide`` windows at ``data.stride``), their maps are merged back to the image's ``H x W``
 (:mod:`ddps_core.inference.windows`), and the labels are scored against the dataset's own
 labels at their original resolution. ``evaluate.flip`` / ``evaluate.scales`` add test-time
-augmentation. Images are read ``REFINE_BATCH`` at a time:
+augmentation. Images are read ``REFINE_IMAGES`` at a time (each image's draws are its own:
+:func:`~ddps_core.inference.refiner.image_seed`):
 
 - ``student``: the student alone (:class:`~ddps_core.inference.student.StudentPredictor`: the
   argmax of its merged softmax probabilities);
@@ -83,7 +84,7 @@ from ddps_core.refiner.train import INFO_FILE, DDPSTrainConfig, build_config, lo
 __all__ = [
     "ABLATION_DIR",
     "PROTOCOL_COLUMNS",
-    "REFINE_BATCH",
+    "REFINE_IMAGES",
     "REFERENCE_PRESET",
     "TrainBatches",
     "denoiser_folders",
@@ -98,7 +99,7 @@ __all__ = [
 ]
 
 ABLATION_DIR = "ablation-gt"
-REFINE_BATCH = 64  # test images read per batch (fixed: the windows' batches, so the draws, depend on it)
+REFINE_IMAGES = 8  # test images read and reported (progress) at a time
 #: The columns stage ``refine`` adds after the ``ddps score`` schema: how the images met the
 #: models (``data.resize``) and the models' input size S.
 PROTOCOL_COLUMNS = ["mode", "size"]
@@ -333,8 +334,8 @@ def refine(settings: Settings, report: Reporter) -> dict[str, Any]:
         f"{student.size} px inputs" + (f", test-time flip {ev.flip} scales {ev.scales}" if ev.flip or ev.scales else ""))
     report.progress("refine", 0, n)
     with torch_threads(cfg.threads):
-        for a in range(0, n, REFINE_BATCH):
-            samples = [reader[k] for k in range(a, min(n, a + REFINE_BATCH))]
+        for a in range(0, n, REFINE_IMAGES):
+            samples = [reader[k] for k in range(a, min(n, a + REFINE_IMAGES))]
             images = [sample.image for sample in samples]
             preds: dict[tuple[str, int | None], list[np.ndarray]] = {("student", None): list(student.labels(images))}
             for method, predictor in predictors.items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddps_core.inference import Predictor
-from ddps_core.inference.refiner import RefinerPredictor
+from ddps_core.inference.refiner import RefinerPredictor, image_seed
 from ddps_core.refiner.denoiser import DenoiserConfig
 from ddps_core.refiner.multinomial import MultinomialDiffusion
 from ddps_core.refiner.sample import refinement_steps
@@ -77,10 +77,23 @@ def test_report_steps_and_whole_mode_by_hand():
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
     feats, _ = ref.student.features_and_logits(x)
     res = free_renoising(ref.denoiser, ref.schedule, feats, steps=ref.steps, output_size=(S, S),
-                         generator=torch.Generator().manual_seed(0), changes=True)
+                         generator=torch.Generator().manual_seed(image_seed(0, image)), changes=True)
     masks = res.masks()
     for i in (0, 9):
         np.testing.assert_array_equal(labels[i], masks[i][0].numpy())
     np.testing.assert_allclose(unc, res.changes[0].numpy() / 3, atol=1e-6)
     with pytest.raises(ValueError, match="not run steps"):
         list(pred.step_maps([image], [0, 5]))
+
+
+def test_an_images_labels_do_not_depend_on_the_other_images_or_their_order():
+    """`ddps predict` (any batch) and stage refine (its own batches) give an image the same
+    labels: its draws are seeded by refiner.seed and its pixels."""
+    a, b, c = _images()
+    together = _predictor("slide")([a, b, c])
+    alone = _predictor("slide")([b])
+    reordered = _predictor("slide")([c, b, a])
+    np.testing.assert_array_equal(together[1].labels, alone[0].labels)
+    np.testing.assert_array_equal(together[0].labels, reordered[2].labels)
+    np.testing.assert_array_equal(together[2].uncertainty, reordered[0].uncertainty)
+    assert image_seed(0, a) != image_seed(1, a) != image_seed(0, b)
