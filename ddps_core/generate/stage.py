@@ -79,8 +79,12 @@ def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candida
     folder = Path(settings.teacher.labels_out) / "teacher" / "unlabeled"
     scores_path, marker = folder / "scores.parquet", folder / "teacher.txt"
     if not scores_path.is_file():
-        raise DataError(f"{scores_path}: the unlabelled pool has no teacher labels; run the label stage "
-                        f"(the dataset needs an unlabeled split: {Path(settings.data.out) / 'unlabeled'})")
+        from ddps_core.teacher.stage import NO_POOL
+
+        why = (folder / NO_POOL).read_text().strip() if (folder / NO_POOL).is_file() else "run the label stage"
+        raise DataError(f"{scores_path}: the unlabelled pool has no teacher labels ({why}); generate.source "
+                        f"{settings.generate.source!r} needs them (the dataset's unlabeled split: "
+                        f"{Path(settings.data.out) / 'unlabeled'})")
     # the marker is "<teacher id>-<features content id>" (see teacher.stage): the teacher part decides
     if not marker.is_file() or marker.read_text().strip().partition("-")[0] != teacher:
         raise DataError(f"{folder}: labelled by another teacher than {settings.teacher.out}; "
@@ -130,17 +134,6 @@ def _reset_if_changed(work: Path, ident: dict[str, Any], report: Reporter) -> No
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, text)
-
-
-def _finished_labels(folder: Path, teacher: str, ids: list[str]) -> pd.DataFrame | None:
-    """The scores of a finished labelling of exactly ``ids`` by ``teacher``, else None."""
-    try:
-        if (folder / "teacher.txt").read_text() != teacher:
-            return None
-        scores = pd.read_parquet(folder / "scores.parquet")
-    except (OSError, ValueError):
-        return None
-    return scores if list(scores["image_id"]) == ids else None
 
 
 def _model_info(settings: Settings) -> dict[str, Any]:
@@ -202,7 +195,9 @@ def _sample_images(settings: Settings) -> Any:
 
 
 def _labels_done(settings: Settings) -> pd.DataFrame | None:
-    return _finished_labels(_labels(settings), _teacher(settings), _sample_ids(settings))
+    from ddps_core.teacher.labels import finished_labels
+
+    return finished_labels(_labels(settings), _teacher(settings), _sample_ids(settings))
 
 
 # --------------------------------------------------------------------------- the steps

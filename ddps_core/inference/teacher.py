@@ -24,11 +24,14 @@ import torch
 
 from ddps_core.errors import DataError
 from ddps_core.inference import Prediction
-from ddps_core.inference.windows import image_maps, labels_of
+from ddps_core.inference.windows import image_groups, image_maps, labels_of
 from ddps_core.teacher.ensemble import PixelEnsemble
 from ddps_core.teacher.predict import image_score, vote_maps
 
 __all__ = ["TeacherPredictor", "ddpm_window_features", "load_teacher_predictor", "rgbxy_window_features"]
+
+#: Bytes of merged maps (vote shares and uncertainty) held at once.
+MAP_BUDGET = 1 << 30
 
 #: ``uint8 [n, S, S, 3]`` windows -> per window a ``[D, S, S]`` array or a ``(ys, xs) -> [n, D]`` callable.
 WindowFeatures = Callable[[np.ndarray], Sequence[Any]]
@@ -98,11 +101,17 @@ class TeacherPredictor:
         return torch.stack(maps)
 
     def __call__(self, images: list[np.ndarray]) -> list[Prediction]:
+        # the maps of a group's windows are held until its images are merged: groups of at most
+        # MAP_BUDGET bytes of them (a function of the images' sizes and the settings)
+        per_window = (self.num_classes + 1) * self.size * self.size * 4
+        windows = max(self.batch, MAP_BUDGET // per_window)
         out = []
-        for maps in image_maps(images, self._window_maps, self.size, self.mode, self.stride, self.batch,
-                               self.flip, self.scales):
-            unc = maps[self.num_classes].numpy()
-            out.append(Prediction(labels_of(maps, self.num_classes), unc, image_score(unc)))
+        for group in image_groups([im.shape[:2] for im in images], self.size, self.mode, self.stride, windows,
+                                  self.flip, self.scales):
+            for maps in image_maps([images[k] for k in group], self._window_maps, self.size, self.mode,
+                                   self.stride, self.batch, self.flip, self.scales):
+                unc = maps[self.num_classes].numpy()
+                out.append(Prediction(labels_of(maps, self.num_classes), unc, image_score(unc)))
         return out
 
 

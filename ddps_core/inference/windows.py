@@ -46,7 +46,7 @@ def image_groups(shapes: Sequence[Sequence[int]], size: int, mode: str = "whole"
     (they are all kept until its images are merged). A function of the shapes and the settings
     only: batches cut this way, and the random draws made per batch, are the same on any
     machine."""
-    views = augmentations(flip, scales)
+    views = augmentations(flip, scales if mode == "slide" else None)  # whole: every scale is S x S
     groups: list[list[int]] = []
     current: list[int] = []
     held = 0
@@ -72,7 +72,7 @@ def image_maps(images: Sequence[np.ndarray], window_fn: WindowFn, size: int, mod
         side.
     :param batch: windows per ``window_fn`` call, across images.
     """
-    views = augmentations(flip, scales)
+    views = augmentations(flip, scales if mode == "slide" else None)  # whole: every scale is S x S
     jobs: list[tuple[int, Tiling, bool]] = []
     crops: list[np.ndarray] = []
     for k, image in enumerate(images):

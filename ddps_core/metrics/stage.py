@@ -46,16 +46,22 @@ def prediction_folders(settings: Settings) -> dict[str, Path]:
     return folders
 
 
-def scoring_protocol(settings: Settings) -> dict[str, Any]:
-    """How the scores were made, recorded beside them: predictions at the labels' own size
-    from ``S x S`` model inputs made by ``data.resize`` (``model_size`` is ``S``), with the
+def scoring_protocol(settings: Settings, method: str = "teacher") -> dict[str, Any]:
+    """How ``method``'s scores were made, recorded beside them: predictions at the labels' own
+    size from ``S x S`` model inputs made by ``data.resize`` (``model_size`` is ``S``: the
+    diffusion model's for the teacher and its baselines, the student's own), with the
     test-time augmentation of ``evaluate.flip`` / ``evaluate.scales`` (``tta``: ``none``,
-    ``flip``, ``ms`` or ``ms+flip``)."""
+    ``flip``, ``ms`` or ``ms+flip``; scales count in ``slide`` mode only)."""
     from ddps_core.diffusion.presets import get_preset
 
     e = settings.evaluate
-    tta = "+".join(([] if not e.scales else ["ms"]) + (["flip"] if e.flip else [])) or "none"
-    return {"resize": settings.data.resize, "model_size": int(get_preset(settings.ddpm.preset).image_size), "tta": tta}
+    ms = bool(e.scales) and settings.data.resize == "slide"
+    tta = "+".join((["ms"] if ms else []) + (["flip"] if e.flip else [])) or "none"
+    size = int(get_preset(settings.ddpm.preset).image_size)
+    if method == "student":  # its own input size, in the record train_student writes
+        info = Path(settings.student.out) / "model.json"
+        size = int(json.loads(info.read_text()).get("image_size") or size) if info.is_file() else size
+    return {"resize": settings.data.resize, "model_size": size, "tta": tta}
 
 
 def report_locations(settings: Settings, stage: str = "evaluate") -> dict[str, Path | str]:
@@ -74,35 +80,34 @@ def evaluate(settings: Settings, report: Reporter) -> dict[str, Any]:
     options = settings.storage.options
     truth = DDPMSegFolder(settings.data.out, "test", ignore_index=settings.data.ignore_index)
     names = truth.class_names
-    protocol = scoring_protocol(settings)
-    frames, summary = [], {}
     folders = prediction_folders(settings)
-    labels = [truth[i].label for i in range(len(truth))]  # the dataset's own labels, at their size
-    for n_method, (method, folder) in enumerate(folders.items()):
-        report.progress("evaluate", n_method, len(folders))
-        acc = ConfusionAccumulator(truth.num_classes, ignore_index=settings.data.ignore_index,
-                                   boundary_ratio=settings.evaluate.boundary_ratio)
-        for image_id, label in zip(truth.ids, labels):
-            path = folder / f"{image_id}.png"
+    accs = {m: ConfusionAccumulator(truth.num_classes, ignore_index=settings.data.ignore_index,
+                                    boundary_ratio=settings.evaluate.boundary_ratio) for m in folders}
+    report.progress("evaluate", 0, len(truth))
+    for k in range(len(truth)):
+        sample = truth[k]  # the dataset's own label, at its size, read once for every method
+        for method, folder in folders.items():
+            path = folder / f"{sample.id}.png"
+            stage = "train_student" if method == "student" else "label"
             if not path.is_file():
-                stage = "train_student" if method == "student" else "label"
                 raise DataError(f"{path}: missing prediction; run the {stage} stage")
             pred = load_label_map(path)
-            if pred.shape != label.shape:
-                stage = "train_student" if method == "student" else "label"
+            if pred.shape != sample.label.shape:
                 raise DataError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]}, the label "
-                                f"{label.shape[1]}x{label.shape[0]}; rerun the {stage} stage")
-            acc.update(pred, label, image_id, source=str(path))
+                                f"{sample.label.shape[1]}x{sample.label.shape[0]}; rerun the {stage} stage")
+            accs[method].update(pred, sample.label, sample.id, source=str(path))
+        report.progress("evaluate", k + 1, len(truth))
+    frames, summary = [], {}
+    for method, acc in accs.items():
         result = acc.result()
         frame = report_frame(result, names)
         frame.insert(0, "method", method)
-        for k, (key, value) in enumerate(protocol.items(), start=1):
+        for k, (key, value) in enumerate(scoring_protocol(settings, method).items(), start=1):
             frame.insert(k, key, value)
         frames.append(frame)
         summary[method] = {k: percent(result.summary[k]) for k in ("miou", "mbiou", "aacc", "macc")}
         report.log(f"{method:12s} mIoU {summary[method]['miou']:.2f}  mBIoU {summary[method]['mbiou']:.2f}")
-    report.progress("evaluate", len(folders), len(folders))
-    df = pd.concat(frames, ignore_index=True)[["method", *protocol, *REPORT_COLUMNS]]
+    df = pd.concat(frames, ignore_index=True)[["method", "resize", "model_size", "tta", *REPORT_COLUMNS]]
     write_report(df, where["report"], options)
     storage.write_text(where["metrics"], json.dumps(summary, indent=2), options)
     return summary

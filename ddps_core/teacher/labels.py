@@ -29,8 +29,8 @@ from ddps_core.datasets.common import png_bytes
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_path, atomic_write_bytes, atomic_write_text
 
-__all__ = ["PART_IMAGES", "ReaderImages", "finish_labels", "label_images", "label_parts", "pending_parts",
-           "start_labels", "teacher_id"]
+__all__ = ["PART_IMAGES", "ReaderImages", "finish_labels", "finished_labels", "label_images", "label_parts",
+           "pending_parts", "start_labels", "teacher_id"]
 
 PART_IMAGES = 64  # images labelled between two resume points
 
@@ -76,6 +76,19 @@ def _finished_part(folder: Path, p: int, ids: list[str]) -> pd.DataFrame | None:
     except (OSError, ValueError):
         return None
     return df if list(df["image_id"]) == ids else None
+
+
+def finished_labels(folder: str | Path, teacher: str, ids: list[str]) -> pd.DataFrame | None:
+    """The scores of a finished labelling of exactly ``ids`` for ``teacher`` in ``folder``, else
+    None (then it is labelled again, part by part)."""
+    folder = Path(folder)
+    try:
+        if (folder / "teacher.txt").read_text() != teacher:
+            return None
+        scores = pd.read_parquet(folder / "scores.parquet")
+    except (OSError, ValueError):
+        return None
+    return scores if list(scores["image_id"]) == list(ids) else None
 
 
 def start_labels(folder: str | Path, teacher: str) -> None:

@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from ddps_core.config import Settings
 from ddps_core.datasets import DDPMSegFolder
@@ -34,7 +33,8 @@ from ddps_core.io import atomic_write_text, remove_stale
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage, Step
 from ddps_core.teacher.ensemble import PixelEnsemble, source_id_of
-from ddps_core.teacher.labels import ReaderImages, finish_labels, label_parts, pending_parts, start_labels, teacher_id
+from ddps_core.teacher.labels import (ReaderImages, finish_labels, finished_labels, label_parts, pending_parts,
+                                      start_labels, teacher_id)
 from ddps_core.teacher.sources import RGBXYSource
 from ddps_core.teacher.train import train_ensemble
 
@@ -42,6 +42,8 @@ __all__ = ["LABEL", "TRAIN_TEACHER", "WEIGHTS", "feature_source", "label_folder"
            "model_folder"]
 
 WEIGHTS = "ensemble.safetensors"
+#: In the pool's labels folder when the pool is not labelled: why.
+NO_POOL = "not_labelled.txt"
 TEACHER = "teacher"
 
 
@@ -99,12 +101,6 @@ def load_method(settings: Settings, method: str) -> PixelEnsemble:
     if not path.is_file():
         raise DataError(f"{path}: no trained {method}; run the train_teacher stage")
     return PixelEnsemble.load(path)
-
-
-def _labels_id(settings: Settings, method: str, source: Any) -> str:
-    """What a labelling's parts were made from: the teacher's file and the features' content
-    (parts of another teacher, or of other features under the same image ids, are redone)."""
-    return f"{teacher_id(model_folder(settings, method) / WEIGHTS)}-{source.content_id()}"
 
 
 # --------------------------------------------------------------------------- train_teacher
@@ -172,7 +168,8 @@ def _augmented(settings: Settings, split: str) -> tuple[bool, list[float] | None
     """Test-time augmentation (``evaluate.flip`` / ``evaluate.scales``) is for scoring: the
     test split only; the pool's labels are the plain prediction, as DDPM-Seg makes them."""
     e = settings.evaluate
-    return (bool(e.flip), e.scales) if split == "test" else (False, None)
+    scales = e.scales if settings.data.resize == "slide" else None  # whole: every scale is the same input
+    return (bool(e.flip), scales) if split == "test" else (False, None)
 
 
 def _labels_id(settings: Settings, method: str, split: str, source: ReaderImages) -> str:
@@ -194,7 +191,10 @@ def plan_labels(settings: Settings, n: int, report: Reporter) -> list[dict[str, 
     for method, split in label_jobs(settings):
         folder = label_folder(settings, method, split)
         source = _images(settings, split)
-        start_labels(folder, _labels_id(settings, method, split, source))
+        made = _labels_id(settings, method, split, source)
+        if finished_labels(folder, made, source.image_ids) is not None:
+            continue  # labelled by this teacher, from these images, this way: kept
+        start_labels(folder, made)
         todo = pending_parts(source, folder)
         groups += [{"method": method, "split": split, "parts": todo[i::n]} for i in range(max(1, n)) if todo[i::n]]
     return groups
@@ -238,11 +238,18 @@ def label(settings: Settings, report: Reporter) -> dict[str, Any]:
     for method, split in jobs:
         source = _images(settings, split)
         ids[(method, split)] = list(source.image_ids)
-        scores: pd.DataFrame = finish_labels(source, label_folder(settings, method, split),
-                                             _labels_id(settings, method, split, source), _num_classes(settings))
+        folder, made = label_folder(settings, method, split), _labels_id(settings, method, split, source)
+        scores = finished_labels(folder, made, source.image_ids)
+        if scores is None:
+            scores = finish_labels(source, folder, made, _num_classes(settings))
         out[f"{method}/{split}"] = {"images": len(scores), "mean_score": float(scores["score"].mean())}
         report.log(f"{method}/{split}: {len(scores)} images labelled -> {label_folder(settings, method, split)}")
     _remove_stale_labels(settings, jobs, ids)
+    if (TEACHER, "unlabeled") not in jobs:
+        # the pool's folder exists either way (stage generate depends on it), saying why it is empty
+        why = ("generate.source is 'generated'" if settings.generate.source == "generated"
+               else f"the dataset has no unlabeled split ({Path(settings.data.out) / 'unlabeled'})")
+        atomic_write_text(label_folder(settings, TEACHER, "unlabeled") / NO_POOL, f"the pool is not labelled: {why}\n")
     return out
 
 

@@ -110,6 +110,7 @@ def test_labelling_in_disjoint_groups_equals_one_run(project, tmp_path, monkeypa
         label_group(many, g, Reporter())
     assert plan_labels(many, 2, Reporter()) == []  # nothing left to do
     stages.get("label").main(many, Reporter())
+    assert plan_labels(many, 2, Reporter()) == []  # a finished labelling is kept, not labelled again
     for path in sorted((tmp_path / "one").rglob("*")):
         if path.is_file():
             twin = tmp_path / "many" / path.relative_to(tmp_path / "one")
@@ -209,3 +210,21 @@ def test_label_removes_what_the_settings_no_longer_label(project, tmp_path):
     assert not (stale / "test_9999.png").exists() and not (stale / "test_9999_uncertainty.png").exists()
     assert (stale / "scores.parquet").is_file() and len(list(stale.glob("*_uncertainty.png"))) == 3
     assert (foreign / "mine.txt").read_text() == "kept: not made by the stage"
+
+
+def test_without_the_pool_its_labels_folder_says_why(project, tmp_path):
+    """generate.source generated: the pool is not labelled; its folder (a DVC dependency of
+    stage generate) holds one line saying so, and a labelled pool of an earlier run is gone."""
+    from ddps_core.teacher.stage import NO_POOL
+
+    root, raw = project
+    s = parse_settings({**raw, "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "labels")}})
+    stages.get("train_teacher").run(s)
+    stages.get("label").run(s)
+    pool = tmp_path / "labels" / "teacher" / "unlabeled"
+    assert (pool / "scores.parquet").is_file() and not (pool / NO_POOL).exists()
+    generated = parse_settings({**raw, "teacher": {**raw["teacher"], "labels_out": str(tmp_path / "labels")},
+                                "generate": {"source": "generated"}})
+    assert set(stages.get("label").run(generated)) == {"teacher/test", "rgbxy/test"}
+    assert sorted(p.name for p in pool.iterdir()) == [NO_POOL]
+    assert "generate.source is 'generated'" in (pool / NO_POOL).read_text()
