@@ -323,7 +323,7 @@ class GenerateSettings(Section):
         "folder", description="ddpm-seg: also write the DDPM-Seg layout (<out>/ddpm-seg/real/train, .npy labels).")
     contact_sheet: int = Field(8, ge=0, description="Most and least certain images shown in contact_sheet.png.")
     out: str = "data/generated"
-    work: str = Field("data/work/generate", description="Scratch space (samples, their features); resumable.")
+    work: str = Field("data/work/generate", description="Scratch space (samples and their labels); resumable.")
 
     @model_validator(mode="after")
     def _check_filter(self) -> GenerateSettings:

@@ -161,7 +161,7 @@ def tiling(shape: Sequence[int], size: int, mode: str = "whole", stride: int | N
         raise ConfigError(f"resize mode {mode!r}: valid modes are {list(MODES)}")
     stride = default_stride(size) if stride is None else int(stride)
     if not 1 <= stride <= size:
-        raise ConfigError(f"slide stride must be between 1 and the window size {size}, got {stride}")
+        raise ConfigError(f"data.stride: the slide stride must be between 1 and the window size {size}, got {stride}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     short = max(1, round(size * float(scale)))

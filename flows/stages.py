@@ -85,7 +85,8 @@ def train_ddpm(overrides: dict[str, Any] | None = None, params_path: str = "para
 
 @flow(name="extract", log_prints=True)
 def extract(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict[str, Any]:
-    """Stage extract: DDPM-Seg features of every split into feature stores, shard by shard."""
+    """Stage extract: DDPM-Seg features of the splits of features.splits (the training split by
+    default) into feature stores, shard by shard."""
     return run("extract", params_path, overrides)
 
 

@@ -1,4 +1,6 @@
-"""Stage ``extract``: DDPM-Seg features of every split into one feature store per split.
+"""Stage ``extract``: DDPM-Seg features of the splits of ``features.splits`` (by default the
+training split only, what the teacher learns from; the other images are labelled streaming)
+into one feature store per split.
 
 Stores: ``<features.out>/<split>.zarr`` with the trained diffusion model's features, and, when
 the teacher has the ``random_unet`` baseline, ``<features.out>/random_unet/<split>.zarr``

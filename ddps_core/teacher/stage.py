@@ -5,10 +5,14 @@ teacher).
 Every method goes through the same sampler, ensemble and predictor; only the pixel features
 differ:
 
-* ``teacher``: the trained diffusion model's features (``<features.out>/<split>.zarr``);
+* ``teacher``: the trained diffusion model's features (training: ``<features.out>/train.zarr``);
 * ``random_unet`` (a baseline): a randomly initialised UNet's features
-  (``<features.out>/random_unet/<split>.zarr``);
+  (training: ``<features.out>/random_unet/train.zarr``);
 * ``rgbxy`` (a baseline): raw RGB + normalised (x, y), computed on the fly from the dataset.
+
+Labelling streams (:mod:`ddps_core.inference.teacher`): the test split and the pool go through
+the diffusion model, the features and the ensemble window by window, with no feature store,
+and their labels are written at each image's size.
 
 Outputs: ``<teacher.out>/ensemble.safetensors`` (and ``train.json``, the resume checkpoint
 ``checkpoint.pt``; a baseline's under ``<teacher.baselines_out>/<name>/``), and
