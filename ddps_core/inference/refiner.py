@@ -150,7 +150,7 @@ def refiner_predictors(settings: Any, device: torch.device | str | None = None, 
     from ddps_core.refiner.train import WEIGHTS_FILE
 
     cfg = settings.refiner
-    device = resolve_device(settings.device) if device is None else torch.device(device)
+    device = resolve_device(str(settings.device if device is None else device))
     base = load_student_predictor(settings, device, flip=flip, scales=scales)
     student = freeze(base.student)
     out = {}

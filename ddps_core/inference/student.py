@@ -81,7 +81,7 @@ def load_student_predictor(settings: Any, device: torch.device | str | None = No
     from ddps_core.device import resolve_device
     from ddps_core.student.model import load_student, weights_id
 
-    device = resolve_device(settings.device) if device is None else torch.device(device)
+    device = resolve_device(str(settings.device if device is None else device))
     model, info = load_student(settings.student.out, device)
     names = info.get("class_names")
     return StudentPredictor(model, model_id=weights_id(settings.student.out), num_classes=int(info["num_classes"]),

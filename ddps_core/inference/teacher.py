@@ -128,7 +128,7 @@ def load_teacher_predictor(settings: Any, device: Any = None, method: str = "tea
     from ddps_core.teacher.labels import teacher_id
     from ddps_core.teacher.stage import WEIGHTS, load_method, model_folder
 
-    device = resolve_device(settings.device) if device is None else torch.device(device)
+    device = resolve_device(str(settings.device if device is None else device))
     ensemble = load_method(settings, method).to(device)
     size = model_size(settings)
     if method == "rgbxy":

@@ -35,7 +35,8 @@ def workspace(tmp_path_factory):
 
 @pytest.mark.parametrize("resize", ["whole", "slide"])
 def test_the_api_labels_arrays_at_their_own_size(workspace, resize):
-    seg = ddps.load(workspace, model="teacher", overrides={"data.resize": resize})
+    # device "auto", as params.yaml has it: the CPU here
+    seg = ddps.load(workspace, model="teacher", device="auto", overrides={"data.resize": resize})
     rng = np.random.default_rng(0)
     for shape in [(64, 96, 3), (160, 64, 3), (32, 32)]:
         image = rng.integers(0, 256, shape, dtype=np.uint8)
