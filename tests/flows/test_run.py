@@ -80,7 +80,9 @@ def test_interrupting_make_run_stops_the_running_stage(tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        # the runner gives dvc 60 s before it kills the group: wait longer than that, so that a
+        # slow stop shows in the assertions below rather than as a timeout here
+        out, _ = proc.communicate(timeout=150)
     finally:
         proc.kill()
     assert proc.returncode == 130, out
