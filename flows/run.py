@@ -324,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="After a successful run keep the UI up until Ctrl-C.")
     parser.add_argument("dvc_args", nargs="*", help="Passed to `dvc repro` (after --).")
     args = parser.parse_args(argv)
+    # Ctrl-C / SIGINT stops the run even when this process was started with SIGINT ignored (a
+    # shell does that to a job it puts in the background): the stages it starts then get the
+    # default disposition back, since exec resets a handled signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     root = Path.cwd()
     env = dict(os.environ)

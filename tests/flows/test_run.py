@@ -72,8 +72,10 @@ def test_interrupting_make_run_stops_the_running_stage(tmp_path):
                     f"{sys.executable} {stage}\nexit $?\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    # started with SIGINT ignored, as a shell starts a background job: the runner restores it
     proc = subprocess.Popen([sys.executable, "-m", "flows.run", "--no-server"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "stage-started").exists():
