@@ -23,7 +23,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("dask")
     raw = tiny_project(root, {"n_unlabeled": 9, "n_labeled": 5, "n_test": 3},
                        features={"steps": [10, 100], "blocks": [1, 2, 3], "shard_images": 2, "batch_size": 2,
-                                 "out": str(root / "features")},
+                                 "out": str(root / "features"), "splits": ["train", "test", "unlabeled"]},
                        teacher={"baselines": [], "members": 2, "max_epochs": 1, "out": str(root / "ens"),
                                 "labels_out": str(root / "labels")})
     return root, raw
