@@ -191,7 +191,8 @@ def test_extract_deployment_runs_on_a_process_worker(tmp_path):
             start_new_session=True)
         # the tiny project while the server starts: 3 labelled, 2 test, 2 pool images
         raw = tiny_project(project, {"n_unlabeled": 2, "n_labeled": 3, "n_test": 2},
-                           features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2},
+                           features={"steps": [10], "blocks": [1, 2], "shard_images": 2, "batch_size": 2,
+                                     "splits": ["train", "test", "unlabeled"]},  # every split's store is checked
                            teacher={"baselines": []})
         (project / "params.yaml").write_text(yaml.safe_dump(raw))
         deadline = time.monotonic() + 150
