@@ -86,6 +86,12 @@ def as_label_map(array: np.ndarray, what: str) -> np.ndarray:
 
 
 @dataclass
+
+def _shown(values: np.ndarray) -> str:
+    """The distinct ``values``, at most ten, for an error message."""
+    distinct = np.unique(values)
+    return ", ".join(str(v) for v in distinct[:10]) + (" ..." if distinct.size > 10 else "")
+
 class SegmentationResult:
     """Dataset-level metrics. All per-class arrays have length ``num_classes``.
 
@@ -207,18 +213,14 @@ class ConfusionAccumulator:
         ignore = gt == self.ignore_index
         bad = ~ignore & ((gt < 0) | (gt >= k))
         if bad.any():
-            values = np.unique(gt[bad])
-            shown = ", ".join(str(v) for v in values[:10]) + (" ..." if values.size > 10 else "")
             raise DataError(
-                f"{where}: ground truth holds value(s) {shown} outside [0, {k}) "
+                f"{where}: ground truth holds value(s) {_shown(gt[bad])} outside [0, {k}) "
                 f"that are not ignore_index={self.ignore_index}"
             )
         wrong = (pred < 0) | (pred >= k)
         if wrong.any():
-            values = np.unique(pred[wrong])
-            shown = ", ".join(str(v) for v in values[:10]) + (" ..." if values.size > 10 else "")
             raise DataError(
-                f"{where}: prediction holds value(s) {shown} outside the class ids [0, {k}) "
+                f"{where}: prediction holds value(s) {_shown(pred[wrong])} outside the class ids [0, {k}) "
                 f"(num_classes={k}); a prediction must be a class id at every pixel"
             )
 

@@ -32,7 +32,7 @@ from ddps_core.datasets import DDPMSegFolder
 from ddps_core.errors import DataError
 from ddps_core.features.sampler import PixelSampler
 from ddps_core.datasets.training import entries_of_first_images, image_id_of
-from ddps_core.features.stage import open_store, store_exists, store_path, training_reader
+from ddps_core.features.stage import model_size, open_store, store_exists, store_path, training_reader
 from ddps_core.io import atomic_write_text, remove_stale
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage, Step
@@ -72,7 +72,7 @@ def feature_source(settings: Settings, method: str, split: str) -> Any:
     if method == "rgbxy":
         reader = DDPMSegFolder(settings.data.out, split, ignore_index=settings.data.ignore_index)
         size = open_store(settings, split, read_only=True).image_size \
-            if store_exists(settings, split) else _model_size(settings)
+            if store_exists(settings, split) else model_size(settings)
         if split == "train":  # the entries the teacher trains on: data.resize, as the feature store's
             reader = training_reader(settings, reader, size)
         return RGBXYSource(reader, size, num_classes=reader.num_classes,
@@ -87,12 +87,6 @@ def feature_source(settings: Settings, method: str, split: str) -> Any:
         raise DataError(f"{path}: feature store incomplete ({store.n_done()}/{len(store)} images); "
                         "rerun the extract stage")
     return store
-
-
-def _model_size(settings: Settings) -> int:
-    from ddps_core.diffusion.presets import get_preset
-
-    return get_preset(settings.ddpm.preset).image_size
 
 
 def _num_classes(settings: Settings) -> int:
