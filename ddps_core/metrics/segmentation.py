@@ -85,13 +85,13 @@ def as_label_map(array: np.ndarray, what: str) -> np.ndarray:
     raise DataError(f"{what}: unsupported dtype {array.dtype}; expected integer class ids")
 
 
-@dataclass
-
 def _shown(values: np.ndarray) -> str:
     """The distinct ``values``, at most ten, for an error message."""
     distinct = np.unique(values)
     return ", ".join(str(v) for v in distinct[:10]) + (" ..." if distinct.size > 10 else "")
 
+
+@dataclass
 class SegmentationResult:
     """Dataset-level metrics. All per-class arrays have length ``num_classes``.
 
