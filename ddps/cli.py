@@ -28,7 +28,7 @@ from ddps_core.errors import ConfigError, DDPSError
 
 #: Commands in the order of the pipeline, then the tools that stand beside it.
 ORDER = ("config", "data", "ddpm", "features", "teacher", "generate", "student", "refiner", "evaluate", "report",
-         "predict", "score", "deploy")
+         "predict", "suggest", "score", "deploy")
 
 
 class _PipelineOrder(TyperGroup):
@@ -207,6 +207,30 @@ def data_check(
             table.add_row(name, str(len(ds)), str(labelled), size_txt, str(len(seen)))
     console.print(table)
     console.print("all files valid")
+
+
+@data_app.command("add-labels")
+def data_add_labels(
+    folder: Annotated[Path, typer.Argument(
+        metavar="FOLDER", help="A `ddps suggest` batch folder (its corrected prelabels/ and images/), or a folder "
+                               "of masks named by image id (palette or colour PNGs in the class colours, grey PNGs or "
+                               ".npy of class ids).")],
+    images: Annotated[Path | None, typer.Option(metavar="DIR", help="The masks' images, by file name (default: the "
+                                                                    "batch's images/, else the pool).")] = None,
+    params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
+) -> None:
+    """Check corrected masks (size, colours, class range) and add them to the training split:
+    they are kept in data.added and stage data joins them to data.out. Nothing is added when a
+    mask is wrong. `dvc repro` (make run) then rebuilds what depends on the training split."""
+    from ddps_core.active import add_labels
+
+    s = settings_from(params, defaults, set_)
+    with RichReporter() as report:
+        summary = add_labels(s, folder, report, images)
+    console.print(f"{summary['added']} labels added to {summary['folder']} ({summary['replaced']} replaced); "
+                  f"the dataset now has {summary['counts'].get('train', 0)} training images and "
+                  f"{summary['counts'].get('unlabeled', 0)} in the pool")
+    console.print("next: `dvc repro` (or `make run`) retrains what depends on the training split")
 
 
 def _print_counts(out: str | Path, summary: dict[str, Any]) -> None:
@@ -612,6 +636,34 @@ def predict(
         err_console.print(f"[bold red]error:[/bold red] {summary['failed']} of {summary['images']} images could not "
                           "be read (named above); the other images' outputs are written", soft_wrap=True)
         raise typer.Exit(1)
+
+
+@app.command("suggest")
+def suggest(
+    n: Annotated[int, typer.Option("--n", min=1, metavar="K", help="Images to pick.")] = 10,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="The batch folder: images/, prelabels/, uncertainty/, "
+                                                          "suggestions.parquet, a CVAT import zip.")] = Path("data/suggested"),
+    candidates: Annotated[int | None, typer.Option(min=1, metavar="M", help="Pick among the M most uncertain "
+                                                                            "pool images (default 4 K).")] = None,
+    near_copy: Annotated[float, typer.Option(min=0.0, metavar="D", help="Descriptor distance under which an image "
+                                                                        "is a near-copy of a pick.")] = 0.05,
+    device: Annotated[str | None, Key("device", "auto, cpu or cuda.", metavar="DEVICE")] = None,
+    params: ParamsOpt = Path("params.yaml"), defaults: DefaultsOpt = False, set_: SetOpt = None,
+) -> None:
+    """Which pool images to label next: the teacher's most uncertain images, diverse in their
+    DDPM features, with its pre-labels to correct. Then `ddps data add-labels DIR`."""
+    from ddps_core.active import suggest as run_suggest
+
+    s = settings_from(params, defaults, set_, device=device)
+    with RichReporter() as report:
+        summary = run_suggest(s, n, out, report, candidates=candidates, near_copy=near_copy)
+    table = Table(title=f"{summary['picked']} of {summary['pool']} pool images to label ({out})")
+    for col in ("rank", "image", "score", "why"):
+        table.add_column(col)
+    for row in summary["picks"]:
+        table.add_row(str(row["rank"]), row["image_id"], f"{row['score']:.4f}", row["why"])
+    console.print(table)
+    console.print(f"correct {out}/prelabels/ (or import {summary['cvat']} into CVAT), then `ddps data add-labels {out}`")
 
 
 @app.command("score")

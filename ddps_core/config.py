@@ -141,6 +141,9 @@ class DataSettings(Section):
     source: DatasetSource = "synthetic"
     root: str | None = Field(None, description="Input dataset folder (not for synthetic).")
     out: str = "data/dataset"
+    added: str | None = Field(
+        "data/added", description="Labels added by `ddps data add-labels` (<id>.png + <id>.npy), joined to the "
+        "training split; an absent folder adds none.")
     num_classes: int | None = Field(None, ge=1, le=65535)
     ignore_index: int = Field(255, ge=0, le=65535)
     splits: dict[Literal["train", "test", "unlabeled"], str | None] | None = None
@@ -453,6 +456,9 @@ class RefinerSettings(Section):
         "generated", description="Training images: the generated export (teacher labels + real) or the real labelled images only.")
     steps: int = Field(2000, ge=1)
     single_step_steps: int = Field(400, ge=0, description="Reference pre-stage: the first steps train t = 0 only.")
+    feature_drop: float = Field(
+        0.0, ge=0, lt=1, description="Share of training images whose features are zeroed (after the first "
+        "prediction), so the feature-less branch that guidance subtracts is trained (classifier-free style).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)

@@ -202,3 +202,24 @@ def test_cli_reads_pipeline_outputs(pipeline):
                "--out", str(work / "reports/self.parquet")], work, env)
     summary = pd.read_parquet(work / "reports/self.parquet").query("scope == 'summary'").iloc[0]
     assert summary["miou"] == 1.0 and summary["mbiou"] == 1.0
+
+
+def test_suggest_then_add_labels_makes_the_training_split_stale_and_reuses_the_ddpm(pipeline):
+    # last: it adds labels to the workspace
+    work, env, _ = pipeline
+    _sh([sys.executable, "-m", "ddps", "suggest", "--n", "3", "--out", "data/suggested"], work, env)
+    batch = work / "data/suggested"
+    picks = pd.read_parquet(batch / "suggestions.parquet")
+    assert len(picks) == 3 and len(list((batch / "prelabels").glob("*.png"))) == 3
+    ddpm_before = yaml.safe_load((work / "data/models/ddpm/model.json").read_text())["model_id"]
+    _sh([sys.executable, "-m", "ddps", "data", "add-labels", "data/suggested"], work, env)
+    assert len(list((work / "data/dataset/real/train").glob("*.npy"))) == 4 + 3
+    assert len(list((work / "data/dataset/unlabeled").glob("*.png"))) == 64 - 3
+    status = json.loads(_sh(["dvc", "status", "--json"], work, env).stdout)
+    stale = {stage for stage, changes in status.items()
+             if any(isinstance(c, dict) and "changed deps" in c for c in changes)}
+    assert {"train_ddpm", "extract", "train_teacher", "label"} <= stale, status
+    # the diffusion model's images are the same set in the same (content) order: it is reused
+    _sh(["dvc", "repro", "train_ddpm"], work, env)
+    info = yaml.safe_load((work / "data/models/ddpm/model.json").read_text())
+    assert info["model_id"] == ddpm_before

@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 
 from ddps_core.config import DataSettings, Settings
+from ddps_core.datasets.added import AddedLabels, added_labels, count_files
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.datasets.readers import open_dataset, split_folders
 from ddps_core.datasets.reference import reference_dataset
@@ -55,9 +56,10 @@ def prepare_dataset(data: DataSettings, progress: Callable[[int], None] | None =
                     warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Make or import the dataset ``data`` describes; a summary with ``counts`` per split.
     ``warn`` hears of split folders that are present but not imported."""
+    added = added_labels(data.added)
     if data.source == "synthetic":
-        return make_synthetic(data.out, progress=progress, **data.synthetic.model_dump())
-    return import_dataset(data, progress, warn)
+        return make_synthetic(data.out, progress=progress, added=added, **data.synthetic.model_dump())
+    return import_dataset(data, progress, warn, added)
 
 
 def data(settings: Settings, report: Reporter) -> dict[str, Any]:
@@ -194,9 +196,10 @@ def _reusable(out: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = None,
-                   warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Validate a user dataset and write it to ``data.out`` in the canonical layout; reuse
-    ``data.out`` when it holds the import of the same settings and file contents."""
+                   warn: Callable[[str], None] | None = None, added: AddedLabels | None = None) -> dict[str, Any]:
+    """Validate a user dataset and write it to ``data.out`` in the canonical layout, with the
+    ``added`` labels joined to its training split; reuse ``data.out`` when it holds the import
+    of the same settings and file contents."""
     out = Path(data.out)
     if out.exists() and any(out.iterdir()) and not _made_here(out):
         raise DataError(f"{out}: folder exists, is not empty and was not made by the data "
@@ -209,6 +212,8 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
         raise DataError(f"{data.root}: data.splits maps no reader split to 'train'")
     sources = [p for reader in readers.values() for p in reader.source_files()]
     settings = {**_settings(data), "content": content_identity(sources, Path(data.root), _manifest_path(out))}
+    if added is not None:
+        settings["added"] = added.record()
     done = _reusable(out, settings)
     if done is not None:
         return {**done, "out_dir": str(out), "reused": True}
@@ -251,6 +256,15 @@ def import_dataset(data: DataSettings, progress: Callable[[int], None] | None = 
             raise DataError(f"{getattr(reader, 'folder', data.root)}: every label pixel of the training split is "
                             f"the ignore index {data.ignore_index}: there is nothing to train on")
         counts[split] = len(reader)
+    if added is not None:
+        def count(label: np.ndarray) -> None:
+            valid = label[label != data.ignore_index]
+            pixels[:] += np.bincount(valid.ravel(), minlength=len(pixels))[: len(pixels)]
+
+        added.apply(partial, count)
+        counts["train"] = count_files(partial / "real" / "train")
+        if "unlabeled" in counts:
+            counts["unlabeled"] = count_files(partial / "unlabeled")
     total = int(pixels.sum())
     summary = {
         "counts": counts,

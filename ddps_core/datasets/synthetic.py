@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ddps_core.datasets.added import AddedLabels, count_files
 from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_write_bytes, atomic_write_text, partial_folder, swap_folder
@@ -330,10 +331,11 @@ def _complete(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     doc = _read_yaml(out / "classes.yaml")
     if doc is None or doc.get("synthetic") != settings:
         return None
+    counts = (doc.get("summary") or {}).get("counts") or {}  # added labels move images: the recorded counts
     expected = {
-        out / "real" / "train": settings["n_labeled"] * 2,
-        out / "real" / "test": settings["n_test"] * 2,
-        out / "unlabeled": settings["n_unlabeled"],
+        out / "real" / "train": counts.get("train", settings["n_labeled"]) * 2,
+        out / "real" / "test": counts.get("test", settings["n_test"]) * 2,
+        out / "unlabeled": counts.get("unlabeled", settings["n_unlabeled"]),
     }
     for folder, n in expected.items():
         try:
@@ -354,6 +356,7 @@ def make_synthetic(
     n_test: int = 100,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    added: AddedLabels | None = None,
 ) -> dict[str, Any]:
     """Write the synthetic face-parts domain in the DDPM-Seg folder layout::
 
@@ -376,7 +379,8 @@ def make_synthetic(
       An existing ``out_dir`` is replaced only if it is empty or was made by this function;
       any other existing folder raises :class:`DataError` rather than being deleted.
 
-    ``progress``, if given, is called as ``progress(n_done)`` after every image.
+    ``progress``, if given, is called as ``progress(n_done)`` after every image. ``added``:
+    labels joined to the training split (:mod:`ddps_core.datasets.added`).
     """
     size = _check_size(image_size)
     counts = {
@@ -394,6 +398,8 @@ def make_synthetic(
         "n_test": counts["test"],
         "n_unlabeled": counts["unlabeled"],
     }
+    if added is not None:
+        settings["added"] = added.record()
     out = Path(out_dir)
     done = _complete(out, settings) if out.is_dir() else None
     if done is not None:
@@ -441,6 +447,13 @@ def make_synthetic(
             if progress is not None:
                 progress(n_done)
 
+    if added is not None:
+        def count(label: np.ndarray) -> None:
+            pixel_counts[:] += np.bincount(label.ravel(), minlength=len(SYNTHETIC_CLASSES))[: len(SYNTHETIC_CLASSES)]
+
+        added.apply(partial, count)
+        counts["train"] = count_files(partial / "real" / "train")
+        counts["unlabeled"] = count_files(partial / "unlabeled")
     total = int(pixel_counts.sum())
     fractions = {
         name: (round(float(c) / total, 6) if total else 0.0)

@@ -11,6 +11,7 @@ Later stages load the result with :func:`load_trained`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -59,7 +60,12 @@ def center_crop_like_guided_diffusion(image: np.ndarray, size: int) -> np.ndarra
 
 def load_training_images(root: str | Path, image_size: int,
                          progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """All images of ``root/unlabeled`` and ``root/real/train`` as ``uint8 [N, 3, S, S]``.
+    """All images of ``root/unlabeled`` and ``root/real/train`` as ``uint8 [N, 3, S, S]``, in
+    the order of their content (sha256 of the ``S x S`` pixels).
+
+    The order is the images' own, not the folders': an image that moves from the pool to the
+    labelled split (``ddps data add-labels``) leaves the training set, its batches and so the
+    run's identity as they were, and the finished model is reused.
 
     Every image is made ``S x S`` as guided-diffusion's training data is
     (:func:`center_crop_like_guided_diffusion`), whatever ``data.resize`` says: the diffusion
@@ -77,15 +83,18 @@ def load_training_images(root: str | Path, image_size: int,
                         f"{root / 'real' / 'train'})")
     total = sum(len(r) for r in readers)
     out = torch.empty((total, 3, image_size, image_size), dtype=torch.uint8)
+    keys = []
     i = 0
     for reader in readers:
         for sample in reader:
-            image = center_crop_like_guided_diffusion(sample.image, image_size)
+            image = np.ascontiguousarray(center_crop_like_guided_diffusion(sample.image, image_size))
+            keys.append(hashlib.sha256(image.tobytes()).digest())
             out[i] = torch.from_numpy(image).permute(2, 0, 1)
             i += 1
             if progress is not None:
                 progress(i)
-    return out
+    order = sorted(range(total), key=keys.__getitem__)
+    return out[torch.tensor(order, dtype=torch.long)] if total else out
 
 
 def sample_grid(model: UNetModel, diffusion: GaussianDiffusion, n: int, steps: int, method: str,

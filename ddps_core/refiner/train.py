@@ -118,6 +118,7 @@ class DDPSTrainConfig:
     x0_source: X0Source = "first_prediction"
     steps: int = 2000
     single_step_steps: int = 400
+    feature_drop: float = 0.0
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 1e-2
@@ -131,7 +132,7 @@ class DDPSTrainConfig:
 
 # Settings that change what is trained: a state saved under other values is not resumed.
 _IDENTITY_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "dropout",
-                    "num_timesteps", "schedule", "x0_source", "single_step_steps", "lr",
+                    "num_timesteps", "schedule", "x0_source", "single_step_steps", "feature_drop", "lr",
                     "warmup_steps", "weight_decay", "ema_rate", "grad_clip", "ignore_index")
 
 
@@ -323,6 +324,9 @@ def train_denoiser(
                 t = torch.randint(0, T, (b,), generator=gen)
             t = t.to(device)
             x_t = make_training_input(model, schedule, feats, labels, t, gen, cfg.x0_source, cfg.ignore_index)
+            if cfg.feature_drop > 0:  # drawn only then: runs without it keep their random stream
+                drop = (torch.rand(b, generator=gen) < cfg.feature_drop).to(device)
+                feats = torch.where(drop[:, None, None, None], torch.zeros_like(feats), feats)
             with autocast(device):
                 logits = model(x_t, t, feats)
             loss = masked_cross_entropy(logits, labels, cfg.ignore_index)

@@ -130,7 +130,7 @@ def test_help_lists_the_commands_in_pipeline_order(capsys):
     assert code == 0
     listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()]
     assert listed == ["config", "data", "ddpm", "features", "teacher", "generate", "student", "refiner",
-                      "evaluate", "report", "predict", "score", "deploy"]
+                      "evaluate", "report", "predict", "suggest", "score", "deploy"]
 
 
 def test_option_help_shows_its_settings_key_and_current_value(tmp_path, monkeypatch):

@@ -37,18 +37,19 @@ def test_prefect_yaml_deploys_every_stage_flow_on_the_pool_of_its_device():
     # code comes from the checkout: the only pull step keeps the job's working_dir
     assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "."}}]
     entry = {d["name"]: d["entrypoint"] for d in spec["deployments"]}
-    assert list(entry) == [*stages.ORDER, "pipeline", "predict"]  # one per DVC stage, the pipeline, predict
+    # one per DVC stage, the pipeline, predict and suggest
+    assert list(entry) == [*stages.ORDER, "pipeline", "predict", "suggest"]
     for d in spec["deployments"]:
         flow = load_flow_from_entrypoint(d["entrypoint"])
         assert flow.name == d["name"]
-        if d["name"] not in ("pipeline", "predict"):
+        if d["name"] not in ("pipeline", "predict", "suggest"):
             assert flow is FLOWS[d["name"]]
             assert d["work_pool"]["name"] == stages.get(d["name"]).device
         assert d["work_pool"]["job_variables"]["working_dir"] == "{{ $DDPS_PROJECT_DIR }}"
         assert "gpu" not in d.get("tags", [])  # a run's tags would reach its tasks' limit
     assert entry["pipeline"] == "flows.pipeline.pipeline"
     pools = {d["name"]: d["work_pool"]["name"] for d in spec["deployments"]}
-    assert pools["pipeline"] == pools["predict"] == "gpu"
+    assert pools["pipeline"] == pools["predict"] == pools["suggest"] == "gpu"
 
 
 # --------------------------------------------------------------------------- ddps deploy
