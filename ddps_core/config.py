@@ -212,6 +212,11 @@ class DDPMSettings(Section):
     ema_rate: float = Field(0.999, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     hflip: bool = True
+    t_focus: float = Field(
+        0.0, ge=0, le=1, description="Share of each batch whose timestep is drawn from 0..t_focus_below-1 "
+        "instead of the whole schedule: training weighted toward the small steps the features come from; "
+        "the rest stays uniform, so sampling still works.")
+    t_focus_below: int = Field(200, ge=1, description="The focused timesteps' bound (exclusive).")
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(10, ge=1)
     compile: bool = False

@@ -168,6 +168,26 @@ def metrics_rows(root: Path) -> list[tuple[str, str, float, float]]:
     return rows
 
 
+def per_class_table(root: Path) -> Table | None:
+    """IoU per class and method (stage report's ``reports/plots/per_class_iou.csv``): a small
+    class that collapses shows here, where the means hide it."""
+    import pandas as pd
+
+    path = root / "reports/plots/per_class_iou.csv"
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+    methods = [c for c in frame.columns if c not in ("class_id", "class_name") and frame[c].notna().any()]
+    table = Table(title="Test split: IoU per class (%)")
+    table.add_column("class")
+    for m in methods:
+        table.add_column(m, justify="right")
+    for _, row in frame.iterrows():
+        table.add_row(str(row["class_name"]), *("" if pd.isna(row[m]) else f"{row[m]:.1f}" for m in methods))
+    return table
+
+
 def print_summary(root: Path, elapsed_s: float) -> None:
     rows = metrics_rows(root)
     if rows:
@@ -180,6 +200,9 @@ def print_summary(root: Path, elapsed_s: float) -> None:
             what = WHAT.get(method.split(" ")[0], "")
             table.add_row(method, what, f"{miou:.2f}", f"{mbiou:.2f}")
         console.print(table)
+    per_class = per_class_table(root)
+    if per_class is not None:
+        console.print(per_class)
     console.print("Outputs:")
     for label, patterns in OUTPUTS:
         found = sorted({p.relative_to(root).as_posix() + ("/" if p.is_dir() else "")

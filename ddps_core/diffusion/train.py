@@ -51,7 +51,7 @@ SAMPLES_FILE = "samples.png"
 
 # Settings that change what is being trained: a state saved under other values is not resumed.
 _IDENTITY_FIELDS = ("preset", "schedule", "num_timesteps", "batch_size", "lr", "warmup_steps",
-                    "weight_decay", "ema_rate", "grad_clip", "hflip")
+                    "weight_decay", "ema_rate", "grad_clip", "hflip", "t_focus", "t_focus_below")
 
 
 # --------------------------------------------------------------------------- data
@@ -138,7 +138,11 @@ def train_ddpm(
     while step < cfg.steps:
         lr = warmup_cosine(step, lr=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps)
         x0 = _batch(images, cfg.batch_size, cfg.hflip, gen).to(device)
-        t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
+        t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen)
+        if cfg.t_focus > 0:  # drawn only then: runs without it keep their random stream
+            small = torch.randint(0, min(cfg.t_focus_below, diffusion.num_timesteps), (cfg.batch_size,), generator=gen)
+            t = torch.where(torch.rand(cfg.batch_size, generator=gen) < cfg.t_focus, small, t)
+        t = t.to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         with autocast(device):
             terms = diffusion.training_losses(forward, x0, t, noise)

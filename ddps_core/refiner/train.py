@@ -30,6 +30,12 @@ pre-stage): the denoiser first learns to segment from F alone, so that its first
 worth noising when Diffusion-on-First-Prediction starts. Both stages are one run with one
 learning-rate schedule and one EMA.
 
+``feature_drop`` (ours; the reference never drops features): that share of the training
+images have their features zeroed for the training forward (after the first prediction, which
+always sees them), as classifier-free guidance trains its unconditional branch. Guidance
+subtracts the denoiser's prediction with the features zeroed; without this that branch is
+never trained.
+
 Optimisation: AdamW, linear warm-up then cosine decay to 10% (as the DDPM trainer), gradient
 clipping, an EMA of the weights whose decay ramps with the step count
 (``min(ema_rate, (1 + step) / (10 + step))``); the EMA weights are what later stages use. The

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 
-from flows.run import free_port, metrics_rows
+from flows.run import free_port, metrics_rows, per_class_table
 
 
 def test_metrics_rows_read_the_summary_jsons(tmp_path):
@@ -22,6 +22,20 @@ def test_metrics_rows_read_the_summary_jsons(tmp_path):
     # the last step by number (10, not 9 as text order would say)
     assert rows[1][1].endswith("step 10)") and rows[1][2] == 0.7
     assert len(rows) == 2
+
+
+def test_the_summary_shows_iou_per_class_of_every_scored_method(tmp_path):
+    from rich.console import Console
+
+    assert per_class_table(tmp_path) is None  # no report yet: no table
+    (tmp_path / "reports/plots").mkdir(parents=True)
+    (tmp_path / "reports/plots/per_class_iou.csv").write_text(
+        "class_id,class_name,teacher,student,refiner\n0,background,86.19,88.5,\n1,nose,38.23,19.61,\n")
+    console = Console(width=120, record=True)
+    console.print(per_class_table(tmp_path))
+    text = console.export_text()
+    assert "nose" in text and "38.2" in text and "19.6" in text
+    assert "refiner" not in text  # a method without per-class scores gets no column
 
 
 def test_free_port_falls_back_when_the_preferred_one_is_taken():
