@@ -67,6 +67,18 @@ def _batch(images: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Genera
     return x
 
 
+def draw_timesteps(n: int, num_timesteps: int, gen: torch.Generator, focus: float = 0.0,
+                   below: int = 200) -> torch.Tensor:
+    """``n`` training timesteps: uniform over the schedule, except a ``focus`` share drawn
+    uniformly from ``0 .. below - 1`` (the small steps DDPM-Seg's features come from). With
+    ``focus`` 0 nothing else is drawn, so the random stream is the plain uniform one."""
+    t = torch.randint(0, num_timesteps, (n,), generator=gen)
+    if focus > 0:
+        small = torch.randint(0, min(below, num_timesteps), (n,), generator=gen)
+        t = torch.where(torch.rand(n, generator=gen) < focus, small, t)
+    return t
+
+
 # --------------------------------------------------------------------------- helpers
 def model_info(cfg: DDPMSettings, model: UNetModel, **extra: Any) -> dict[str, Any]:
     """The ``model.json`` record: enough to rebuild and identify the model."""
@@ -138,11 +150,7 @@ def train_ddpm(
     while step < cfg.steps:
         lr = warmup_cosine(step, lr=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps)
         x0 = _batch(images, cfg.batch_size, cfg.hflip, gen).to(device)
-        t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen)
-        if cfg.t_focus > 0:  # drawn only then: runs without it keep their random stream
-            small = torch.randint(0, min(cfg.t_focus_below, diffusion.num_timesteps), (cfg.batch_size,), generator=gen)
-            t = torch.where(torch.rand(cfg.batch_size, generator=gen) < cfg.t_focus, small, t)
-        t = t.to(device)
+        t = draw_timesteps(cfg.batch_size, diffusion.num_timesteps, gen, cfg.t_focus, cfg.t_focus_below).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         with autocast(device):
             terms = diffusion.training_losses(forward, x0, t, noise)
@@ -175,4 +183,4 @@ def train_ddpm(
 
 
 
-__all__ = ["TrainingError", "model_info", "train_ddpm"]
+__all__ = ["TrainingError", "draw_timesteps", "model_info", "train_ddpm"]

@@ -89,6 +89,7 @@ __all__ = [
     "DDPSTrainConfig",
     "TrainingError",
     "downsample_labels",
+    "drop_features",
     "epoch_batches",
     "first_prediction",
     "load_denoiser",
@@ -206,6 +207,16 @@ def make_training_input(
     x_t = x_t.clone()
     x_t[idx] = schedule.q_sample(x0, schedule.s_from_t(t[idx]), generator)
     return x_t
+
+
+def drop_features(features: torch.Tensor, share: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``features [B, C, h, w]`` with each image's zeroed with probability ``share`` (one draw
+    per image from the CPU ``generator``); with ``share`` 0 nothing is drawn, so the random
+    stream of a run without dropping is unchanged."""
+    if share <= 0:
+        return features
+    drop = (torch.rand(features.shape[0], generator=generator) < share).to(features.device)
+    return torch.where(drop[:, None, None, None], torch.zeros_like(features), features)
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -330,9 +341,7 @@ def train_denoiser(
                 t = torch.randint(0, T, (b,), generator=gen)
             t = t.to(device)
             x_t = make_training_input(model, schedule, feats, labels, t, gen, cfg.x0_source, cfg.ignore_index)
-            if cfg.feature_drop > 0:  # drawn only then: runs without it keep their random stream
-                drop = (torch.rand(b, generator=gen) < cfg.feature_drop).to(device)
-                feats = torch.where(drop[:, None, None, None], torch.zeros_like(feats), feats)
+            feats = drop_features(feats, cfg.feature_drop, gen)
             with autocast(device):
                 logits = model(x_t, t, feats)
             loss = masked_cross_entropy(logits, labels, cfg.ignore_index)

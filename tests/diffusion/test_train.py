@@ -177,3 +177,16 @@ def test_time_budget_stops_with_a_checkpoint_and_the_rerun_finishes_the_same(tmp
     train_ddpm(_cfg(tmp_path, "budget"), images, CPU, seed=4)  # the budget is not part of the identity
     (mf, ef, _), (mb, eb, sb) = _weights(tmp_path / "full"), _weights(tmp_path / "budget")
     assert sb == 4 and all(torch.equal(mf[k], mb[k]) for k in mf) and all(torch.equal(ef[k], eb[k]) for k in ef)
+
+
+def test_focused_timesteps_keep_a_uniform_share_and_the_plain_stream_without_focus():
+    from ddps_core.diffusion.train import draw_timesteps
+
+    plain = draw_timesteps(5000, 1000, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randint(0, 1000, (5000,), generator=torch.Generator().manual_seed(3)))
+    t = draw_timesteps(20000, 1000, torch.Generator().manual_seed(3), focus=0.5, below=200)
+    assert int(t.min()) >= 0 and int(t.max()) < 1000
+    # half the batch below 200, plus the uniform half's own fifth there: 0.5 + 0.5 * 0.2 = 0.6
+    assert abs(float((t < 200).float().mean()) - 0.6) < 0.02
+    assert abs(float((t >= 200).float().mean()) - 0.4) < 0.02
+    assert bool((draw_timesteps(100, 1000, torch.Generator(), focus=1.0, below=50) < 50).all())

@@ -252,3 +252,19 @@ def test_time_budget_stop_mid_epoch_then_rerun_equals_the_uninterrupted_run(tmp_
     for key in ("model", "ema"):
         full, resumed = _state(tmp_path / "full")[key], _state(tmp_path / "budget")[key]
         assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_drop_features_zeroes_whole_images_at_the_given_share():
+    import torch
+
+    from ddps_core.refiner.train import drop_features
+
+    feats = torch.ones(4000, 3, 2, 2)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert drop_features(feats, 0.0, gen) is feats and torch.equal(gen.get_state(), state)  # nothing drawn
+    out = drop_features(feats, 0.25, gen)
+    zeroed = (out.flatten(1) == 0).all(1)
+    kept = (out.flatten(1) == 1).all(1)
+    assert bool((zeroed | kept).all())  # an image is dropped whole or not at all
+    assert abs(float(zeroed.float().mean()) - 0.25) < 0.03
