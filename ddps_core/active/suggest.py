@@ -176,14 +176,10 @@ def suggest(settings: Settings, n: int, out: str | Path, report: Reporter | None
     pool_scores = scores.set_index("image_id").loc[ids, "score"].to_numpy(dtype=np.float64)
 
     ext = extractor(settings, None, "ddpm")
-    described: dict[int, np.ndarray] = {}
 
     def describe(indices: np.ndarray) -> np.ndarray:
-        images = [source.image(int(i)) for i in indices]
-        rows = describe_images(ext, images, settings.features.batch_size,
+        return describe_images(ext, [source.image(int(i)) for i in indices], settings.features.batch_size,
                                lambda d, t: report.progress("suggest: describe candidates", d, t))
-        described.update(zip((int(i) for i in indices), rows, strict=True))
-        return rows
 
     picks = diverse_uncertain(pool_scores, describe, n, candidates, near_copy)
     if len(picks) < n:
