@@ -33,8 +33,8 @@ class AddedLabels:
     identity: str
 
     def record(self) -> dict[str, object]:
-        """What the dataset's identity records of them."""
-        return {"folder": str(self.folder.resolve()), "images": len(self.ids), "content": self.identity}
+        """What the dataset's identity records of them: their content, not where they are."""
+        return {"images": len(self.ids), "content": self.identity}
 
     def apply(self, root: Path, pixels: Callable[[np.ndarray], None] | None = None) -> None:
         """Write them into the dataset folder ``root`` (being built): ``real/train/<id>.png`` and
