@@ -443,3 +443,24 @@ def test_a_failed_refine_keeps_the_earlier_labels_and_a_rerun_drops_what_is_no_l
     assert sorted(p.name for p in out.iterdir()) == ["refiner", "student"]
     assert not (out / "student" / "gone.png").exists()
     assert not list(root.glob(".refined.*"))
+
+
+def test_every_training_setting_of_the_refiner_reaches_the_trainer():
+    # a knob the settings accept but the stage does not pass on is silently ignored: every field
+    # the trainer's config and the settings share must carry the settings' value
+    from dataclasses import fields
+
+    from ddps_core.config import load_settings
+    from ddps_core.refiner.stage import train_config
+    from ddps_core.refiner.train import DDPSTrainConfig
+
+    shared = [f.name for f in fields(DDPSTrainConfig) if f.name not in ("out", "ignore_index")]
+    changed = {"feature_drop": 0.3, "single_step_steps": 7, "steps": 11, "dropout": 0.1, "embed_dim": 5,
+               "num_timesteps": 6, "schedule": "cosine", "lr": 0.002, "warmup_steps": 3, "weight_decay": 0.5,
+               "ema_rate": 0.9, "grad_clip": 2.0, "checkpoint_every": 4, "log_every": 2, "time_budget_s": 9.0,
+               "x0_source": "gt", "width": 8, "num_res_blocks": 2, "channel_mult": [1, 2]}
+    settings = load_settings(None, {f"refiner.{k}": v for k, v in changed.items()})
+    cfg = train_config(settings)
+    for name in shared:
+        assert getattr(cfg, name) == getattr(settings.refiner, name), name
+    assert set(changed) <= set(shared)
