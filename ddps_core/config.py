@@ -484,6 +484,9 @@ class RefinerSettings(Section):
         None, min_length=1, description="The run steps stage refine writes and scores (e.g. [0, 10, 19] or "
         "\"0, 10, 19\"); null: every run step.")
     guidance: float = Field(0.0, ge=0, description="w: logits = (1 + w) f(F, x) - w f(0, x).")
+    guidance_from: Literal["every", "first"] = Field(
+        "every", description="f(0, x) of every step on its own mask (the reference), or the one of step 0 "
+        "(from the uniformly random mask: the class prior) at every step.")
     refined_out: str = "data/refined"
 
     @field_validator("report_steps", mode="before")

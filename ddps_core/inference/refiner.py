@@ -56,7 +56,8 @@ class RefinerPredictor:
 
     def __init__(self, student: torch.nn.Module, denoiser: torch.nn.Module, schedule: Any, *, model_id: str,
                  num_classes: int, size: int, steps: Sequence[int], report_steps: Sequence[int] | None = None,
-                 guidance: float = 0.0, seed: int = 0, class_names: list[str] | None = None,
+                 guidance: float = 0.0, guidance_from: str = "every", seed: int = 0,
+                 class_names: list[str] | None = None,
                  device: torch.device | str = "cpu", mode: str = "whole", stride: int | None = None,
                  flip: bool = False, scales: Sequence[float] | None = None, batch: int = REFINE_BATCH):
         self.student, self.denoiser, self.schedule = student, denoiser, schedule
@@ -64,7 +65,7 @@ class RefinerPredictor:
         self.class_names = class_names
         self.steps = [int(i) for i in steps]
         self.report_steps = self._check(report_steps if report_steps is not None else self.steps)
-        self.guidance = float(guidance)
+        self.guidance, self.guidance_from = float(guidance), str(guidance_from)
         self.device = torch.device(device)
         self.seed = int(seed)
         self.generator = torch.Generator(device=self.device)
@@ -93,7 +94,8 @@ class RefinerPredictor:
             with torch.inference_mode(), autocast(device):
                 feats, _ = self.student.features_and_logits(x)
             result = free_renoising(self.denoiser, self.schedule, feats.float(), steps=self.steps, collect=report,
-                                    output_size=(S, S), guidance=self.guidance, generator=self.generator,
+                                    output_size=(S, S), guidance=self.guidance,
+                                    guidance_from=self.guidance_from, generator=self.generator,
                                     changes=True)
             masks = result.masks()
             maps = [F.one_hot(masks[i], K).permute(0, 3, 1, 2).float() for i in report]
@@ -169,9 +171,12 @@ def refiner_predictors(settings: Any, device: torch.device | str | None = None, 
         if unknown:
             raise ConfigError(f"refiner.report_steps: {unknown} are not run steps of the {method} denoiser "
                               f"(T = {schedule.num_timesteps}, refiner.refine_steps {cfg.refine_steps}: {steps})")
-        model_id = f"{base.model_id}+{_file_id(folder / WEIGHTS_FILE)}"
+        # the weights and how they refine: a prediction made with other steps or guidance is another
+        model_id = (f"{base.model_id}+{_file_id(folder / WEIGHTS_FILE)}+n{cfg.refine_steps}-w{cfg.guidance:g}"
+                    f"-{cfg.guidance_from}-s{cfg.seed}")
         out[method] = RefinerPredictor(student, model, schedule, model_id=model_id, num_classes=base.num_classes,
                                        size=base.size, steps=steps, report_steps=report, guidance=cfg.guidance,
+                                       guidance_from=cfg.guidance_from,
                                        seed=cfg.seed, class_names=base.class_names, device=device,
                                        mode=settings.data.resize, stride=settings.data.stride, flip=flip,
                                        scales=scales)

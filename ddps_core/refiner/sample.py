@@ -34,6 +34,7 @@ from ddps_core.viz import grid, overlay, with_header
 __all__ = [
     "RefineResult",
     "class_argmax",
+    "guided_branches",
     "guided_logits",
     "free_renoising",
     "refine_images",
@@ -64,13 +65,20 @@ def class_argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=1).indices
 
 
+def guided_branches(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                    features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(F, x), f(0, x))`` in one batched forward (float32)."""
+    both = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([features, torch.zeros_like(features)])).float()
+    cond, uncond = both.chunk(2)
+    return cond, uncond
+
+
 def guided_logits(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
                   guidance: float = 0.0) -> torch.Tensor:
     """``f(F, x)`` for w = 0, else ``(1 + w) f(F, x) - w f(0, x)`` (float32)."""
     if guidance == 0.0:
         return denoiser(x, t, features).float()
-    both = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([features, torch.zeros_like(features)])).float()
-    cond, uncond = both.chunk(2)
+    cond, uncond = guided_branches(denoiser, x, t, features)
     return (1.0 + guidance) * cond - guidance * uncond
 
 
@@ -107,6 +115,7 @@ def free_renoising(
     collect: Sequence[int] | None = None,
     output_size: tuple[int, int] | None = None,
     guidance: float = 0.0,
+    guidance_from: str = "every",
     generator: torch.Generator | None = None,
     changes: bool = False,
 ) -> RefineResult:
@@ -119,6 +128,9 @@ def free_renoising(
         but not collected cost no upsampling or memory.
     :param output_size: ``(H, W)`` of the returned logits (default: the feature size).
     :param guidance: w.
+    :param guidance_from: the feature-less prediction guidance subtracts: ``every`` (the
+        reference) runs it at every step on that step's mask, ``first`` keeps the one of step 0
+        (from the uniformly random mask: the class prior) for every later step.
     :param generator: source of the initial mask and the re-noising draws.
     :param changes: also count, per pixel at the output size, the run steps whose mask
         changed it (:attr:`RefineResult.changes`); every run step is then upsampled.
@@ -134,7 +146,9 @@ def free_renoising(
     device = features.device
     size = tuple(output_size) if output_size is not None else (h, w)
     out: dict[int, torch.Tensor] = {}
-    count = previous = None
+    if guidance_from not in ("every", "first"):
+        raise ValueError(f"guidance_from must be 'every' or 'first', got {guidance_from!r}")
+    count = previous = prior = None
     with torch.inference_mode(), autocast(device):
         x = uniform_mask((b, h, w), schedule.num_classes, generator, device)
         x0_hat = None
@@ -142,7 +156,14 @@ def free_renoising(
             if i != 0:
                 x = schedule.q_sample(x0_hat, schedule.s_from_t(i), generator)
             t = torch.full((b,), i, dtype=torch.long, device=device)
-            logits = guided_logits(denoiser, x, t, features, guidance)
+            if guidance != 0.0 and guidance_from == "first":
+                if prior is None:
+                    cond, prior = guided_branches(denoiser, x, t, features)
+                else:
+                    cond = denoiser(x, t, features).float()
+                logits = (1.0 + guidance) * cond - guidance * prior
+            else:
+                logits = guided_logits(denoiser, x, t, features, guidance)
             x0_hat = class_argmax(logits)
             if i in want or changes:
                 up = logits if size == (h, w) else F.interpolate(logits, size=size, mode="bilinear",

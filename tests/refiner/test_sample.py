@@ -115,11 +115,12 @@ def test_same_generator_same_result(denoiser, schedule, features):
     assert all(torch.equal(a.logits[i], b.logits[i]) for i in a.logits)
 
 
-def _manual(denoiser, schedule, features, steps, w, seed):
-    """Free re-noising with guidance written out with two separate calls per step."""
+def _manual(denoiser, schedule, features, steps, w, seed, first=False):
+    """Free re-noising with guidance written out with two separate calls per step; ``first``:
+    the feature-less prediction of step 0 is the one subtracted at every step."""
     gen = torch.Generator().manual_seed(seed)
     x = uniform_mask(features.shape[:1] + features.shape[2:], K, gen)
-    out, x0 = {}, None
+    out, x0, prior = {}, None, None
     with torch.no_grad():
         for i in steps:
             if i != 0:
@@ -128,6 +129,9 @@ def _manual(denoiser, schedule, features, steps, w, seed):
             cond = denoiser(x, t, features)
             if w:
                 uncond = denoiser(x, t, torch.zeros_like(features))
+                if first:
+                    prior = uncond if prior is None else prior
+                    uncond = prior
                 logits = (1 + w) * cond - w * uncond
             else:
                 logits = cond
@@ -149,6 +153,20 @@ def test_guidance_is_the_closed_form_combination(denoiser, schedule, features, w
     else:
         plain = _manual(denoiser, schedule, features, steps, 0.0, 4)
         assert not torch.allclose(plain[0], got.logits[0], atol=1e-3)  # guidance changes something
+
+
+def test_guidance_from_the_first_step_subtracts_the_class_prior_of_step_0(denoiser, schedule, features):
+    steps = refinement_steps(T, 2)
+    got = free_renoising(denoiser, schedule, features, steps=steps, guidance=0.5, guidance_from="first",
+                         generator=torch.Generator().manual_seed(4))
+    want = _manual(denoiser, schedule, features, steps, 0.5, 4, first=True)
+    every = _manual(denoiser, schedule, features, steps, 0.5, 4)
+    for i in steps:
+        assert torch.allclose(got.logits[i], want[i], atol=1e-4), i
+    assert torch.allclose(got.logits[0], every[0], atol=1e-4)  # step 0 is the same either way
+    assert not torch.allclose(got.logits[steps[-1]], every[steps[-1]], atol=1e-3)
+    with pytest.raises(ValueError, match="guidance_from"):
+        free_renoising(denoiser, schedule, features, n=2, guidance=0.5, guidance_from="last")
 
 
 def test_collect_and_output_size(denoiser, schedule, features):
