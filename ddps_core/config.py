@@ -461,6 +461,10 @@ class RefinerSettings(Section):
         "generated", description="Training images: the generated export (teacher labels + real) or the real labelled images only.")
     steps: int = Field(2000, ge=1)
     single_step_steps: int = Field(400, ge=0, description="Reference pre-stage: the first steps train t = 0 only.")
+    train_guidance: float = Field(
+        0.0, ge=0, description="w of the first prediction Diffusion-on-First-Prediction re-noises in training "
+        "(0: unguided, the reference); set it to `guidance` so that training sees the guided step-0 masks "
+        "refinement re-noises.")
     feature_drop: float = Field(
         0.0, ge=0, lt=1, description="Share of training images whose features are zeroed (after the first "
         "prediction), so the feature-less branch that guidance subtracts is trained (classifier-free style).")

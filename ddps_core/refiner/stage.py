@@ -115,8 +115,8 @@ def report_locations(settings: Settings) -> dict[str, Any]:
 
 
 _TRAIN_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "dropout", "num_timesteps",
-                 "schedule", "x0_source", "steps", "single_step_steps", "feature_drop", "lr", "warmup_steps",
-                 "weight_decay", "ema_rate", "grad_clip", "checkpoint_every", "log_every", "time_budget_s")
+                 "schedule", "x0_source", "steps", "single_step_steps", "feature_drop", "train_guidance", "lr",
+                 "warmup_steps", "weight_decay", "ema_rate", "grad_clip", "checkpoint_every", "log_every", "time_budget_s")
 
 
 # --------------------------------------------------------------------------- configuration

@@ -126,6 +126,7 @@ class DDPSTrainConfig:
     steps: int = 2000
     single_step_steps: int = 400
     feature_drop: float = 0.0
+    train_guidance: float = 0.0
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 1e-2
@@ -139,8 +140,8 @@ class DDPSTrainConfig:
 
 # Settings that change what is trained: a state saved under other values is not resumed.
 _IDENTITY_FIELDS = ("preset", "width", "channel_mult", "num_res_blocks", "embed_dim", "dropout",
-                    "num_timesteps", "schedule", "x0_source", "single_step_steps", "feature_drop", "lr",
-                    "warmup_steps", "weight_decay", "ema_rate", "grad_clip", "ignore_index")
+                    "num_timesteps", "schedule", "x0_source", "single_step_steps", "feature_drop", "train_guidance",
+                    "lr", "warmup_steps", "weight_decay", "ema_rate", "grad_clip", "ignore_index")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -160,17 +161,21 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 @torch.no_grad()
-def first_prediction(model: MaskDenoiser, features: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
-    """The denoiser's own argmax at t = 0 from the uniformly random ``noise_mask``, no gradient.
+def first_prediction(model: MaskDenoiser, features: torch.Tensor, noise_mask: torch.Tensor,
+                     guidance: float = 0.0) -> torch.Tensor:
+    """The denoiser's own argmax at t = 0 from the uniformly random ``noise_mask``, no gradient,
+    guided with w = ``guidance`` as refinement guides its step 0 (0: unguided, the reference).
 
     Evaluated in eval mode (no dropout): the first prediction is what inference would produce.
     """
+    from ddps_core.refiner.sample import guided_logits
+
     was_training = model.training
     model.eval()
     try:
         t0 = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
         with autocast(features.device):
-            logits = model(noise_mask, t0, features)
+            logits = guided_logits(model, noise_mask, t0, features, guidance)
         return logits.float().argmax(dim=1)
     finally:
         model.train(was_training)
@@ -185,8 +190,10 @@ def make_training_input(
     generator: torch.Generator | None,
     x0_source: X0Source = "first_prediction",
     ignore_index: int = 255,
+    guidance: float = 0.0,
 ) -> torch.Tensor:
-    """The noisy mask x_t ``[B, h, w]`` for network steps ``t [B]`` (see the module doc)."""
+    """The noisy mask x_t ``[B, h, w]`` for network steps ``t [B]`` (see the module doc);
+    ``guidance``: w of the first prediction."""
     b, _, h, w = features.shape
     device = features.device
     x_t = uniform_mask((b, h, w), schedule.num_classes, generator, device)
@@ -195,7 +202,7 @@ def make_training_input(
         return x_t
     idx = need.nonzero(as_tuple=True)[0]
     if x0_source == "first_prediction":
-        x0 = first_prediction(model, features[idx], x_t[idx])
+        x0 = first_prediction(model, features[idx], x_t[idx], guidance)
     elif x0_source == "gt":
         small = downsample_labels(labels[idx], (h, w))
         x0 = torch.where(small == ignore_index, x_t[idx], small)
@@ -340,7 +347,8 @@ def train_denoiser(
             else:
                 t = torch.randint(0, T, (b,), generator=gen)
             t = t.to(device)
-            x_t = make_training_input(model, schedule, feats, labels, t, gen, cfg.x0_source, cfg.ignore_index)
+            x_t = make_training_input(model, schedule, feats, labels, t, gen, cfg.x0_source, cfg.ignore_index,
+                                      cfg.train_guidance)
             feats = drop_features(feats, cfg.feature_drop, gen)
             with autocast(device):
                 logits = model(x_t, t, feats)

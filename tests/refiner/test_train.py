@@ -268,3 +268,25 @@ def test_drop_features_zeroes_whole_images_at_the_given_share():
     kept = (out.flatten(1) == 1).all(1)
     assert bool((zeroed | kept).all())  # an image is dropped whole or not at all
     assert abs(float(zeroed.float().mean()) - 0.25) < 0.03
+
+
+def test_the_first_prediction_is_guided_as_refinement_guides_step_0():
+    from ddps_core.refiner.denoiser import DenoiserConfig
+    from ddps_core.refiner.train import first_prediction
+
+    torch.manual_seed(0)
+    model = DenoiserConfig(5, 6, width=8, channel_mult=(1, 2), num_res_blocks=1).build()
+    with torch.no_grad():  # the zero-initialised layers perturbed, so the features matter
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    feats = torch.randn(3, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 5, (3, 8, 8), generator=torch.Generator().manual_seed(2))
+    t0 = torch.zeros(3, dtype=torch.long)
+    model.eval()
+    with torch.no_grad():
+        cond, uncond = model(x, t0, feats), model(x, t0, torch.zeros_like(feats))
+    model.train()
+    assert torch.equal(first_prediction(model, feats, x), cond.argmax(1))  # the reference: unguided
+    guided = first_prediction(model, feats, x, guidance=2.0)
+    assert torch.equal(guided, (3.0 * cond - 2.0 * uncond).argmax(1))
+    assert not torch.equal(guided, cond.argmax(1)) and model.training  # mode restored
