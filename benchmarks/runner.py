@@ -106,6 +106,15 @@ def _label_stream(device: str) -> list[dict]:
 BENCHMARKS["label_stream"] = _label_stream
 
 
+def _active(device: str) -> list[dict]:
+    from benchmarks import bench_active
+
+    return bench_active.run()
+
+
+BENCHMARKS["active"] = _active
+
+
 def _gpu(device: str) -> list[dict]:
     from benchmarks import bench_gpu
 
