@@ -102,19 +102,21 @@ def _pool_labels(settings: Settings, predictor: Any, source: Any, work: Path,
     """The folder of the pool's teacher labels and their scores; True when reused from the
     label stage."""
     from ddps_core.teacher.labels import finished_labels, label_images
-    from ddps_core.teacher.stage import TEACHER, label_folder
+    from ddps_core.teacher.stage import TEACHER, label_folder, labels_id
 
     ids = list(source.image_ids)
+    # the label stage's own record: the teacher's file, the images' content and the geometry
+    made = labels_id(settings, TEACHER, "unlabeled", source)
     staged = label_folder(settings, TEACHER, "unlabeled")
-    scores = finished_labels(staged, predictor.model_id, ids)
+    scores = finished_labels(staged, made, ids)
     if scores is not None:
         report.log(f"suggest: the pool's teacher labels of stage label are reused ({staged})")
         return staged, scores, True
-    scores = finished_labels(work, predictor.model_id, ids)
+    scores = finished_labels(work, made, ids)
     if scores is not None:
         return work, scores, False
     report.progress("suggest: label the pool", 0, len(ids))
-    scores = label_images(predictor, source, work, "unlabeled", predictor.model_id,
+    scores = label_images(predictor, source, work, "unlabeled", made,
                           progress=lambda d, t: report.progress("suggest: label the pool", d, t))
     return work, scores, False
 

@@ -170,7 +170,7 @@ def _augmented(settings: Settings, split: str) -> tuple[bool, list[float] | None
     return (bool(e.flip), scales) if split == "test" else (False, None)
 
 
-def _labels_id(settings: Settings, method: str, split: str, source: ReaderImages) -> str:
+def labels_id(settings: Settings, method: str, split: str, source: ReaderImages) -> str:
     """What a labelling's parts were made from: the teacher's file, then the images' content
     and how they met the model (parts of another teacher, of other images under the same ids,
     or of another geometry are redone)."""
@@ -189,7 +189,7 @@ def plan_labels(settings: Settings, n: int, report: Reporter) -> list[dict[str, 
     for method, split in label_jobs(settings):
         folder = label_folder(settings, method, split)
         source = _images(settings, split)
-        made = _labels_id(settings, method, split, source)
+        made = labels_id(settings, method, split, source)
         if finished_labels(folder, made, source.image_ids) is not None:
             continue  # labelled by this teacher, from these images, this way: kept
         start_labels(folder, made)
@@ -236,7 +236,7 @@ def label(settings: Settings, report: Reporter) -> dict[str, Any]:
     for method, split in jobs:
         source = _images(settings, split)
         ids[(method, split)] = list(source.image_ids)
-        folder, made = label_folder(settings, method, split), _labels_id(settings, method, split, source)
+        folder, made = label_folder(settings, method, split), labels_id(settings, method, split, source)
         scores = finished_labels(folder, made, source.image_ids)
         if scores is None:
             scores = finish_labels(source, folder, made, _num_classes(settings))

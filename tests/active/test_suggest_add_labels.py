@@ -177,3 +177,11 @@ def test_the_loop_suggest_correct_add_then_suggest_again(workspace, tmp_path):
     (mine / "added" / f"{picked[1]}.npy").unlink()
     back = stages.get("data").run(s)
     assert not back["reused"] and back["counts"]["train"] == 5 and back["counts"]["unlabeled"] == 14
+
+
+def test_suggest_reuses_the_pool_labels_of_stage_label(workspace, tmp_path):
+    mine, s = _copy(workspace, tmp_path)
+    stages.get("label").run(s)  # labels the test split and the pool with the teacher
+    summary = suggest(s, 2, mine / "batch", candidates=15)
+    assert summary["pool_labels_reused"] is True
+    assert not (mine / ".batch.pool").exists()  # nothing labelled again
