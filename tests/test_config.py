@@ -19,6 +19,7 @@ DOCUMENTED = {
     ("student", "epochs"): (10, 40),  # 40 meets the 3-point goal
     ("refiner", "steps"): (900, 2000),  # 600 left the later steps to chance (docs/method.md)
     ("refiner", "single_step_steps"): (150, 400),
+    ("ddpm", "t_focus"): (0.5, 0.0),  # the teacher gains 4-7 mIoU at the same DDPM steps (docs/method.md)
     ("refiner", "num_timesteps"): (5, 20),  # the largest gain of the later steps at 900 steps (docs/method.md)
     ("refiner", "guidance"): (0.25, 0.0),  # with T = 5 (docs/method.md, "Why the later steps lose")
     # written out for dvc.yaml's ${student.train_data} dependency; None derives the same folder
