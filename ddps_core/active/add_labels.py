@@ -20,7 +20,6 @@ rebuilds what depends on the training split.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,17 +29,17 @@ from PIL import Image
 
 from ddps_core.config import Settings
 from ddps_core.errors import DataError
+from ddps_core.predict.inputs import IMAGE_SUFFIXES
 from ddps_core.progress import Reporter
+from ddps_core.viz.palette import IGNORE_COLOR, palette
 
 __all__ = ["add_labels", "decode_mask", "mask_folders"]
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-_MASK_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+# masks: what a label can be, plus the lossy image formats, so that those are refused by name
+_MASK_SUFFIXES = tuple(dict.fromkeys((".png", ".npy", *IMAGE_SUFFIXES)))
 
 
 def _colour_table(num_classes: int, ignore_index: int) -> dict[tuple[int, int, int], int]:
-    from ddps_core.viz.palette import IGNORE_COLOR, palette
-
     table = {tuple(int(v) for v in c): k for k, c in enumerate(palette(num_classes))}
     table.setdefault(tuple(IGNORE_COLOR), ignore_index)
     return table
@@ -57,16 +56,10 @@ def _by_colour(rgb: np.ndarray, path: Path, num_classes: int, ignore_index: int)
         if colour not in table:
             raise DataError(f"{path}: colour {colour} on {count} pixels is not a class colour (classes "
                             f"0..{num_classes - 1} use the pre-labels' palette; {ignore_index} (ignore) uses "
-                            f"{_ignore_colour()})")
+                            f"{tuple(IGNORE_COLOR)})")
         ids[u] = table[colour]
     dtype = np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.uint16
     return ids[inverse].reshape(rgb.shape[:2]).astype(dtype)
-
-
-def _ignore_colour() -> tuple[int, int, int]:
-    from ddps_core.viz.palette import IGNORE_COLOR
-
-    return tuple(IGNORE_COLOR)
 
 
 def decode_mask(path: str | Path, num_classes: int, ignore_index: int) -> np.ndarray:
@@ -82,14 +75,8 @@ def decode_mask(path: str | Path, num_classes: int, ignore_index: int) -> np.nda
     else:
         try:
             with Image.open(path) as im:
-                im.load()
-                mode = im.mode
-                if mode == "P":
-                    rgb = np.asarray(im.convert("RGB"))
-                elif mode in ("RGB", "RGBA"):
-                    rgb = np.asarray(im.convert("RGB"))
-                else:
-                    rgb = None
+                # palette and colour masks by their colours; grey ones hold the ids (load_label)
+                rgb = np.asarray(im.convert("RGB")) if im.mode in ("P", "RGB", "RGBA") else None
         except FileNotFoundError:
             raise DataError(f"{path}: mask file not found") from None
         except (OSError, ValueError, SyntaxError) as exc:
@@ -116,7 +103,7 @@ def mask_folders(folder: str | Path, images: str | Path | None, data_out: str | 
 
 
 def _find_image(images: Path, sid: str) -> Path:
-    for suffix in _IMAGE_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         for name in (sid + suffix, sid + suffix.upper()):
             if (images / name).is_file():
                 return images / name
@@ -184,7 +171,7 @@ def add_labels(settings: Settings, folder: str | Path, report: Reporter | None =
 def _mark_added(batch: Path) -> None:
     """Record a suggest batch's pre-labels as they are now (added), so that the next
     ``ddps suggest`` into the same folder may replace it."""
-    from ddps_core.active.suggest import BATCH_RECORD
+    from ddps_core.active.suggest import BATCH_RECORD, prelabel_sha
     from ddps_core.io import atomic_write_text
 
     record_path = batch / BATCH_RECORD
@@ -192,7 +179,7 @@ def _mark_added(batch: Path) -> None:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    record["prelabels"] = {sid: hashlib.sha256((batch / "prelabels" / f"{sid}.png").read_bytes()).hexdigest()
+    record["prelabels"] = {sid: prelabel_sha(batch / "prelabels" / f"{sid}.png")
                            for sid in record.get("prelabels", {}) if (batch / "prelabels" / f"{sid}.png").is_file()}
     record["added"] = True
     atomic_write_text(record_path, json.dumps(record, indent=1))

@@ -68,15 +68,16 @@ def describe_images(extractor: Any, images: list[np.ndarray], batch: int = 16,
     return pooled_descriptors([np.concatenate(v)[:, :, None, None] for v in pooled.values()])
 
 
-def _sha(path: Path) -> str:
+def prelabel_sha(path: Path) -> str:
+    """The sha256 a batch record keeps of a pre-label file (edits show as another)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def edited_prelabels(batch: Path) -> list[Path]:
     """The pre-labels of a batch folder that differ from what ``suggest`` wrote."""
     record = json.loads((batch / BATCH_RECORD).read_text(encoding="utf-8"))
-    return [batch / "prelabels" / f"{sid}.png" for sid, sha in record["prelabels"].items()
-            if not (batch / "prelabels" / f"{sid}.png").is_file() or _sha(batch / "prelabels" / f"{sid}.png") != sha]
+    files = {sid: batch / "prelabels" / f"{sid}.png" for sid in record["prelabels"]}
+    return [f for sid, f in files.items() if not f.is_file() or prelabel_sha(f) != record["prelabels"][sid]]
 
 
 def guard_batch(out: Path) -> None:
@@ -217,7 +218,7 @@ def suggest(settings: Settings, n: int, out: str | Path, report: Reporter | None
         pd.DataFrame(rows).to_parquet(tmp, index=False)
     atomic_write_text(partial / "classes.txt", "".join(f"{c} {name}\n" for c, name in enumerate(names)))
     atomic_write_text(partial / BATCH_RECORD, json.dumps(
-        {"teacher": predictor.model_id, "prelabels": {sid: _sha(partial / "prelabels" / f"{sid}.png")
+        {"teacher": predictor.model_id, "prelabels": {sid: prelabel_sha(partial / "prelabels" / f"{sid}.png")
                                                       for sid in picked_ids}}, indent=1))
     guard_batch(out)  # a prelabel may have been edited while the pool was labelled
     swap_folder(partial, out)

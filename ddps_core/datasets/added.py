@@ -13,6 +13,7 @@ image scored as test must not also be trained on.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,12 @@ class AddedLabels:
             if (root / "real" / "test" / f"{sid}.png").is_file():
                 raise DataError(f"{self.folder / (sid + '.png')}: {sid!r} is an image of the test split; an added "
                                 "label must be a training or pool image (remove it from data.added)")
+            label = (self.folder / f"{sid}.npy").read_bytes()
             atomic_write_bytes(train / f"{sid}.png", (self.folder / f"{sid}.png").read_bytes())
-            atomic_write_bytes(train / f"{sid}.npy", (self.folder / f"{sid}.npy").read_bytes())
+            atomic_write_bytes(train / f"{sid}.npy", label)
             (root / "unlabeled" / f"{sid}.png").unlink(missing_ok=True)
             if pixels is not None:
-                pixels(np.load(self.folder / f"{sid}.npy", allow_pickle=False))
+                pixels(np.load(io.BytesIO(label), allow_pickle=False))
 
 
 def added_labels(folder: str | Path | None) -> AddedLabels | None:
