@@ -29,6 +29,22 @@ import numpy as np
 from ddps_core.config import load_settings, parse_assignment
 
 
+def score_predictor(predictor, folder: Path, settings):
+    """The :class:`~ddps_core.metrics.SegmentationResult` of ``predictor`` on the labelled
+    ``test`` split of the dataset in ``folder``."""
+    from ddps_core.datasets import DDPMSegFolder
+    from ddps_core.metrics import evaluate_arrays
+
+    reader = DDPMSegFolder(folder, "test")
+    pairs = []
+    for a in range(0, len(reader), 32):
+        samples = [reader[i] for i in range(a, min(len(reader), a + 32))]
+        for sample, pred in zip(samples, predictor([s.image for s in samples]), strict=True):
+            pairs.append((sample.id, pred.labels, sample.label))
+    return evaluate_arrays(pairs, predictor.num_classes, settings.data.ignore_index,
+                           settings.evaluate.boundary_ratio)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ws", required=True, help="workspace where stage data has run (params.yaml inside)")
@@ -41,9 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.refine_tune import validation_split
     from ddps_core import stages
-    from ddps_core.datasets import DDPMSegFolder
     from ddps_core.inference import load_predictor
-    from ddps_core.metrics import evaluate_arrays
     from ddps_core.progress import CallbackReporter
 
     os.chdir(args.ws)
@@ -61,15 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     ddpm_s = time.perf_counter() - t0
     stages.get("extract").run(settings, quiet)
     stages.get("train_teacher").run(settings, quiet)
-    predictor = load_predictor(settings, "teacher")
-    reader = DDPMSegFolder(val, "test")
-    pairs = []
-    for a in range(0, len(reader), 32):
-        samples = [reader[i] for i in range(a, min(len(reader), a + 32))]
-        for sample, pred in zip(samples, predictor([s.image for s in samples]), strict=True):
-            pairs.append((sample.id, pred.labels, sample.label))
-    result = evaluate_arrays(pairs, predictor.num_classes, settings.data.ignore_index,
-                             settings.evaluate.boundary_ratio)
+    result = score_predictor(load_predictor(settings, "teacher"), val, settings)
     record = {"tag": args.tag, "set": overrides, "seed": args.seed, "ddpm_steps": ddpm.get("steps"),
               "ddpm_s": round(ddpm_s, 1) if ddpm.get("steps_this_run") else None,
               "ddpm_images_per_s": ddpm.get("images_per_s"), "val": str(val),

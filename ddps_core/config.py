@@ -217,6 +217,9 @@ class DDPMSettings(Section):
         "instead of the whole schedule: training weighted toward the small steps the features come from; "
         "the rest stays uniform, so sampling still works.")
     t_focus_below: int = Field(200, ge=1, description="The focused timesteps' bound (exclusive).")
+    min_snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's noise MSE times "
+        "min(SNR_t, gamma) / SNR_t; None: unweighted (the reference).")
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(10, ge=1)
     compile: bool = False
@@ -288,6 +291,9 @@ class TeacherSettings(Section):
     out: str = Field("data/models/teacher", description="The teacher's folder.")
     baselines_out: str = Field("data/models/baselines", description="One folder per baseline in here.")
     labels_out: str = Field("data/labels", description="Labels, uncertainty maps and scores: <labels_out>/<teacher or baseline>/<split>/.")
+    soft_labels: bool = Field(False, description="The teacher's labels of the pool and of generated images also keep "
+                              "the members' mean softmax (<id>_probs.npy), which the export carries (soft/) for "
+                              "student.distill: soft.")
 
 
 class GenerateSettings(Section):
@@ -411,6 +417,15 @@ class StudentSettings(Section):
     select_on: Literal["real", "last"] | None = Field(
         None, description="Checkpoint selection: mIoU on the real labelled images (the reference), or the last epoch; "
                           "None: real for source generated, last for labelled.")
+    distill: Literal["hard", "soft"] = Field(
+        "hard", description="hard: cross-entropy on the teacher's majority-vote labels (the reference); soft: also "
+                            "the KL divergence to the members' mean softmax (needs teacher.soft_labels).")
+    temperature: float = Field(1.0, gt=0, description="soft: the distillation temperature (both sides softened; the "
+                               "term is scaled by its square).")
+    soft_weight: float = Field(1.0, ge=0, le=1, description="soft: the KL term's share of the loss; the rest is the "
+                               "hard cross-entropy.")
+    uncertainty_weight: bool = Field(True, description="soft: weigh each pixel's KL term by 1 - JS / ln M, the "
+                                     "members' agreement (the real labelled images weigh 1).")
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
     out: str = "data/models/student"
@@ -612,6 +627,17 @@ class Settings(Section):
         if self.student.source == "generated":
             return self.generate.out
         return str(Path(self.data.out) / "real" / "train")
+
+    @model_validator(mode="after")
+    def _check_soft_labels(self) -> Settings:
+        if self.student.distill == "soft":
+            if not self.teacher.soft_labels:
+                raise ValueError("student.distill 'soft' trains on the teacher's soft labels: set teacher.soft_labels "
+                                 "to true (stage label then keeps them)")
+            if self.student.source != "generated" or self.data.resize != "whole":
+                raise ValueError("student.distill 'soft' needs student.source 'generated' and data.resize 'whole' "
+                                 f"(got {self.student.source!r} and {self.data.resize!r})")
+        return self
 
     @model_validator(mode="after")
     def _check_student_data(self) -> Settings:

@@ -58,6 +58,10 @@ def test_missing_file_means_defaults_only_when_asked(tmp_path):
         ({"refiner": {"report_steps": "0, x"}}, "refiner.report_steps", "step numbers"),
         ({"evaluate": {"scales": [0.5, 0]}}, "evaluate.scales", "must be positive"),
         ({"evaluate": {"flip": "sometimes"}}, "evaluate.flip", "valid boolean"),
+        ({"student": {"distill": "soft"}}, "(top level)", "set teacher.soft_labels to true"),
+        ({"student": {"distill": "soft", "source": "labelled"}, "teacher": {"soft_labels": True}}, "(top level)",
+         "needs student.source 'generated' and data.resize 'whole'"),
+        ({"student": {"temperature": 0}}, "student.temperature", "greater than 0"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, raw, key, phrase):

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ddps_core.config import DDPMSettings
@@ -79,6 +80,14 @@ def draw_timesteps(n: int, num_timesteps: int, gen: torch.Generator, focus: floa
     return t
 
 
+def min_snr_weights(alphas_cumprod: np.ndarray, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of the noise MSE at timesteps ``t``: ``min(SNR_t, gamma) / SNR_t``
+    with ``SNR_t = abar_t / (1 - abar_t)``; 1 where the SNR is at most ``gamma``."""
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)[t.cpu()]
+    snr = abar / (1.0 - abar)
+    return (snr.clamp(max=gamma) / snr).to(torch.float32)
+
+
 # --------------------------------------------------------------------------- helpers
 def model_info(cfg: DDPMSettings, model: UNetModel, **extra: Any) -> dict[str, Any]:
     """The ``model.json`` record: enough to rebuild and identify the model."""
@@ -122,7 +131,10 @@ def train_ddpm(
         raise DataError(f"training images are {tuple(images.shape[-2:])}, preset {cfg.preset!r} "
                         f"expects {unet_cfg.image_size}x{unet_cfg.image_size}")
     diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.num_timesteps)
-    identity = run_id({**{k: getattr(cfg, k) for k in _IDENTITY_FIELDS}, "seed": seed}, inputs)
+    settings = {**{k: getattr(cfg, k) for k in _IDENTITY_FIELDS}, "seed": seed}
+    if cfg.min_snr_gamma is not None:  # only when set: unweighted runs keep their identity
+        settings["min_snr_gamma"] = cfg.min_snr_gamma
+    identity = run_id(settings, inputs)
     ckpt = Checkpoint(out / STATE_FILE, identity, unit="step", report=report,
                       hint="Lower ddpm.lr or check the images.")
     clear_temporaries(out / WEIGHTS_FILE, out / LOSS_FILE, out / INFO_FILE)
@@ -154,7 +166,11 @@ def train_ddpm(
         noise = torch.randn(x0.shape, generator=gen).to(device)
         with autocast(device):
             terms = diffusion.training_losses(forward, x0, t, noise)
-        loss = terms["loss"].float().mean()
+        if cfg.min_snr_gamma is None:
+            loss = terms["loss"].float().mean()
+        else:
+            w = min_snr_weights(diffusion.alphas_cumprod, t, cfg.min_snr_gamma).to(device)
+            loss = (w * terms["mse"].float() + terms["vb"].float()).mean()
         value = ckpt.check_loss(loss, step + 1)
         ts.step(loss, step, lr=lr, grad_clip=cfg.grad_clip, ema_rate=cfg.ema_rate)
         step += 1

@@ -6,6 +6,9 @@ Layout of ``<out>/`` (readable by :class:`~ddps_core.datasets.GenericFolder` on 
                                 ones at the size their labels have)
     masks/<id>.png              their labels (uint8 class ids; the ignore index where a real
                                 label has it)
+    soft/<id>.npy               with the teacher's soft labels (``teacher.soft_labels``): the
+    soft/<id>_uncertainty.png   kept teacher-labelled images' mean softmax (float16 [K, H, W]) and
+                                Jensen-Shannon map (0..255 for 0..ln M), at the mask's size
     rejected/images|masks/      the candidates the filter dropped, for inspection
     manifest.parquet            one row per candidate, kept or not (see MANIFEST_COLUMNS)
     classes.yaml                {classes: [...], num_classes: K}
@@ -41,7 +44,7 @@ from ddps_core.io import atomic_path, partial_folder, swap_folder
 __all__ = ["MANIFEST_COLUMNS", "Candidate", "contact_sheet", "export_dataset"]
 
 MANIFEST_COLUMNS = [
-    "image_id", "source", "source_id", "score", "rank", "kept", "reason", "image", "mask",
+    "image_id", "source", "source_id", "score", "rank", "kept", "reason", "image", "mask", "soft",
     "sampler_method", "sampler_steps", "sampler_seed", "teacher",
 ]
 
@@ -61,6 +64,9 @@ class Candidate:
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
     sampler: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None
+    soft: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    """Its soft labels, when it has them: ``(mean softmax float16 [K, H, W], uncertainty uint8
+    [H, W])`` at the mask's size."""
 
 
 def _class_fractions(mask: np.ndarray, k: int) -> dict[str, float]:
@@ -86,7 +92,7 @@ def export_dataset(out: str | Path, candidates: Sequence[Candidate], decisions: 
         raise DataError(f"{out}: {k} classes do not fit the uint8 masks of the export")
     dec = decisions.set_index("image_id") if len(decisions) else None
     build = partial_folder(out, settings_text)
-    for sub in ("images", "masks", "rejected/images", "rejected/masks"):
+    for sub in ("images", "masks", "soft", "rejected/images", "rejected/masks"):
         (build / sub).mkdir(parents=True, exist_ok=True)
     if ddpm_seg:
         (build / "ddpm-seg/real/train").mkdir(parents=True, exist_ok=True)
@@ -109,6 +115,15 @@ def export_dataset(out: str | Path, candidates: Sequence[Candidate], decisions: 
         top = "" if kept else "rejected/"
         (build / f"{top}images/{cand.image_id}.png").write_bytes(png_bytes(image))
         (build / f"{top}masks/{cand.image_id}.png").write_bytes(png_bytes(mask.astype(np.uint8)))
+        soft = None
+        if kept and cand.soft is not None:
+            probs, heat = cand.soft()
+            if probs.shape != (k, *mask.shape) or heat.shape != mask.shape:
+                raise DataError(f"{cand.image_id}: soft labels {probs.shape} / {heat.shape} do not match "
+                                f"{k} classes of its {mask.shape} mask; rerun the label stage")
+            soft = f"soft/{cand.image_id}.npy"
+            (build / soft).write_bytes(npy_bytes(probs.astype(np.float16)))
+            (build / f"soft/{cand.image_id}_uncertainty.png").write_bytes(png_bytes(heat.astype(np.uint8)))
         if kept and ddpm_seg:
             (build / f"ddpm-seg/real/train/{cand.image_id}.png").write_bytes(png_bytes(image))
             (build / f"ddpm-seg/real/train/{cand.image_id}.npy").write_bytes(npy_bytes(mask.astype(np.uint8)))
@@ -116,7 +131,7 @@ def export_dataset(out: str | Path, candidates: Sequence[Candidate], decisions: 
             "image_id": cand.image_id, "source": cand.source, "source_id": cand.source_id,
             "score": np.nan if cand.score is None else float(cand.score), "rank": rank,
             "kept": kept, "reason": reason,
-            "image": f"{top}images/{cand.image_id}.png", "mask": f"{top}masks/{cand.image_id}.png",
+            "image": f"{top}images/{cand.image_id}.png", "mask": f"{top}masks/{cand.image_id}.png", "soft": soft,
             "sampler_method": cand.sampler.get("method"), "sampler_steps": cand.sampler.get("steps"),
             "sampler_seed": cand.sampler.get("seed"), "teacher": cand.teacher,
             **_class_fractions(np.where(mask == ignore_index, k, mask), k),

@@ -74,6 +74,24 @@ def _labels_loader(image_fn: Callable[[], np.ndarray], label_path: Path, size: i
     return load
 
 
+def _soft_loader(folder: Path, image_id: str):
+    """An image's soft labels as the label stage wrote them (``<id>_probs.npy`` and its
+    Jensen-Shannon map): ``(float16 [K, H, W], uint8 [H, W])``."""
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        from ddps_core.metrics.files import load_label_map
+        from ddps_core.teacher.labels import PROBS
+
+        path = folder / f"{image_id}{PROBS}"
+        try:
+            probs = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: no readable soft labels ({exc}); teacher.soft_labels is true: rerun the "
+                            "label stage") from None
+        return probs, load_label_map(folder / f"{image_id}_uncertainty.png")
+
+    return load
+
+
 def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candidate]:
     """The unlabelled pool as labelled by the ``label`` stage."""
     folder = Path(settings.teacher.labels_out) / "teacher" / "unlabeled"
@@ -100,7 +118,7 @@ def pool_candidates(settings: Settings, teacher: str, size: int) -> list[Candida
         out.append(Candidate(
             image_id=f"pool_{row.image_id}", source="pool", source_id=row.image_id, score=float(row.score),
             load=_labels_loader(lambda i=i: reader[i].image, folder / f"{row.image_id}.png", size),
-            teacher=teacher))
+            teacher=teacher, soft=_soft_loader(folder, row.image_id) if settings.teacher.soft_labels else None))
     return out
 
 
@@ -194,10 +212,15 @@ def _sample_images(settings: Settings) -> Any:
     return ReaderImages(_samples_reader(settings))
 
 
+def _labels_made(settings: Settings) -> str:
+    """What the samples' labels are made with: the teacher, and whether they keep soft labels."""
+    return _teacher(settings) + ("-soft" if settings.teacher.soft_labels else "")
+
+
 def _labels_done(settings: Settings) -> pd.DataFrame | None:
     from ddps_core.teacher.labels import finished_labels
 
-    return finished_labels(_labels(settings), _teacher(settings), _sample_ids(settings))
+    return finished_labels(_labels(settings), _labels_made(settings), _sample_ids(settings))
 
 
 # --------------------------------------------------------------------------- the steps
@@ -245,16 +268,17 @@ def plan_sample_labels(settings: Settings, n: int, report: Reporter) -> list[lis
     _samples_reader(settings, clean=True)  # every sample drawn; strays of a larger earlier run removed
     if _labels_done(settings) is not None:
         return []
-    start_labels(_labels(settings), _teacher(settings))
+    start_labels(_labels(settings), _labels_made(settings))
     return _groups(pending_parts(_sample_images(settings), _labels(settings)), n)
 
 
 def label_sample_parts(settings: Settings, parts: list[int], report: Reporter) -> int:
     """Label one group of the samples' parts; images predicted."""
-    from ddps_core.inference import load_predictor
+    from ddps_core.inference.teacher import load_teacher_predictor
     from ddps_core.teacher.labels import label_parts
 
-    return label_parts(load_predictor(settings, "teacher"), _sample_images(settings), _labels(settings),
+    predictor = load_teacher_predictor(settings, probs=settings.teacher.soft_labels)
+    return label_parts(predictor, _sample_images(settings), _labels(settings),
                        "generated", parts, progress=lambda d, n: report.progress("label samples", d, n))
 
 
@@ -266,7 +290,7 @@ def _sample_scores(settings: Settings) -> pd.DataFrame:
     scores = _labels_done(settings)
     if scores is None:
         k = DDPMSegFolder(settings.data.out, "train").num_classes
-        scores = finish_labels(_sample_images(settings), _labels(settings), _teacher(settings), k)
+        scores = finish_labels(_sample_images(settings), _labels(settings), _labels_made(settings), k)
     return scores
 
 
@@ -277,7 +301,8 @@ def generated_candidates(settings: Settings, teacher: str) -> list[Candidate]:
     return [Candidate(image_id=sid, source="generated", source_id=sid, score=float(by_id[sid]),
                       load=_labels_loader(lambda p=samples / "images" / f"{sid}.png": load_image(p),
                                           labels / f"{sid}.png", size),
-                      sampler=_sampler(settings), teacher=teacher)
+                      sampler=_sampler(settings), teacher=teacher,
+                      soft=_soft_loader(labels, sid) if settings.teacher.soft_labels else None)
             for sid in _sample_ids(settings)]
 
 
@@ -308,7 +333,8 @@ def generate(settings: Settings, report: Reporter) -> dict[str, Any]:
         frames.append(decided)
     decisions = pd.concat(frames, ignore_index=True)
     candidates = scored + (real_candidates(settings, size) if g.include_real else [])
-    ident = json.dumps({"generate": g.model_dump(mode="json"), "teacher": teacher}, sort_keys=True)
+    ident = json.dumps({"generate": g.model_dump(mode="json"), "teacher": teacher,
+                        "soft": settings.teacher.soft_labels}, sort_keys=True)
     manifest = export_dataset(g.out, candidates, decisions, names, ignore_index=settings.data.ignore_index,
                               ddpm_seg=g.format == "ddpm-seg", contact=g.contact_sheet, settings_text=ident,
                               progress=lambda d, n: report.progress("export", d, n))

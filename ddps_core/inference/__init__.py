@@ -37,6 +37,9 @@ class Prediction:
     """The image's uncertainty score (the teacher's: the mean of its top-``int(n/10)`` pixel
     scores, as the reference filter ranks images; the others: the mean of ``uncertainty``,
     NaN without one)."""
+    probs: np.ndarray | None = None
+    """float32 ``[K, H, W]``: the teacher's members' mean softmax when it was asked for
+    (``teacher.soft_labels``: the soft labels a student distils from); else None."""
 
 
 @runtime_checkable

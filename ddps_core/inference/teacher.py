@@ -79,8 +79,9 @@ class TeacherPredictor:
     def __init__(self, ensemble: PixelEnsemble, window_features: WindowFeatures, size: int, *, model: str = "teacher",
                  model_id: str = "", class_names: list[str] | None = None, mode: str = "whole",
                  stride: int | None = None, batch: int = 16, flip: bool = False,
-                 scales: Sequence[float] | None = None, chunk: int | None = None):
+                 scales: Sequence[float] | None = None, chunk: int | None = None, probs: bool = False):
         self.ensemble = ensemble.eval()
+        self.probs = bool(probs)  # also the members' mean softmax (Prediction.probs)
         self.window_features = window_features
         self.model, self.model_id, self.size = model, model_id, int(size)
         self.num_classes = int(ensemble.num_classes)
@@ -96,29 +97,31 @@ class TeacherPredictor:
     def _window_maps(self, windows: np.ndarray) -> torch.Tensor:
         maps = []
         for features in self.window_features(windows):
-            shares, js = vote_maps(self.ensemble, features, self.chunk, self.size)
-            maps.append(torch.cat([shares, js[None]]))
+            shares, js, *mean = vote_maps(self.ensemble, features, self.chunk, self.size, mean_probs=self.probs)
+            maps.append(torch.cat([shares, js[None], *mean]))
         return torch.stack(maps)
 
     def __call__(self, images: list[np.ndarray]) -> list[Prediction]:
         # the maps of a group's windows are held until its images are merged: groups of at most
         # MAP_BUDGET bytes of them (a function of the images' sizes and the settings)
-        per_window = (self.num_classes + 1) * self.size * self.size * 4
+        k = self.num_classes
+        per_window = ((2 if self.probs else 1) * k + 1) * self.size * self.size * 4
         windows = max(self.batch, MAP_BUDGET // per_window)
         out = []
         for group in image_groups([im.shape[:2] for im in images], self.size, self.mode, self.stride, windows,
                                   self.flip, self.scales):
             for maps in image_maps([images[k] for k in group], self._window_maps, self.size, self.mode,
                                    self.stride, self.batch, self.flip, self.scales):
-                unc = maps[self.num_classes].numpy()
-                out.append(Prediction(labels_of(maps, self.num_classes), unc, image_score(unc)))
+                unc = maps[k].numpy()
+                probs = maps[k + 1:].numpy() if self.probs else None
+                out.append(Prediction(labels_of(maps, k), unc, image_score(unc), probs))
         return out
 
 
 def load_teacher_predictor(settings: Any, device: Any = None, method: str = "teacher", flip: bool = False,
-                           scales: Sequence[float] | None = None) -> TeacherPredictor:
+                           scales: Sequence[float] | None = None, probs: bool = False) -> TeacherPredictor:
     """The trained ``method`` of a workspace (``teacher``, ``random_unet`` or ``rgbxy``) under
-    ``data.resize`` / ``data.stride``. An ensemble trained on other features than the settings
+    ``data.resize`` / ``data.stride``; ``probs``: its predictions carry the members' mean softmax. An ensemble trained on other features than the settings
     make now (another DDPM, ``features.*``) is refused."""
     from ddps_core.datasets import DDPMSegFolder
     from ddps_core.device import resolve_device
@@ -144,4 +147,5 @@ def load_teacher_predictor(settings: Any, device: Any = None, method: str = "tea
     return TeacherPredictor(ensemble, features, size, model=method,
                             model_id=teacher_id(model_folder(settings, method) / WEIGHTS),
                             class_names=list(names) if names else None, mode=settings.data.resize,
-                            stride=settings.data.stride, batch=settings.features.batch_size, flip=flip, scales=scales)
+                            stride=settings.data.stride, batch=settings.features.batch_size, flip=flip, scales=scales,
+                            probs=probs)

@@ -27,9 +27,9 @@ from ddps_core.progress import Reporter
 from ddps_core.stages import Stage
 from ddps_core.student import train as training
 from ddps_core.student.labelled import LabelledCrops
-from ddps_core.student.train import ImageSet
+from ddps_core.student.train import ImageSet, SoftTargets
 
-__all__ = ["TRAIN_STUDENT", "export_size", "predict_split", "training_data"]
+__all__ = ["TRAIN_STUDENT", "export_size", "predict_split", "soft_targets", "training_data"]
 
 
 def _export(settings: Settings) -> tuple[GenericFolder, Path]:
@@ -59,7 +59,8 @@ def student_size(settings: Settings) -> int:
 
 def training_data(settings: Settings) -> dict[str, Any]:
     """What stage ``train_student`` trains and selects on for ``student.source``:
-    ``{"train", "val", "inputs", "num_classes", "class_names"}``."""
+    ``{"train", "val", "inputs", "num_classes", "class_names"}`` and, for source generated,
+    ``"soft"``: the distillation targets with ``student.distill: soft``, else None."""
     cfg, d = settings.student, settings.data
     size = student_size(settings)
     real = DDPMSegFolder(d.out, "train", ignore_index=d.ignore_index)
@@ -75,7 +76,23 @@ def training_data(settings: Settings) -> dict[str, Any]:
         {"train": data_id, "resize": f"{d.resize}/{d.stride}"}  # whole keeps the identity runs had
     return {"train": ImageSet(TrainingView(reader, size, d.resize, d.stride), size),
             "val": ImageSet(TrainingView(real, size, d.resize, d.stride), size), "inputs": inputs,
-            "num_classes": reader.num_classes, "class_names": reader.class_names}
+            "num_classes": reader.num_classes, "class_names": reader.class_names,
+            "soft": soft_targets(settings, reader.num_classes) if cfg.distill == "soft" else None}
+
+
+def soft_targets(settings: Settings, num_classes: int) -> SoftTargets:
+    """The export's soft labels (``soft/`` of its manifest's kept rows) as distillation targets."""
+    import pandas as pd
+
+    root = Path(settings.generate.out)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    if "soft" not in manifest.columns or not manifest["soft"].notna().any():
+        raise DataError(f"{root / 'manifest.parquet'}: the export has no soft labels, which student.distill 'soft' "
+                        "trains on; rerun the label and generate stages with teacher.soft_labels true")
+    rows = manifest[manifest["kept"] & manifest["soft"].notna()]
+    soft = {r.image_id: (root / r.soft, root / str(r.soft).replace(".npy", "_uncertainty.png"))
+            for r in rows.itertuples()}
+    return SoftTargets(soft, num_classes, settings.data.ignore_index, settings.student.uncertainty_weight)
 
 
 def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
@@ -89,7 +106,7 @@ def train_student(settings: Settings, report: Reporter) -> dict[str, Any]:
         info = training.train_student(
             cfg, data["train"], data["val"], num_classes=data["num_classes"], ignore_index=settings.data.ignore_index,
             class_names=data["class_names"], device=resolve_device(settings.device), inputs=data["inputs"],
-            report=report, image_size=student_size(settings))
+            report=report, image_size=student_size(settings), soft=data.get("soft"))
     result = predict_split(settings, "test", Path(cfg.out) / "test",
                            progress=lambda d, n: report.progress("predict test", d, n))
     report.log(f"student {info['arch']}/{info['encoder']} ({cfg.source}): epoch {info['best_epoch']} selected; "

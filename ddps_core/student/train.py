@@ -12,7 +12,9 @@ Two kinds of training data (``student.source``):
 Optimisation: AdamW or SGD with momentum (``optimizer``), a linear warm-up then poly decay
 ``min_lr + (lr - min_lr) * (1 - p) ** poly_power``; the decoder and head at ``head_lr_mult``
 times the rate, normalisation layers without weight decay unless ``norm_weight_decay``;
-cross-entropy with the ignore index. One epoch goes over the data in an order that is a
+cross-entropy with the ignore index (``distill: hard``), or with ``distill: soft`` also the
+distillation term of :func:`distill_loss` on the teacher's soft labels (:class:`SoftTargets`).
+One epoch goes over the data in an order that is a
 function of ``(seed, epoch)``; ``iterations``, when set, is the run's length in optimiser steps
 (the last epoch stops there).
 
@@ -56,7 +58,8 @@ from ddps_core.student.model import INFO_FILE, WEIGHTS_FILE, Student, build_stud
 from ddps_core.training import Checkpoint, LossLog, TimeBudget, TrainingError, backward_step, clear_temporaries
 from ddps_core.training import content_id, run_id, warmup_poly
 
-__all__ = ["ImageSet", "TrainingError", "augment", "predict_labels", "score_set", "train_student"]
+__all__ = ["ImageSet", "SoftTargets", "TrainingError", "augment", "distill_loss", "predict_labels", "score_set",
+           "train_student"]
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.csv"
@@ -98,23 +101,104 @@ class ImageSet:
         return images, labels
 
 
+class SoftTargets:
+    """The distillation targets of an export's entries: ``float32 [K + 1, S, S]`` per entry,
+    the teacher's soft labels (the members' mean softmax, ``soft/<id>.npy``) resized bilinearly
+    to ``S x S``, then a weight channel: ``1 - JS / ln M`` from ``soft/<id>_uncertainty.png``
+    with ``uncertainty_weight``, else 1. An entry without soft labels (a real labelled image)
+    gets its label one-hot, weight 1 (0 at the ignore index).
+
+    :param soft: entry id -> ``(probs path, uncertainty path)`` (the manifest's kept rows that
+        have soft labels).
+    """
+
+    def __init__(self, soft: dict[str, tuple[Path, Path]], num_classes: int, ignore_index: int,
+                 uncertainty_weight: bool = True):
+        self.soft, self.k, self.ignore_index = dict(soft), int(num_classes), int(ignore_index)
+        self.uncertainty_weight = bool(uncertainty_weight)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _native(self, entry_id: str) -> torch.Tensor:
+        """``[K + 1, h, w]`` at the soft labels' own size (cached: float16 maps are small)."""
+        if entry_id not in self._cache:
+            from ddps_core.metrics.files import load_label_map
+
+            probs_path, heat_path = self.soft[entry_id]
+            try:
+                probs = np.load(probs_path, allow_pickle=False).astype(np.float32)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{probs_path}: cannot read soft labels ({exc}); rerun the generate stage") from None
+            if probs.ndim != 3 or probs.shape[0] != self.k:
+                raise DataError(f"{probs_path}: soft labels of shape {probs.shape}, expected [{self.k}, H, W]")
+            weight = np.ones(probs.shape[1:], np.float32)
+            if self.uncertainty_weight:
+                weight = 1.0 - load_label_map(heat_path).astype(np.float32) / 255.0
+            self._cache[entry_id] = torch.from_numpy(np.concatenate([probs, weight[None]]))
+        return self._cache[entry_id]
+
+    def batch(self, ids: Sequence[str], labels: torch.Tensor) -> torch.Tensor:
+        """float ``[B, K + 1, S, S]`` for entries ``ids`` with labels ``[B, S, S]``."""
+        s = labels.shape[-2:]
+        out = []
+        for entry_id, label in zip(ids, labels):
+            if entry_id in self.soft:
+                t = self._native(entry_id)[None]
+                if tuple(t.shape[-2:]) != tuple(s):
+                    t = F.interpolate(t, size=tuple(s), mode="bilinear", align_corners=False)
+                out.append(t[0])
+            else:
+                valid = label != self.ignore_index
+                onehot = F.one_hot(torch.where(valid, label, 0).long(), self.k).permute(2, 0, 1).float()
+                out.append(torch.cat([onehot * valid, valid[None].float()]))
+        return torch.stack(out)
+
+
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                 soft_weight: float = 1.0, ignore_index: int = 255) -> torch.Tensor:
+    """``soft_weight * KD + (1 - soft_weight) * CE``: CE the cross-entropy on ``labels``
+    (ignore index left out), KD the weighted mean over pixels of
+    ``T^2 KL(p_T || q_T)``, with ``p_T`` the target probabilities softened at temperature ``T``
+    (``softmax(log p / T)``), ``q_T = softmax(logits / T)`` and the pixel weights of the last
+    channel of ``targets`` (``[B, K + 1, H, W]``, :class:`SoftTargets`)."""
+    k = logits.shape[1]
+    t = float(temperature)
+    probs, weight = targets[:, :k], targets[:, k]
+    log_p = torch.log_softmax(torch.log(probs.clamp_min(1e-8)) / t, dim=1)
+    log_q = torch.log_softmax(logits / t, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)
+    kd = t * t * (weight * kl).sum() / weight.sum().clamp_min(1e-8)
+    if soft_weight >= 1.0:
+        return kd
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    return soft_weight * kd + (1.0 - soft_weight) * ce
+
+
 def augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, hflip: bool,
-            scale_min: float, scale_max: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flip and scale per image, back to the input size (see the module doc)."""
+            scale_min: float, scale_max: float, ignore_index: int,
+            targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Random flip and scale per image, back to the input size (see the module doc). With
+    ``targets`` (``[B, C, S, S]`` maps, e.g. :class:`SoftTargets`) they get the same flip and
+    scale (bilinear) and zeros where the image is padded; returned third."""
     b, _, s, _ = images.shape
     out_i, out_l = torch.empty_like(images), torch.empty_like(labels)
+    out_t = None if targets is None else torch.empty_like(targets)
     for k in range(b):
         img, lab = images[k:k + 1], labels[k:k + 1]
+        tgt = None if targets is None else targets[k:k + 1]
         if hflip and torch.rand((), generator=gen) < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
+            tgt = None if tgt is None else tgt.flip(-1)
         scale = scale_min + (scale_max - scale_min) * float(torch.rand((), generator=gen))
         n = max(1, int(round(s * scale)))
         if n != s:
             img = F.interpolate(img, size=(n, n), mode="bilinear", align_corners=False)
             lab = F.interpolate(lab[:, None].float(), size=(n, n), mode="nearest")[:, 0].long()
+            if tgt is not None:
+                tgt = F.interpolate(tgt, size=(n, n), mode="bilinear", align_corners=False)
         if n >= s:
             y, x = (int(torch.randint(0, n - s + 1, (2,), generator=gen)[j]) for j in range(2))
             img, lab = img[..., y:y + s, x:x + s], lab[..., y:y + s, x:x + s]
+            tgt = None if tgt is None else tgt[..., y:y + s, x:x + s]
         else:
             y, x = (int(torch.randint(0, s - n + 1, (2,), generator=gen)[j]) for j in range(2))
             canvas = torch.zeros_like(images[k:k + 1])
@@ -122,8 +206,14 @@ def augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, hf
             lcanvas = torch.full_like(labels[k:k + 1], ignore_index)
             lcanvas[..., y:y + n, x:x + n] = lab
             img, lab = canvas, lcanvas
+            if tgt is not None:
+                tcanvas = torch.zeros_like(targets[k:k + 1])
+                tcanvas[..., y:y + n, x:x + n] = tgt
+                tgt = tcanvas
         out_i[k], out_l[k] = img[0], lab[0]
-    return out_i, out_l
+        if out_t is not None:
+            out_t[k] = tgt[0]
+    return (out_i, out_l) if out_t is None else (out_i, out_l, out_t)
 
 
 @torch.inference_mode()
@@ -178,6 +268,7 @@ _LABELLED_IDENTITY = ("source", "iterations", "crop_size", "base_scale", "ratio_
 _OPTIMISER_IDENTITY = ("iterations", "optimizer", "min_lr", "momentum", "norm_weight_decay", "head_lr_mult")
 _OPTIMISER_DEFAULTS = {"iterations": None, "optimizer": "adamw", "min_lr": 0.0, "momentum": 0.9,
                        "norm_weight_decay": True, "head_lr_mult": 1.0}
+_DISTILL_IDENTITY = ("distill", "temperature", "soft_weight", "uncertainty_weight")
 
 
 def run_settings(cfg: Any) -> dict[str, Any]:
@@ -187,6 +278,8 @@ def run_settings(cfg: Any) -> dict[str, Any]:
     for k in _OPTIMISER_IDENTITY:  # only where they differ from today's recipe: old runs keep their identity
         if getattr(cfg, k, _OPTIMISER_DEFAULTS[k]) != _OPTIMISER_DEFAULTS[k]:
             settings[k] = getattr(cfg, k)
+    if getattr(cfg, "distill", "hard") == "soft":  # hard runs keep the identity they had
+        settings.update({k: getattr(cfg, k) for k in _DISTILL_IDENTITY})
     if getattr(cfg, "source", "generated") == "labelled":
         settings.update({k: getattr(cfg, k) for k in _LABELLED_IDENTITY})
         for k in ("scale_min", "scale_max", "image_size"):
@@ -243,9 +336,11 @@ def _save_weights(model: Student, path: Path) -> None:
 def train_student(cfg: Any, train: ImageSet | LabelledCrops, val: ImageSet | None, *, num_classes: int,
                   inputs: Mapping[str, str], ignore_index: int = 255, class_names: list[str] | None = None,
                   device: torch.device | str = "cpu", report: Reporter | None = None,
-                  image_size: int | None = None) -> dict[str, Any]:
+                  image_size: int | None = None, soft: SoftTargets | None = None) -> dict[str, Any]:
     """Train (or resume) the student of ``cfg`` (a :class:`~ddps_core.config.StudentSettings`)
     on ``train`` (S x S entries, or labelled crops); select on ``val`` (the real labelled images).
+
+    :param soft: the distillation targets of ``train``'s entries (``distill: soft``).
 
     :param image_size: the side the student predicts at, recorded in ``model.json`` (default:
         ``train.size``).
@@ -268,6 +363,9 @@ def train_student(cfg: Any, train: ImageSet | LabelledCrops, val: ImageSet | Non
     selection = getattr(cfg, "selection", cfg.select_on)
     select_real = selection == "real" and val is not None and len(val) > 0
     labelled = isinstance(train, LabelledCrops)
+    if getattr(cfg, "distill", "hard") == "soft" and (soft is None or labelled):
+        raise DataError("student.distill 'soft' needs the teacher's soft labels of a generated export")
+    soft = soft if getattr(cfg, "distill", "hard") == "soft" else None
     settings = {**run_settings(cfg), "num_classes": num_classes, "ignore_index": ignore_index}
     identity = run_id(settings, {**inputs, **({"val": _content(val)} if select_real else {})})
     ckpt = Checkpoint(out / STATE_FILE, identity, unit="epoch", report=report, hint="Lower student.lr.")
@@ -309,10 +407,16 @@ def train_student(cfg: Any, train: ImageSet | LabelledCrops, val: ImageSet | Non
                 images, labels = train.batch(idx, crops)
             else:
                 images, labels = train.batch(idx)
-                images, labels = augment(images, labels, gen, cfg.hflip, cfg.scale_min, cfg.scale_max, ignore_index)
+                targets = None if soft is None else soft.batch([train.ids[i] for i in idx], labels)
+                images, labels, *targets = augment(images, labels, gen, cfg.hflip, cfg.scale_min, cfg.scale_max,
+                                                   ignore_index, targets)
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+            if soft is None:
+                loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+            else:
+                loss = distill_loss(logits.float(), labels, targets[0].to(device), temperature=cfg.temperature,
+                                    soft_weight=cfg.soft_weight, ignore_index=ignore_index)
             value = float(loss.detach())
             if math.isnan(value) and bool((labels == ignore_index).all()):
                 continue  # a batch of only ignore pixels has no loss to follow

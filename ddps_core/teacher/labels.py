@@ -1,6 +1,8 @@
 """Teacher labels written in resumable parts: ``<id>.png`` (the members' majority vote, at the
 image's size), ``<id>_uncertainty.png`` (the Jensen-Shannon divergence of the members, 0..255
-for 0..ln M) and ``scores.parquet`` (image_id, score, split, pixels per class).
+for 0..ln M), with a predictor that gives them ``<id>_probs.npy`` (the members' mean softmax,
+float16 ``[K, H, W]``: soft labels) and ``scores.parquet`` (image_id, score, split, pixels per
+class).
 
 The labels stream: a part's images go through the predictor
 (:class:`~ddps_core.inference.teacher.TeacherPredictor`: features, ensemble, labels) and only
@@ -25,14 +27,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ddps_core.datasets.common import png_bytes
+from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_path, atomic_write_bytes, atomic_write_text
 
-__all__ = ["PART_IMAGES", "ReaderImages", "finish_labels", "finished_labels", "label_images", "label_parts",
+__all__ = ["PART_IMAGES", "PROBS", "ReaderImages", "finish_labels", "finished_labels", "label_images", "label_parts",
            "pending_parts", "start_labels", "teacher_id"]
 
 PART_IMAGES = 64  # images labelled between two resume points
+#: The file name end of an image's soft labels (``<id>_probs.npy``).
+PROBS = "_probs.npy"
 
 
 class ReaderImages:
@@ -149,6 +153,8 @@ def label_parts(predictor: Any, source: Any, folder: str | Path, split: str,
                 atomic_write_bytes(folder / f"{image_id}.png", png_bytes(pred.labels))
                 heat = np.clip(pred.uncertainty * heat_scale, 0, 255).astype(np.uint8)
                 atomic_write_bytes(folder / f"{image_id}_uncertainty.png", png_bytes(heat))
+                if pred.probs is not None:
+                    atomic_write_bytes(folder / f"{image_id}{PROBS}", npy_bytes(pred.probs.astype(np.float16)))
                 counts = np.bincount(pred.labels.ravel(), minlength=k)[:k]
                 rows.append({"image_id": image_id, "score": float(pred.score), "split": split,
                              **{f"pixels_{c}": int(v) for c, v in enumerate(counts)}})

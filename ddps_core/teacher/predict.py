@@ -95,8 +95,11 @@ def vote_maps(
     features: np.ndarray | torch.Tensor | FeatureFn,
     chunk: int | None = None,
     image_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The members' votes of one ``S x S`` input: ``(shares float32 [K, S, S], js float32 [S, S])``.
+    mean_probs: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The members' votes of one ``S x S`` input: ``(shares float32 [K, S, S], js float32 [S, S])``,
+    and with ``mean_probs`` a third map, the members' mean softmax ``float32 [K, S, S]`` (the
+    soft labels a student can distil from).
 
     ``shares[k]`` is the fraction of members whose argmax is class ``k``: its argmax over
     ``k`` is the majority vote (ties to the smallest id), and, unlike the vote, it can be
@@ -129,6 +132,7 @@ def vote_maps(
         n = S * S
         shares = torch.empty(K, n, dtype=torch.float32)
         unc = torch.empty(n, dtype=torch.float32)
+        mean = torch.empty(K, n, dtype=torch.float32) if mean_probs else None
         for p0 in range(0, n, chunk):
             p1 = min(n, p0 + chunk)
             if flat is None:
@@ -144,8 +148,12 @@ def vote_maps(
             counts = torch.zeros(p1 - p0, K, dtype=torch.float32, device=votes.device)
             counts.scatter_add_(1, votes.t(), torch.ones(p1 - p0, M, dtype=torch.float32, device=votes.device))
             shares[:, p0:p1] = (counts / M).t().cpu()
-            unc[p0:p1] = js_divergence(torch.softmax(logits.double(), dim=-1)).float().cpu()
-        return shares.reshape(K, S, S), unc.reshape(S, S)
+            probs = torch.softmax(logits.double(), dim=-1)  # [M, n, K]
+            unc[p0:p1] = js_divergence(probs).float().cpu()
+            if mean is not None:
+                mean[:, p0:p1] = probs.mean(dim=0).t().float().cpu()
+        maps = (shares.reshape(K, S, S), unc.reshape(S, S))
+        return maps if mean is None else (*maps, mean.reshape(K, S, S))
     finally:
         ensemble.train(was_training)
 

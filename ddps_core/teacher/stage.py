@@ -37,13 +37,13 @@ from ddps_core.io import atomic_write_text, remove_stale
 from ddps_core.progress import Reporter
 from ddps_core.stages import Stage, Step
 from ddps_core.teacher.ensemble import PixelEnsemble, source_id_of
-from ddps_core.teacher.labels import (ReaderImages, finish_labels, finished_labels, label_parts, pending_parts,
+from ddps_core.teacher.labels import (PROBS, ReaderImages, finish_labels, finished_labels, label_parts, pending_parts,
                                       start_labels, teacher_id)
 from ddps_core.teacher.sources import RGBXYSource
 from ddps_core.teacher.train import train_ensemble
 
 __all__ = ["LABEL", "TRAIN_TEACHER", "WEIGHTS", "feature_source", "label_folder", "load_method", "methods",
-           "model_folder"]
+           "model_folder", "soft_labels"]
 
 WEIGHTS = "ensemble.safetensors"
 #: In the pool's labels folder when the pool is not labelled: why.
@@ -170,15 +170,24 @@ def _augmented(settings: Settings, split: str) -> tuple[bool, list[float] | None
     return (bool(e.flip), scales) if split == "test" else (False, None)
 
 
+def soft_labels(settings: Settings, method: str, split: str) -> bool:
+    """Whether a labelling also writes the soft labels (``<id>_probs.npy``): the teacher's
+    labels of the pool with ``teacher.soft_labels``, what the export carries to the student."""
+    return bool(settings.teacher.soft_labels) and method == TEACHER and split == "unlabeled"
+
+
 def labels_id(settings: Settings, method: str, split: str, source: ReaderImages) -> str:
     """What a labelling's parts were made from: the teacher's file, then the images' content
     and how they met the model (parts of another teacher, of other images under the same ids,
-    or of another geometry are redone)."""
+    of another geometry, or without the soft labels now asked for are redone)."""
     from ddps_core.training import content_id
 
     flip, scales = _augmented(settings, split)
-    how = json.dumps({"resize": settings.data.resize, "stride": settings.data.stride, "flip": flip,
-                      "scales": scales, "images": source.content_id()}, sort_keys=True)
+    how = {"resize": settings.data.resize, "stride": settings.data.stride, "flip": flip, "scales": scales,
+           "images": source.content_id()}
+    if soft_labels(settings, method, split):  # only then: labellings without them keep their id
+        how["soft"] = True
+    how = json.dumps(how, sort_keys=True)
     return f"{teacher_id(model_folder(settings, method) / WEIGHTS)}-{content_id([how.encode()])}"
 
 
@@ -201,11 +210,12 @@ def plan_labels(settings: Settings, n: int, report: Reporter) -> list[dict[str, 
 def label_group(settings: Settings, group: dict[str, Any], report: Reporter) -> int:
     """Label one group of :func:`plan_labels` (images, features, ensemble, PNGs: no feature
     store); the number of images predicted."""
-    from ddps_core.inference import load_predictor
+    from ddps_core.inference.teacher import load_teacher_predictor
 
     method, split = group["method"], group["split"]
     flip, scales = _augmented(settings, split)
-    predictor = load_predictor(settings, method, flip=flip, scales=scales)
+    predictor = load_teacher_predictor(settings, None, method, flip=flip, scales=scales,
+                                       probs=soft_labels(settings, method, split))
     task = f"label {method}/{split}"
     return label_parts(predictor, _images(settings, split), label_folder(settings, method, split), split,
                        group["parts"], progress=lambda done, total: report.progress(task, done, total))
@@ -216,7 +226,8 @@ def _remove_stale_labels(settings: Settings, jobs: list[tuple[str, str]], ids: d
     split go, and so do the folders of (method, split) pairs the settings no longer label
     (only folders this stage made: they hold its ``teacher.txt`` record)."""
     for job in jobs:
-        keep = {"scores.parquet", "teacher.txt", *(f"{i}{end}" for i in ids[job] for end in (".png", "_uncertainty.png"))}
+        ends = (".png", "_uncertainty.png", *((PROBS,) if soft_labels(settings, *job) else ()))
+        keep = {"scores.parquet", "teacher.txt", *(f"{i}{end}" for i in ids[job] for end in ends)}
         remove_stale(label_folder(settings, *job), keep)
     root = Path(settings.teacher.labels_out)
     for made in sorted(root.glob("*/*/teacher.txt")):

@@ -3,6 +3,7 @@ stop, checkpoint use."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,26 @@ def test_focused_timesteps_keep_a_uniform_share_and_the_plain_stream_without_foc
     assert abs(float((t < 200).float().mean()) - 0.6) < 0.02
     assert abs(float((t >= 200).float().mean()) - 0.4) < 0.02
     assert bool((draw_timesteps(100, 1000, torch.Generator(), focus=1.0, below=50) < 50).all())
+
+
+def test_min_snr_weights_by_hand_and_the_weighted_run_is_another_run(tmp_path):
+    from ddps_core.diffusion.gaussian import GaussianDiffusion
+    from ddps_core.diffusion.train import min_snr_weights
+
+    d = GaussianDiffusion.from_name("linear", 1000)
+    t = torch.tensor([0, 10, 500, 999])
+    betas = np.linspace(1e-4, 0.02, 1000)  # the linear schedule at 1000 steps, by hand
+    abar = np.cumprod(1 - betas)[[0, 10, 500, 999]]
+    snr = abar / (1 - abar)
+    want = np.minimum(snr, 5.0) / snr
+    np.testing.assert_allclose(min_snr_weights(d.alphas_cumprod, t, 5.0).numpy(), want, rtol=1e-6)
+    assert float(min_snr_weights(d.alphas_cumprod, torch.tensor([999]), 5.0)) == 1.0  # SNR < gamma: unweighted
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    # one step at t < 50 (SNR > 5 there): the same draws, the weighted loss is smaller
+    plain = train_ddpm(_cfg(tmp_path, "plain", steps=1, t_focus=1.0, t_focus_below=50), images, CPU, seed=0)
+    weighted = train_ddpm(_cfg(tmp_path, "snr", steps=1, t_focus=1.0, t_focus_below=50, min_snr_gamma=5.0),
+                          images, CPU, seed=0)
+    assert weighted["final_loss"] < plain["final_loss"]
+    assert _weights(tmp_path / "plain")[0].keys() == _weights(tmp_path / "snr")[0].keys()
+    run = torch.load(tmp_path / "snr" / "state.pt", weights_only=False)["run_id"]
+    assert run != torch.load(tmp_path / "plain" / "state.pt", weights_only=False)["run_id"]

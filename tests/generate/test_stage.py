@@ -97,3 +97,39 @@ def test_a_source_the_reference_filter_empties_is_warned_about(project, tmp_path
     assert stats["pool"]["kept"] == 0 and stats["real"]["kept"] == 4
     warned = [m for m in logs if m.startswith("warning:")]
     assert len(warned) == 2 and "fewer than 15 candidates" in warned[0] and "drop_both" in warned[0]
+
+
+def test_soft_labels_are_kept_exported_and_distilled(tmp_path):
+    """teacher.soft_labels: the pool is labelled again (its labels lack them), each pool and
+    sampled image keeps the members' mean softmax (a distribution per pixel whose argmax is
+    mostly the vote), the export carries them for kept teacher-labelled images only, and a
+    student distils from them; a student asking for them without an export that has them is
+    refused with the manifest named."""
+    raw = labelled_project(tmp_path)
+    hard = parse_settings({**raw, "student": {**raw["student"], "out": str(tmp_path / "hard")}})
+    stages.get("generate").run(hard)
+    with pytest.raises(DataError, match="manifest.parquet: the export has no soft labels"):
+        stages.get("train_student").run(parse_settings(
+            {**raw, "teacher": {**raw["teacher"], "soft_labels": True}, "student": {**raw["student"], "distill": "soft"}}))
+    pool = tmp_path / "labels" / "teacher" / "unlabeled"
+    stamp = (pool / "scores.parquet").stat().st_mtime_ns
+    raw = {**raw, "teacher": {**raw["teacher"], "soft_labels": True},
+           "student": {**raw["student"], "distill": "soft", "temperature": 2.0}}
+    s = parse_settings(raw)
+    stages.get("label").run(s)
+    assert (pool / "scores.parquet").stat().st_mtime_ns != stamp  # relabelled, now with soft labels
+    probs = np.load(pool / f"{pd.read_parquet(pool / 'scores.parquet')['image_id'][0]}_probs.npy")
+    assert probs.dtype == np.float16 and probs.shape == (7, 32, 32)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3)
+    assert not list((tmp_path / "labels" / "teacher" / "test").glob("*_probs.npy"))  # the pool's only
+    stages.get("generate").run(s)
+    manifest = pd.read_parquet(tmp_path / "generated" / "manifest.parquet")
+    kept = manifest[manifest["kept"]]
+    assert kept.loc[kept["source"] != "real", "soft"].notna().all() and kept.loc[kept["source"] == "real", "soft"].isna().all()
+    assert manifest.loc[~manifest["kept"], "soft"].isna().all()
+    row = kept[kept["source"] == "pool"].iloc[0]
+    exported = np.load(tmp_path / "generated" / row["soft"])
+    assert np.array_equal(exported, np.load(pool / f"{row['source_id']}_probs.npy"))
+    assert (tmp_path / "generated" / row["soft"].replace(".npy", "_uncertainty.png")).is_file()
+    info = stages.get("train_student").run(s)
+    assert info["epochs"] == 1 and (tmp_path / "student" / "student.safetensors").is_file()

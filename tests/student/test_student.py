@@ -4,6 +4,7 @@ real images' mIoU and resumes to the same files."""
 
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,10 +14,10 @@ import torch.nn.functional as F
 from ddps_core.config import StudentSettings
 from ddps_core.datasets import GenericFolder
 from ddps_core.datasets.common import png_bytes
-from ddps_core.errors import CheckpointError
+from ddps_core.errors import CheckpointError, DataError
 from ddps_core.progress import CallbackReporter
 from ddps_core.student.model import Student, load_student
-from ddps_core.student.train import ImageSet, TrainingError, augment, score_set
+from ddps_core.student.train import ImageSet, SoftTargets, TrainingError, augment, distill_loss, score_set
 from ddps_core.student.train import train_student as _train_student
 from tests.test_training import assert_same_files
 
@@ -167,3 +168,88 @@ def test_nan_weights_from_a_finite_loss_keep_the_last_checkpoint(tmp_path, monke
     ckpt = torch.load(tmp_path / "n" / "state.pt", weights_only=True)
     assert ckpt["epoch"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation from the teacher's soft labels
+# --------------------------------------------------------------------------------------------
+def test_distill_loss_is_the_weighted_kl_at_a_temperature_by_hand():
+    """Two pixels, two classes, worked out in closed form."""
+    logits = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]]]])  # [1, 2, 1, 2]: pixel a (0, 1), pixel b (1, 0)
+    p = torch.tensor([[[[0.5, 0.9]], [[0.5, 0.1]]]])
+    targets = torch.cat([p, torch.tensor([[[[1.0, 0.5]]]])], dim=1)  # weights 1 and 0.5
+    labels = torch.tensor([[[0, 0]]])
+
+    def kl(pt, qt):
+        return sum(a * math.log(a / b) for a, b in zip(pt, qt))
+
+    def soft(v, t):
+        e = [math.exp(x / t) for x in v]
+        return [x / sum(e) for x in e]
+
+    for t in (1.0, 2.0):
+        pa = soft([math.log(0.5), math.log(0.5)], t)
+        pb = soft([math.log(0.9), math.log(0.1)], t)
+        want = t * t * (1.0 * kl(pa, soft([0.0, 1.0], t)) + 0.5 * kl(pb, soft([1.0, 0.0], t))) / 1.5
+        got = distill_loss(logits, labels, targets, temperature=t)
+        assert float(got) == pytest.approx(want, rel=1e-5)
+    ce = (math.log(1 + math.e) + math.log(1 + math.exp(-1))) / 2  # -log q(0) at a and at b
+    mixed = distill_loss(logits, labels, targets, temperature=1.0, soft_weight=0.25)
+    full = distill_loss(logits, labels, targets, temperature=1.0)
+    assert float(mixed) == pytest.approx(0.25 * float(full) + 0.75 * ce, rel=1e-5)
+    # a one-hot target of weight 1 is the cross-entropy
+    onehot = torch.cat([F.one_hot(labels, 2).permute(0, 3, 1, 2).float(), torch.ones(1, 1, 1, 2)], dim=1)
+    assert float(distill_loss(logits, labels, onehot)) == pytest.approx(ce, rel=1e-5)
+
+
+def test_soft_targets_resized_weighted_and_one_hot_for_real_images(tmp_path):
+    from math import isclose
+
+    k = 3
+    probs = np.random.default_rng(0).dirichlet(np.ones(k), size=(4, 4)).transpose(2, 0, 1).astype(np.float16)
+    heat = np.full((4, 4), 51, np.uint8)  # JS = 0.2 ln M
+    np.save(tmp_path / "p.npy", probs)
+    (tmp_path / "u.png").write_bytes(png_bytes(heat))
+    soft = SoftTargets({"pool_a": (tmp_path / "p.npy", tmp_path / "u.png")}, k, 255)
+    labels = torch.tensor([[[0] * 8] * 8, [[1] * 8] * 4 + [[255] * 8] * 4])
+    t = soft.batch(["pool_a", "real_b"], labels)
+    assert t.shape == (2, k + 1, 8, 8)
+    want = F.interpolate(torch.from_numpy(probs.astype(np.float32))[None], size=(8, 8), mode="bilinear",
+                         align_corners=False)[0]
+    assert torch.allclose(t[0, :k], want) and isclose(float(t[0, k].mean()), 0.8, rel_tol=1e-6)
+    assert torch.equal(t[1, 1, :4], torch.ones(4, 8)) and float(t[1, :, 4:].abs().sum()) == 0  # ignore: weight 0
+    flat = SoftTargets({"pool_a": (tmp_path / "p.npy", tmp_path / "u.png")}, k, 255, uncertainty_weight=False)
+    assert float(flat.batch(["pool_a"], labels[:1])[0, k].min()) == 1.0
+
+
+def test_augment_moves_the_soft_targets_with_the_labels():
+    """Targets one-hot of the labels: after any flip / scale / crop / pad their argmax where the
+    weight is 1 is the augmented label (up to the bilinear blend at class borders)."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.zeros(4, 16, 16, dtype=torch.long)
+    labels[:, :, :5], labels[:, 6:, 9:] = 1, 2
+    targets = torch.cat([F.one_hot(labels, 3).permute(0, 3, 1, 2).float(), torch.ones(4, 1, 16, 16)], dim=1)
+    images = torch.rand(4, 3, 16, 16)
+    for lo, hi in ((1.0, 1.0), (0.6, 0.6), (1.4, 1.4)):
+        _, lab, tgt = augment(images, labels, g, True, lo, hi, 255, targets)
+        assert tgt.shape == targets.shape
+        pad = lab == 255
+        assert torch.equal(tgt[:, 3] == 0, pad)  # zero weight exactly where the image is padded
+        sure = (tgt[:, :3].max(1).values > 0.99) & ~pad
+        assert bool((tgt[:, :3].argmax(1)[sure] == lab[sure]).all()) and sure.sum() > 0.6 * (~pad).sum()
+
+
+def test_soft_distillation_trains_and_is_part_of_the_identity(tmp_path):
+    """distill soft trains on targets that are the labels' one-hot (real images: none are
+    soft); its run is another run than the hard one of the same data."""
+    train = ImageSet(_folder(tmp_path / "train", 16), 32)
+    soft = SoftTargets({}, 4, 255)
+    hard = train_student(_cfg(tmp_path, "hard", epochs=1), train, None, num_classes=4)
+    distilled = train_student(_cfg(tmp_path, "soft", epochs=1, distill="soft", temperature=2.0), train, None,
+                              num_classes=4, soft=soft)
+    assert hard["epochs"] == distilled["epochs"] == 1
+    state = torch.load(tmp_path / "soft" / "state.pt", weights_only=False)
+    other = torch.load(tmp_path / "hard" / "state.pt", weights_only=False)
+    assert state["run_id"] != other["run_id"]
+    with pytest.raises(DataError, match="soft labels"):
+        train_student(_cfg(tmp_path, "none", epochs=1, distill="soft"), train, None, num_classes=4)

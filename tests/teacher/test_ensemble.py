@@ -31,6 +31,7 @@ from ddps_core.teacher import (
 )
 from ddps_core.teacher import train as train_mod
 from ddps_core.teacher.train import TrainingError
+from ddps_core.teacher.predict import vote_maps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,6 +244,12 @@ def test_predict_image_matches_independent_computation():
     assert np.array_equal(lab2, labels)
     np.testing.assert_allclose(unc2, unc, rtol=0, atol=1e-6)
     assert score2 == pytest.approx(score, abs=1e-6)
+    # the soft labels: the members' mean softmax, beside the same votes and uncertainty
+    shares, js, mean = vote_maps(ens, feats, chunk=7, mean_probs=True)
+    assert mean.shape == (K, S, S)
+    np.testing.assert_allclose(mean.numpy().reshape(K, -1).T, probs.mean(0), atol=1e-6)
+    np.testing.assert_allclose(js.numpy().ravel(), want_js, atol=2e-5)
+    assert np.array_equal(shares.numpy().argmax(0).ravel(), want_lab)
 
 
 # --------------------------------------------------------------------------------------------
