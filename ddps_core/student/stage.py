@@ -90,8 +90,10 @@ def soft_targets(settings: Settings, num_classes: int) -> SoftTargets:
         raise DataError(f"{root / 'manifest.parquet'}: the export has no soft labels, which student.distill 'soft' "
                         "trains on; rerun the label and generate stages with teacher.soft_labels true")
     rows = manifest[manifest["kept"] & manifest["soft"].notna()]
-    soft = {r.image_id: (root / r.soft, root / str(r.soft).replace(".npy", "_uncertainty.png"))
-            for r in rows.itertuples()}
+    soft = {}
+    for r in rows.itertuples():
+        probs = root / r.soft
+        soft[r.image_id] = (probs, probs.with_name(f"{probs.stem}_uncertainty.png"))
     return SoftTargets(soft, num_classes, settings.data.ignore_index, settings.student.uncertainty_weight)
 
 
