@@ -18,6 +18,9 @@ DOCUMENTED = {
     ("ddpm", "steps"): (500, 700),
     ("student", "epochs"): (8, 40),
     ("student", "batch_size"): (16, 32),  # more updates in the make run's 8 epochs (docs/method.md)
+    ("student", "lr"): (0.002, 0.001),  # a short training gains from the higher rate
+    ("student", "scale_min"): (1.0, 0.75),  # no random scales in 8 epochs (docs/method.md)
+    ("student", "scale_max"): (1.0, 1.25),
     ("student", "distill"): ("soft", "hard"),  # the teacher's soft labels: the gap to it shrinks by 2-4 points
     ("teacher", "soft_labels"): (True, False),  # what student.distill: soft trains on
     ("refiner", "steps"): (900, 2000),  # 600 left the later steps to chance (docs/method.md)

@@ -121,8 +121,9 @@ class TeacherPredictor:
 def load_teacher_predictor(settings: Any, device: Any = None, method: str = "teacher", flip: bool = False,
                            scales: Sequence[float] | None = None, probs: bool = False) -> TeacherPredictor:
     """The trained ``method`` of a workspace (``teacher``, ``random_unet`` or ``rgbxy``) under
-    ``data.resize`` / ``data.stride``; ``probs``: its predictions carry the members' mean softmax. An ensemble trained on other features than the settings
-    make now (another DDPM, ``features.*``) is refused."""
+    ``data.resize`` / ``data.stride``; with ``probs`` its predictions carry the members' mean
+    softmax. An ensemble trained on other features than the settings make now (another DDPM,
+    ``features.*``) is refused."""
     from ddps_core.datasets import DDPMSegFolder
     from ddps_core.device import resolve_device
     from ddps_core.features.stage import extractor, model_size
