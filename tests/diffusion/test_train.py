@@ -212,5 +212,5 @@ def test_min_snr_weights_by_hand_and_the_weighted_run_is_another_run(tmp_path):
                           images, CPU, seed=0)
     assert weighted["final_loss"] < plain["final_loss"]
     assert _weights(tmp_path / "plain")[0].keys() == _weights(tmp_path / "snr")[0].keys()
-    run = torch.load(tmp_path / "snr" / "state.pt", weights_only=False)["run_id"]
-    assert run != torch.load(tmp_path / "plain" / "state.pt", weights_only=False)["run_id"]
+    run = torch.load(tmp_path / "snr" / "state.pt", weights_only=True)["run_id"]
+    assert run != torch.load(tmp_path / "plain" / "state.pt", weights_only=True)["run_id"]

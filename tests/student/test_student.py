@@ -248,8 +248,8 @@ def test_soft_distillation_trains_and_is_part_of_the_identity(tmp_path):
     distilled = train_student(_cfg(tmp_path, "soft", epochs=1, distill="soft", temperature=2.0), train, None,
                               num_classes=4, soft=soft)
     assert hard["epochs"] == distilled["epochs"] == 1
-    state = torch.load(tmp_path / "soft" / "state.pt", weights_only=False)
-    other = torch.load(tmp_path / "hard" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "soft" / "state.pt", weights_only=True)
+    other = torch.load(tmp_path / "hard" / "state.pt", weights_only=True)
     assert state["run_id"] != other["run_id"]
     with pytest.raises(DataError, match="soft labels"):
         train_student(_cfg(tmp_path, "none", epochs=1, distill="soft"), train, None, num_classes=4)
