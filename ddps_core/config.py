@@ -636,7 +636,8 @@ class Settings(Section):
                                  "to true (stage label then keeps them)")
             if self.student.source != "generated" or self.data.resize != "whole":
                 raise ValueError("student.distill 'soft' needs student.source 'generated' and data.resize 'whole' "
-                                 f"(got {self.student.source!r} and {self.data.resize!r})")
+                                 f"(got {self.student.source!r} and {self.data.resize!r}); set student.distill "
+                                 "to 'hard' for these")
         return self
 
     @model_validator(mode="after")
