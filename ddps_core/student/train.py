@@ -117,24 +117,30 @@ class SoftTargets:
         self.soft, self.k, self.ignore_index = dict(soft), int(num_classes), int(ignore_index)
         self.uncertainty_weight = bool(uncertainty_weight)
         self._cache: dict[str, torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def _native(self, entry_id: str) -> torch.Tensor:
-        """``[K + 1, h, w]`` at the soft labels' own size (cached: float16 maps are small)."""
-        if entry_id not in self._cache:
-            from ddps_core.metrics.files import load_label_map
+        """float32 ``[K + 1, h, w]`` at the soft labels' own size. Kept in memory up to 1 GiB in
+        all; beyond that read from the files every time (the same values either way)."""
+        if entry_id in self._cache:
+            return self._cache[entry_id]
+        from ddps_core.metrics.files import load_label_map
 
-            probs_path, heat_path = self.soft[entry_id]
-            try:
-                probs = np.load(probs_path, allow_pickle=False).astype(np.float32)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{probs_path}: cannot read soft labels ({exc}); rerun the generate stage") from None
-            if probs.ndim != 3 or probs.shape[0] != self.k:
-                raise DataError(f"{probs_path}: soft labels of shape {probs.shape}, expected [{self.k}, H, W]")
-            weight = np.ones(probs.shape[1:], np.float32)
-            if self.uncertainty_weight:
-                weight = 1.0 - load_label_map(heat_path).astype(np.float32) / 255.0
-            self._cache[entry_id] = torch.from_numpy(np.concatenate([probs, weight[None]]))
-        return self._cache[entry_id]
+        probs_path, heat_path = self.soft[entry_id]
+        try:
+            probs = np.load(probs_path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{probs_path}: cannot read soft labels ({exc}); rerun the generate stage") from None
+        if probs.ndim != 3 or probs.shape[0] != self.k:
+            raise DataError(f"{probs_path}: soft labels of shape {probs.shape}, expected [{self.k}, H, W]")
+        weight = np.ones(probs.shape[1:], np.float32)
+        if self.uncertainty_weight:
+            weight = 1.0 - load_label_map(heat_path).astype(np.float32) / 255.0
+        target = torch.from_numpy(np.concatenate([probs, weight[None]]))
+        if self._cached_bytes + 4 * target.numel() <= _CACHE_BYTES:
+            self._cache[entry_id] = target
+            self._cached_bytes += 4 * target.numel()
+        return target
 
     def batch(self, ids: Sequence[str], labels: torch.Tensor) -> torch.Tensor:
         """float ``[B, K + 1, S, S]`` for entries ``ids`` with labels ``[B, S, S]``."""

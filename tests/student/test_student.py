@@ -202,7 +202,7 @@ def test_distill_loss_is_the_weighted_kl_at_a_temperature_by_hand():
     assert float(distill_loss(logits, labels, onehot)) == pytest.approx(ce, rel=1e-5)
 
 
-def test_soft_targets_resized_weighted_and_one_hot_for_real_images(tmp_path):
+def test_soft_targets_resized_weighted_and_one_hot_for_real_images(tmp_path, monkeypatch):
     from math import isclose
 
     k = 3
@@ -220,6 +220,12 @@ def test_soft_targets_resized_weighted_and_one_hot_for_real_images(tmp_path):
     assert torch.equal(t[1, 1, :4], torch.ones(4, 8)) and float(t[1, :, 4:].abs().sum()) == 0  # ignore: weight 0
     flat = SoftTargets({"pool_a": (tmp_path / "p.npy", tmp_path / "u.png")}, k, 255, uncertainty_weight=False)
     assert float(flat.batch(["pool_a"], labels[:1])[0, k].min()) == 1.0
+    # memory is bounded: past the budget the maps are read again, with the same values
+    import ddps_core.student.train as student_train
+
+    monkeypatch.setattr(student_train, "_CACHE_BYTES", 0)
+    uncached = SoftTargets({"pool_a": (tmp_path / "p.npy", tmp_path / "u.png")}, k, 255)
+    assert torch.equal(uncached.batch(["pool_a"], labels[:1])[0], t[0]) and not uncached._cache
 
 
 def test_augment_moves_the_soft_targets_with_the_labels():
