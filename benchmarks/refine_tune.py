@@ -19,51 +19,28 @@ on validation images").
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from pathlib import Path
 
-from ddps_core.config import load_settings, parse_assignment
-
-
-def validation_split(settings, out: Path, seed: int, n: int) -> Path:
-    """The synthetic domain's ``test`` images of generator seed ``seed`` in ``out``."""
-    from ddps_core.datasets.synthetic import make_synthetic
-
-    syn = settings.data.synthetic
-    if settings.data.source != "synthetic":
-        raise SystemExit("refine_tune: the validation split is the synthetic domain's (data.source: synthetic)")
-    if seed == syn.seed:
-        raise SystemExit(f"refine_tune: --val-seed {seed} is data.synthetic.seed: those are the test images")
-    make_synthetic(out, image_size=syn.image_size, n_unlabeled=0, n_labeled=0, n_test=n, seed=seed)
-    return out
+from ddps_core.config import load_settings
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ws", required=True, help="workspace run up to train_student (params.yaml inside)")
-    ap.add_argument("--tag", required=True, help="name of this training (its folder under WS/tune)")
-    ap.add_argument("--seed", type=int, default=0, help="refiner.seed of the training")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings override")
+    from benchmarks.tuning import append_result, open_workspace, tune_parser
+
+    ap = tune_parser(__doc__, "tune", "refiner.seed of the training", "the pipeline has run up to train_student")
     ap.add_argument("--guidance", type=float, nargs="+", default=None, help="w values (default: the settings')")
     ap.add_argument("--n", type=int, nargs="+", default=None, help="refine_steps values (default: the settings')")
     ap.add_argument("--infer-seed", type=int, nargs="+", default=None,
                     help="seeds of the re-noising draws (default: the training seed)")
-    ap.add_argument("--val-seed", type=int, default=1)
-    ap.add_argument("--n-val", type=int, default=300)
     args = ap.parse_args(argv)
 
     from ddps_core.progress import CallbackReporter
     from ddps_core.refiner.stage import refine, train_refiner
 
-    os.chdir(args.ws)
-    overrides = dict(parse_assignment(a) for a in args.set)
     run = Path("tune") / args.tag
+    settings, overrides, val = open_workspace(args, {"refiner.out": str(run / "model"), "refiner.seed": args.seed})
     base = {**overrides, "refiner.out": str(run / "model"), "refiner.seed": args.seed}
-    settings = load_settings("params.yaml", base)
-    val = validation_split(settings, Path("tune") / f"val-seed{args.val_seed}-n{args.n_val}", args.val_seed, args.n_val)
     quiet = CallbackReporter()
 
     t0 = time.perf_counter()
@@ -98,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"({record['mbiou'][last] - record['mbiou'][first]:+.2f})  "
                       f"steps {steps}: mIoU {list(record['miou'].values())} mBIoU {list(record['mbiou'].values())}",
                       flush=True)
-                with open(Path("tune") / "results.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                append_result("tune", record)
 
 
 if __name__ == "__main__":

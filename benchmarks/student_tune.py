@@ -18,65 +18,41 @@ and the student's mIoU / mBIoU in percent, the gap, and IoU per class.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-import numpy as np
-
-from ddps_core.config import load_settings, parse_assignment
-
-
-def _percent(result) -> dict:
-    return {"miou": round(100 * result.miou, 2), "mbiou": round(100 * result.mbiou, 2),
-            "iou": [None if np.isnan(v) else round(100 * float(v), 2) for v in result.iou]}
-
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ws", required=True, help="workspace run up to train_teacher (params.yaml inside)")
-    ap.add_argument("--tag", required=True, help="name of this training (its folder under WS/tune-student)")
-    ap.add_argument("--seed", type=int, default=0, help="student.seed")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings override")
-    ap.add_argument("--val-seed", type=int, default=1)
-    ap.add_argument("--n-val", type=int, default=300)
-    args = ap.parse_args(argv)
+    from benchmarks.tuning import append_result, open_workspace, percent, score_predictor, tune_parser
 
-    from benchmarks.refine_tune import validation_split
-    from benchmarks.teacher_tune import score_predictor
+    args = tune_parser(__doc__, "tune-student", "student.seed", "the stages up to train_teacher have run").parse_args(argv)
+
     from ddps_core import stages
     from ddps_core.inference import load_predictor
     from ddps_core.progress import CallbackReporter
 
-    os.chdir(args.ws)
     run = Path("tune-student") / args.tag
-    overrides = dict(parse_assignment(a) for a in args.set)
-    settings = load_settings("params.yaml", {"teacher.soft_labels": True, **overrides, "student.seed": args.seed,
-                                             "student.out": str(run / "student")})
-    val = validation_split(settings, Path("tune") / f"val-seed{args.val_seed}-n{args.n_val}", args.val_seed,
-                           args.n_val)
+    settings, overrides, val = open_workspace(args, {"student.seed": args.seed, "student.out": str(run / "student")},
+                                              defaults={"teacher.soft_labels": True})
     quiet = CallbackReporter()
     stages.get("label").run(settings, quiet)
     stages.get("generate").run(settings, quiet)
     cached = Path("tune-student") / f"teacher-val-seed{args.val_seed}-n{args.n_val}.json"
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(_percent(score_predictor(load_predictor(settings, "teacher"), val, settings))))
+        cached.write_text(json.dumps(percent(score_predictor(load_predictor(settings, "teacher"), val, settings))))
     teacher = json.loads(cached.read_text())
     t0 = time.perf_counter()
     stages.get("train_student").run(settings, quiet)
     seconds = time.perf_counter() - t0
-    student = _percent(score_predictor(load_predictor(settings, "student"), val, settings))
+    student = percent(score_predictor(load_predictor(settings, "student"), val, settings))
     record = {"tag": args.tag, "set": overrides, "seed": args.seed, "seconds": round(seconds, 1), "val": str(val),
               "teacher": teacher, "student": student, "gap": round(student["miou"] - teacher["miou"], 2)}
     print(f"[{args.tag}] seed {args.seed}: student mIoU {student['miou']:.2f} mBIoU {student['mbiou']:.2f}, "
           f"teacher {teacher['miou']:.2f}: gap {record['gap']:+.2f}; per class {student['iou']} ({seconds:.0f} s)",
           flush=True)
-    with open(Path("tune-student") / "results.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
+    append_result("tune-student", record)
 
 if __name__ == "__main__":
     main()
