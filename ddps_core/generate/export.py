@@ -41,7 +41,7 @@ from ddps_core.datasets.common import npy_bytes, png_bytes
 from ddps_core.errors import DataError
 from ddps_core.io import atomic_path, partial_folder, swap_folder
 
-__all__ = ["MANIFEST_COLUMNS", "Candidate", "contact_sheet", "export_dataset"]
+__all__ = ["MANIFEST_COLUMNS", "Candidate", "contact_sheet", "export_dataset", "soft_files"]
 
 MANIFEST_COLUMNS = [
     "image_id", "source", "source_id", "score", "rank", "kept", "reason", "image", "mask", "soft",
@@ -67,6 +67,11 @@ class Candidate:
     soft: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
     """Its soft labels, when it has them: ``(mean softmax float16 [K, H, W], uncertainty uint8
     [H, W])`` at the mask's size."""
+
+
+def soft_files(image_id: str) -> tuple[str, str]:
+    """Where an image's soft labels and its uncertainty map lie in the export (relative)."""
+    return f"soft/{image_id}.npy", f"soft/{image_id}_uncertainty.png"
 
 
 def _class_fractions(mask: np.ndarray, k: int) -> dict[str, float]:
@@ -121,9 +126,9 @@ def export_dataset(out: str | Path, candidates: Sequence[Candidate], decisions: 
             if probs.shape != (k, *mask.shape) or heat.shape != mask.shape:
                 raise DataError(f"{cand.image_id}: soft labels {probs.shape} / {heat.shape} do not match "
                                 f"{k} classes of its {mask.shape} mask; rerun the label stage")
-            soft = f"soft/{cand.image_id}.npy"
+            soft, heat_file = soft_files(cand.image_id)
             (build / soft).write_bytes(npy_bytes(probs.astype(np.float16)))
-            (build / f"soft/{cand.image_id}_uncertainty.png").write_bytes(png_bytes(heat.astype(np.uint8)))
+            (build / heat_file).write_bytes(png_bytes(heat.astype(np.uint8)))
         if kept and ddpm_seg:
             (build / f"ddpm-seg/real/train/{cand.image_id}.png").write_bytes(png_bytes(image))
             (build / f"ddpm-seg/real/train/{cand.image_id}.npy").write_bytes(npy_bytes(mask.astype(np.uint8)))

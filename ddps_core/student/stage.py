@@ -89,11 +89,10 @@ def soft_targets(settings: Settings, num_classes: int) -> SoftTargets:
     if "soft" not in manifest.columns or not manifest["soft"].notna().any():
         raise DataError(f"{root / 'manifest.parquet'}: the export has no soft labels, which student.distill 'soft' "
                         "trains on; rerun the label and generate stages with teacher.soft_labels true")
-    rows = manifest[manifest["kept"] & manifest["soft"].notna()]
-    soft = {}
-    for r in rows.itertuples():
-        probs = root / r.soft
-        soft[r.image_id] = (probs, probs.with_name(f"{probs.stem}_uncertainty.png"))
+    from ddps_core.generate.export import soft_files
+
+    ids = manifest.loc[manifest["kept"] & manifest["soft"].notna(), "image_id"]
+    soft = {i: tuple(root / f for f in soft_files(i)) for i in ids}
     return SoftTargets(soft, num_classes, settings.data.ignore_index, settings.student.uncertainty_weight)
 
 

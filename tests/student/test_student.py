@@ -257,5 +257,9 @@ def test_soft_distillation_trains_and_is_part_of_the_identity(tmp_path):
     state = torch.load(tmp_path / "soft" / "state.pt", weights_only=True)
     other = torch.load(tmp_path / "hard" / "state.pt", weights_only=True)
     assert state["run_id"] != other["run_id"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "hard" / "student.safetensors"), load_file(tmp_path / "soft" / "student.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # T = 2: another loss, other weights
     with pytest.raises(DataError, match="soft labels"):
         train_student(_cfg(tmp_path, "none", epochs=1, distill="soft"), train, None, num_classes=4)
