@@ -217,6 +217,10 @@ class DDPMSettings(Section):
         "instead of the whole schedule: training weighted toward the small steps the features come from; "
         "the rest stays uniform, so sampling still works.")
     t_focus_below: int = Field(200, ge=1, description="The focused timesteps' bound (exclusive).")
+    t_focus_mode: Literal["truncated", "importance"] = Field(
+        "truncated", description="truncated: train on the mixture as drawn (more weight on the small steps); "
+        "importance: weigh each sample's loss by 1 / (T p(t)), so the objective stays the uniform one and "
+        "only its small-step terms are drawn more often.")
     min_snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's noise MSE times "
         "min(SNR_t, gamma) / SNR_t; None: unweighted (the reference).")

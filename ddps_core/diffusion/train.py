@@ -80,6 +80,16 @@ def draw_timesteps(n: int, num_timesteps: int, gen: torch.Generator, focus: floa
     return t
 
 
+def focus_weights(t: torch.Tensor, num_timesteps: int, focus: float, below: int = 200) -> torch.Tensor:
+    """Importance weights ``1 / (T p(t))`` of timesteps drawn by :func:`draw_timesteps`, with
+    ``p(t) = (1 - focus) / T + focus / B`` below ``B = min(below, T)`` and ``(1 - focus) / T``
+    above: weighted by them, the mixture's loss has the uniform draw's expectation."""
+    bound = min(below, num_timesteps)
+    density = torch.full(t.shape, 1.0 - focus, dtype=torch.float64)  # T p(t) above the bound
+    density[t.cpu() < bound] += focus * num_timesteps / bound
+    return (1.0 / density).to(torch.float32)
+
+
 def min_snr_weights(alphas_cumprod: np.ndarray, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weights of the noise MSE at timesteps ``t``: ``min(SNR_t, gamma) / SNR_t``
     with ``SNR_t = abar_t / (1 - abar_t)``; 1 where the SNR is at most ``gamma``."""
@@ -134,6 +144,9 @@ def train_ddpm(
     settings = {**{k: getattr(cfg, k) for k in _IDENTITY_FIELDS}, "seed": seed}
     if cfg.min_snr_gamma is not None:  # only when set: unweighted runs keep their identity
         settings["min_snr_gamma"] = cfg.min_snr_gamma
+    importance = cfg.t_focus > 0 and cfg.t_focus_mode == "importance"
+    if importance:  # likewise
+        settings["t_focus_mode"] = cfg.t_focus_mode
     identity = run_id(settings, inputs)
     ckpt = Checkpoint(out / STATE_FILE, identity, unit="step", report=report,
                       hint="Lower ddpm.lr or check the images.")
@@ -167,10 +180,13 @@ def train_ddpm(
         with autocast(device):
             terms = diffusion.training_losses(forward, x0, t, noise)
         if cfg.min_snr_gamma is None:
-            loss = terms["loss"].float().mean()
+            per_sample = terms["loss"].float()
         else:
             w = min_snr_weights(diffusion.alphas_cumprod, t, cfg.min_snr_gamma).to(device)
-            loss = (w * terms["mse"].float() + terms["vb"].float()).mean()
+            per_sample = w * terms["mse"].float() + terms["vb"].float()
+        if importance:
+            per_sample = per_sample * focus_weights(t, diffusion.num_timesteps, cfg.t_focus, cfg.t_focus_below).to(device)
+        loss = per_sample.mean()
         value = ckpt.check_loss(loss, step + 1)
         ts.step(loss, step, lr=lr, grad_clip=cfg.grad_clip, ema_rate=cfg.ema_rate)
         step += 1

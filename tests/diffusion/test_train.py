@@ -193,6 +193,25 @@ def test_focused_timesteps_keep_a_uniform_share_and_the_plain_stream_without_foc
     assert bool((draw_timesteps(100, 1000, torch.Generator(), focus=1.0, below=50) < 50).all())
 
 
+def test_focus_weights_by_hand_undo_the_mixture_and_importance_is_another_run(tmp_path):
+    from ddps_core.diffusion.train import draw_timesteps, focus_weights
+
+    # T p(t) = 0.25 + 0.75 * 1000 / 200 = 4 below the bound, 0.25 above it
+    w = focus_weights(torch.tensor([0, 199, 200, 999]), 1000, 0.75, 200)
+    np.testing.assert_allclose(w.numpy(), [0.25, 0.25, 4.0, 4.0])
+    # weighted, the mixture's mean of any g(t) is the uniform one: here g(t) = t, uniform mean 499.5
+    t = draw_timesteps(200000, 1000, torch.Generator().manual_seed(0), focus=0.75, below=200)
+    assert abs(float((focus_weights(t, 1000, 0.75, 200) * t.float()).mean()) - 499.5) < 5
+    assert abs(float(t.float().mean()) - 499.5) > 200  # while the unweighted draw is far below it
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    common = dict(steps=1, t_focus=0.75, t_focus_below=200)
+    plain = train_ddpm(_cfg(tmp_path, "plain", **common), images, CPU, seed=0)
+    weighted = train_ddpm(_cfg(tmp_path, "imp", t_focus_mode="importance", **common), images, CPU, seed=0)
+    assert weighted["final_loss"] != plain["final_loss"]
+    run = torch.load(tmp_path / "imp" / "state.pt", weights_only=True)["run_id"]
+    assert run != torch.load(tmp_path / "plain" / "state.pt", weights_only=True)["run_id"]
+
+
 def test_min_snr_weights_by_hand_and_the_weighted_run_is_another_run(tmp_path):
     from ddps_core.diffusion.gaussian import GaussianDiffusion
     from ddps_core.diffusion.train import min_snr_weights
