@@ -5,7 +5,8 @@ It reads what ``evaluate`` and ``refine`` wrote (their Parquet reports and the l
 every method; either report may be missing, and then its part is not drawn) and writes,
 under ``evaluate.reports``::
 
-    plots/per_class_iou.csv     class_name, then one column per method: IoU in percent
+    plots/per_class_iou.csv     class_name, then one column per method: IoU in percent (the
+                                refiner's at its last refinement step, from the refine report)
     plots/per_class_biou.csv    the same with Boundary IoU
     plots/refine_steps.csv      step, then one column per method: mIoU in percent at that
                                 refinement step (the student, which has no step, on every row)
@@ -70,10 +71,17 @@ def _columns(frame: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return frame[[*methods, *METHODS]]
 
 
-def per_class_tables(evaluate_report: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def per_class_tables(evaluate_report: pd.DataFrame | None,
+                     refine_report: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """``{"iou": ..., "biou": ...}``: one row per class (``class_id``, ``class_name``), one
-    column per method, in percent, from an evaluate report."""
-    rows = evaluate_report[evaluate_report["scope"] == "class"]
+    column per method, in percent, from an evaluate report; the refiner's columns from a
+    refine report, at each refiner's last step (what it outputs)."""
+    parts = [] if evaluate_report is None else [evaluate_report[evaluate_report["scope"] == "class"]]
+    if refine_report is not None:
+        stepped = refine_report[(refine_report["scope"] == "class") & refine_report["step"].notna()]
+        last = stepped.groupby("method")["step"].transform("max")
+        parts.append(stepped[stepped["step"] == last].drop(columns="step"))
+    rows = pd.concat(parts, ignore_index=True)
     out = {}
     for metric in ("iou", "biou"):
         wide = rows.pivot(index=["class_id", "class_name"], columns="method", values=metric) * 100
@@ -233,7 +241,7 @@ def report(settings: Settings, report: Reporter) -> dict[str, Any]:
         raise DataError(f"{report_locations(settings)['report']}: no report to draw; run the evaluate stage "
                         "(and the refine stage) first")
     if scores is not None:
-        tables = per_class_tables(scores)
+        tables = per_class_tables(scores, refined)
         _write_csv(where["per_class_iou"], tables["iou"], options)
         _write_csv(where["per_class_biou"], tables["biou"], options)
         storage.write_bytes(where["per_class_chart"], per_class_chart(tables["iou"]), options)

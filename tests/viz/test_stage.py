@@ -37,6 +37,21 @@ def test_per_class_table_has_one_column_per_method_in_percent():
     assert list(tables["biou"]["class_name"]) == ["bg", "a", "b"]
 
 
+def test_per_class_table_takes_the_refiner_at_its_last_step():
+    gt = np.zeros((8, 8), np.int64)
+    gt[:4] = 1
+    worse = gt.copy()
+    worse[:2] = 0  # 16 of class 1's 32 pixels called background
+    refine = pd.concat([_report("student", worse, gt, step=None), _report("refiner", worse, gt, step=0),
+                        _report("refiner", gt, gt, step=4)])
+    teacher = _report("teacher", worse, gt)
+    iou = per_class_tables(teacher, refine)["iou"].set_index("class_name")
+    assert iou["refiner"].tolist()[:2] == pytest.approx([100.0, 100.0])  # step 4, not step 0
+    # by hand, the teacher: background 32 / 48, class 1 16 / 32; the student stays the evaluate report's
+    assert iou["teacher"].tolist()[:2] == pytest.approx([100 * 32 / 48, 50.0])
+    assert iou["student"].isna().all() and iou["refiner-gt"].isna().all()
+
+
 def test_refine_step_table_repeats_the_student_on_every_step():
     gt = np.zeros((8, 8), np.int64)
     gt[:4] = 1
