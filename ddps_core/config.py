@@ -430,6 +430,9 @@ class StudentSettings(Section):
                                "hard cross-entropy.")
     uncertainty_weight: bool = Field(True, description="soft: weigh each pixel's KL term by 1 - JS / ln M, the "
                                      "members' agreement (the real labelled images weigh 1).")
+    ema_rate: float | None = Field(
+        None, ge=0, lt=1, description="An exponential moving average of the weights (and BatchNorm statistics) with "
+        "this decay, updated after every step; it is what is scored, selected and saved. None: the weights as trained.")
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
     out: str = "data/models/student"

@@ -18,6 +18,10 @@ One epoch goes over the data in an order that is a
 function of ``(seed, epoch)``; ``iterations``, when set, is the run's length in optimiser steps
 (the last epoch stops there).
 
+With ``ema_rate`` an exponential moving average of the weights (and the BatchNorm statistics),
+updated after every optimiser step (``torch.optim.swa_utils.AveragedModel``), is what each
+epoch scores, selects and saves; the trained weights only continue the training.
+
 Checkpoint selection (the reference): after every epoch the model is scored (mIoU) on the
 real labelled images and the best epoch is kept (``select_on: real``); or the last epoch
 (``select_on: last``).
@@ -286,6 +290,8 @@ def run_settings(cfg: Any) -> dict[str, Any]:
             settings[k] = getattr(cfg, k)
     if getattr(cfg, "distill", "hard") == "soft":  # hard runs keep the identity they had
         settings.update({k: getattr(cfg, k) for k in _DISTILL_IDENTITY})
+    if getattr(cfg, "ema_rate", None) is not None:  # likewise
+        settings["ema_rate"] = cfg.ema_rate
     if getattr(cfg, "source", "generated") == "labelled":
         settings.update({k: getattr(cfg, k) for k in _LABELLED_IDENTITY})
         for k in ("scale_min", "scale_max", "image_size"):
@@ -330,6 +336,15 @@ def set_group_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def _content(data: ImageSet) -> str:
     """The content id of ``data``'s pairs as trained on (squared), with their ids."""
     return content_id(x for i in range(len(data)) for x in (data.ids[i].encode(), *data[i]))
+
+
+def _averaged(model: Student, rate: float | None) -> torch.optim.swa_utils.AveragedModel | None:
+    """The EMA of ``model``'s weights and buffers at decay ``rate`` (None: no average)."""
+    if rate is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(rate), use_buffers=True)
 
 
 def _save_weights(model: Student, path: Path) -> None:
@@ -379,6 +394,7 @@ def train_student(cfg: Any, train: ImageSet | LabelledCrops, val: ImageSet | Non
     torch.manual_seed(cfg.seed)
     model = build_student(cfg, num_classes).to(device)
     opt = make_optimizer(model, cfg)
+    ema = _averaged(model, getattr(cfg, "ema_rate", None))
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     iterations = getattr(cfg, "iterations", None)
     total = iterations if iterations is not None else steps_per_epoch * cfg.epochs
@@ -394,6 +410,8 @@ def train_student(cfg: Any, train: ImageSet | LabelledCrops, val: ImageSet | Non
         epoch, best, best_epoch = ckpt.at, float(state["best"]), int(state["best_epoch"])
         best_state = state["best_model"]
         log.restore(state["log"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     report.progress("student", min(epoch * steps_per_epoch, total), total)
     model.train()
     while epoch < n_epochs:
@@ -428,21 +446,25 @@ def train_student(cfg: Any, train: ImageSet | LabelledCrops, val: ImageSet | Non
                 continue  # a batch of only ignore pixels has no loss to follow
             ckpt.check_loss(value, epoch + 1)
             backward_step(loss, opt, model.parameters())
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(value)
             report.progress("student", it + 1, total, loss=value, lr=lr)
         epoch += 1
         ckpt.check_weights(model, at=epoch)  # before NaN weights are scored and selected
+        scored = model if ema is None else ema.module
         val_miou = None
         if select_real:
-            val_miou = float(score_set(model, val, num_classes, ignore_index, device=device).miou)
+            val_miou = float(score_set(scored, val, num_classes, ignore_index, device=device).miou)
         if (val_miou if select_real else epoch) > best:
             best, best_epoch = (val_miou if select_real else float(epoch)), epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in scored.net.state_dict().items()}
         mean_loss = float(np.mean(losses)) if losses else float("nan")
         log.add(epoch, mean_loss, lr, val_miou)
         ckpt.save(epoch, {"best": best, "best_epoch": best_epoch, "model": model.net.state_dict(),
                           "optimizer": opt.state_dict(), "best_model": best_state,
-                          "torch_rng": torch.get_rng_state(), "log": log.state()}, model)
+                          "torch_rng": torch.get_rng_state(), "log": log.state(),
+                          **({} if ema is None else {"ema": ema.state_dict()})}, model)
         log.write(out / HISTORY_FILE)
         report.progress("student", min(epoch * steps_per_epoch, total), total, epoch=epoch, loss=mean_loss, lr=lr,
                         **({"mIoU": val_miou} if val_miou is not None else {}))

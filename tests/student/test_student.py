@@ -263,3 +263,62 @@ def test_soft_distillation_trains_and_is_part_of_the_identity(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # T = 2: another loss, other weights
     with pytest.raises(DataError, match="soft labels"):
         train_student(_cfg(tmp_path, "none", epochs=1, distill="soft"), train, None, num_classes=4)
+
+
+def test_ema_of_the_weights_by_hand_is_what_is_saved_and_it_resumes(tmp_path, monkeypatch):
+    """ema_rate: the saved weights are the exponential average of every step's weights and
+    BatchNorm statistics, computed here from the steps' own weights; decay 0 is the plain
+    run; a run killed after its first epoch resumes to the same files."""
+    import ddps_core.student.train as student_train
+    from safetensors.torch import load_file
+
+    train = ImageSet(_folder(tmp_path / "train", 16), 32)
+    steps = []
+    real_step = student_train.backward_step
+
+    def recording_step(loss, opt, params):
+        real_step(loss, opt, params)
+        steps.append({k: v.detach().clone() for k, v in recording_step.model.net.state_dict().items()})
+
+    original_averaged = student_train._averaged
+
+    def keep_model(model, rate):
+        recording_step.model = model
+        return original_averaged(model, rate)
+
+    monkeypatch.setattr(student_train, "backward_step", recording_step)
+    monkeypatch.setattr(student_train, "_averaged", keep_model)
+    train_student(_cfg(tmp_path, "ema", epochs=2, select_on="last", ema_rate=0.6), train, None, num_classes=4)
+    assert len(steps) == 4  # 2 epochs of 2 batches
+    want = {k: v.clone() for k, v in steps[0].items()}
+    for s in steps[1:]:
+        for k, v in s.items():
+            if v.is_floating_point():
+                want[k] = 0.6 * want[k] + 0.4 * v
+    saved = load_file(tmp_path / "ema" / "student.safetensors")
+    floats = [k for k in want if want[k].is_floating_point()]
+    assert any("running_mean" in k for k in floats)  # the BatchNorm statistics are averaged too
+    for k in floats:
+        torch.testing.assert_close(saved[k], want[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(saved[k], steps[-1][k]) for k in floats)  # not the last step's weights
+    monkeypatch.undo()
+
+    plain = train_student(_cfg(tmp_path, "plain", epochs=2, select_on="last"), train, None, num_classes=4)
+    zero = train_student(_cfg(tmp_path, "zero", epochs=2, select_on="last", ema_rate=0.0), train, None, num_classes=4)
+    a, b = load_file(tmp_path / "plain" / "student.safetensors"), load_file(tmp_path / "zero" / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point()) and plain["epochs"] == zero["epochs"]
+    assert torch.load(tmp_path / "zero" / "state.pt", weights_only=True)["run_id"] != \
+        torch.load(tmp_path / "plain" / "state.pt", weights_only=True)["run_id"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(task, done, total, epoch=None, **values):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_student(_cfg(tmp_path, "resumed", epochs=2, select_on="last", ema_rate=0.6), train, None,
+                      num_classes=4, report=CallbackReporter(stop_after_first))
+    train_student(_cfg(tmp_path, "resumed", epochs=2, select_on="last", ema_rate=0.6), train, None, num_classes=4)
+    assert_same_files(tmp_path / "ema", tmp_path / "resumed", ["history.csv", "model.json", "state.pt", "student.safetensors"])
