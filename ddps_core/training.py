@@ -137,10 +137,12 @@ def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params: Iterab
 
 def optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
     """Move the state of ``opt`` (moment estimates, loaded on the CPU) to ``device``; the step
-    counts stay where the optimiser keeps them."""
+    counts stay where the optimiser keeps them, on the CPU, unless its kernel is fused (or
+    capturable): those read the counts on the parameters' device."""
+    on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
     for group in opt.state.values():
         for k, v in group.items():
-            if torch.is_tensor(v) and k != "step":
+            if torch.is_tensor(v) and (k != "step" or on_device):
                 group[k] = v.to(device)
 
 
@@ -154,7 +156,7 @@ class EmaTrainState:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float, seed: int):
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
         self.gen = torch.Generator().manual_seed(seed)
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@ Two kinds of training data (``student.source``):
 * ``labelled``: :class:`~ddps_core.student.labelled.LabelledCrops`, mmsegmentation's random
   resize, crop and flip of each image at its own resolution.
 
-Optimisation: AdamW or SGD with momentum (``optimizer``), a linear warm-up then poly decay
+Optimisation: AdamW (torch's fused kernel: the same update in one pass, measured by
+``benchmarks/optimizer_fused.py``) or SGD with momentum (``optimizer``), a linear warm-up
+then poly decay
 ``min_lr + (lr - min_lr) * (1 - p) ** poly_power``; the decoder and head at ``head_lr_mult``
 times the rate, normalisation layers without weight decay unless ``norm_weight_decay``;
 cross-entropy with the ignore index (``distill: hard``), or with ``distill: soft`` also the
@@ -324,7 +326,7 @@ def make_optimizer(model: Student, cfg: Any) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if getattr(cfg, "optimizer", "adamw") == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def set_group_lr(opt: torch.optim.Optimizer, lr: float) -> None:
