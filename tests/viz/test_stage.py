@@ -47,7 +47,8 @@ def test_per_class_table_takes_the_refiner_at_its_last_step():
     teacher = _report("teacher", worse, gt)
     iou = per_class_tables(teacher, refine)["iou"].set_index("class_name")
     assert iou["refiner"].tolist()[:2] == pytest.approx([100.0, 100.0])  # step 4, not step 0
-    # by hand, the teacher: background 32 / 48, class 1 16 / 32; the student stays the evaluate report's
+    # by hand, the teacher: background 32 / 48, class 1 16 / 32; the refine report's student (no step) is
+    # not taken: the student's column stays the evaluate report's (empty here)
     assert iou["teacher"].tolist()[:2] == pytest.approx([100 * 32 / 48, 50.0])
     assert iou["student"].isna().all() and iou["refiner-gt"].isna().all()
 
