@@ -132,10 +132,15 @@ def test_one_chart_compares_the_methods_and_every_stage_published_its_table(pipe
                                                                   "random_unet", "rgbxy", "student"]
     steps = pd.read_csv(work / "reports/plots/refine_steps.csv")
     assert steps["step"].tolist() == [0, 2, 4] and steps["refiner-gt"].notna().all()
+    # the refiners' per-class IoU is their last step's
+    refine = pd.read_parquet(work / "reports/refine.parquet")
+    last = refine[(refine["scope"] == "class") & (refine["method"] == "refiner") & (refine["step"] == 4)]
+    want = (100 * last.sort_values("class_id")["iou"]).tolist()
+    assert per_class["refiner"].tolist() == pytest.approx(want, abs=1e-4)
     # dvc renders every declared plot offline; one chart holds every method
     shown = json.loads(_sh(["dvc", "plots", "show", "--json"], work, env).stdout)["data"]
     for plot, methods in (("refine_steps", {"student", "refiner", "refiner-gt"}),
-                          ("per_class_iou", {"teacher", "random_unet", "rgbxy", "student"})):
+                          ("per_class_iou", {"teacher", "random_unet", "rgbxy", "student", "refiner", "refiner-gt"})):
         (chart,) = shown[plot]
         assert chart["type"] == "vega"
         series = {v["field"] for v in chart["content"]["data"]["values"] if v["dvc_inferred_y_value"] != ""}
