@@ -64,7 +64,8 @@ def _ddpm_step(settings, fused: bool) -> Callable[[], None]:
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         diffusion.training_losses(model, x0, t, torch.randn_like(x0))["loss"].mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or 1.0)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
     return step

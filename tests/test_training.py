@@ -27,6 +27,7 @@ from ddps_core.training import (
     ema_update,
     epoch_data,
     load_checkpoint,
+    optimizer_to,
     read_record,
     run_id,
     save_checkpoint,
@@ -115,6 +116,20 @@ def test_ema_train_state_step_and_round_trip():
     assert torch.equal(torch.rand(3, generator=again.gen), torch.rand(3, generator=ts.gen))
     assert not torch.equal(draws, torch.rand(3, generator=again.gen))
     assert again.opt.state_dict()["state"][0]["step"] == 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_to_moves_step_counts_only_for_a_fused_optimiser(fused):
+    """A fused kernel reads the step counts on the parameters' device; the for-loop one on the
+    CPU. (The meta device stands in for a GPU: moving there needs no memory.)"""
+    model = nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), fused=fused)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    optimizer_to(opt, torch.device("meta"))
+    state = opt.state[model.weight]
+    assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
+    assert state["step"].device.type == ("meta" if fused else "cpu")
 
 
 def test_epoch_data_of_each_kind():

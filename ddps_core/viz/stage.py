@@ -71,12 +71,12 @@ def _columns(frame: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return frame[[*methods, *METHODS]]
 
 
-def per_class_tables(evaluate_report: pd.DataFrame | None,
+def per_class_tables(evaluate_report: pd.DataFrame,
                      refine_report: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """``{"iou": ..., "biou": ...}``: one row per class (``class_id``, ``class_name``), one
     column per method, in percent, from an evaluate report; the refiner's columns from a
     refine report, at each refiner's last step (what it outputs)."""
-    parts = [] if evaluate_report is None else [evaluate_report[evaluate_report["scope"] == "class"]]
+    parts = [evaluate_report[evaluate_report["scope"] == "class"]]
     if refine_report is not None:
         stepped = refine_report[(refine_report["scope"] == "class") & refine_report["step"].notna()]
         last = stepped.groupby("method")["step"].transform("max")

@@ -89,6 +89,16 @@ def _folder(root, n, size=32, seed=0):
     return GenericFolder(root)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first_epoch(task, done, total, epoch=None, **values):
+    """A progress callback that kills a training after its first epoch (to test resume)."""
+    if epoch == 1:
+        raise _Stop
+
+
 def train_student(cfg, train, val, **kw):
     return _train_student(cfg, train, val, inputs={"train": "synthetic shapes"}, **kw)
 
@@ -119,16 +129,9 @@ def test_training_learns_selects_and_resumes(tmp_path):
     assert again.miou > 0.5  # learnable task: far above chance
 
     # a run killed after its first epoch, then rerun, ends with the same weights
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(task, done, total, epoch=None, **values):
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         train_student(_cfg(tmp_path, "b"), train, val, num_classes=4, class_names=["bg", "left", "right", "box"],
-                      report=CallbackReporter(stop_after_first))
+                      report=CallbackReporter(_stop_after_first_epoch))
     logs = []
     train_student(_cfg(tmp_path, "b"), train, val, num_classes=4, class_names=["bg", "left", "right", "box"],
                   report=CallbackReporter(log=logs.append))
@@ -310,15 +313,8 @@ def test_ema_of_the_weights_by_hand_is_what_is_saved_and_it_resumes(tmp_path, mo
     assert torch.load(tmp_path / "zero" / "state.pt", weights_only=True)["run_id"] != \
         torch.load(tmp_path / "plain" / "state.pt", weights_only=True)["run_id"]
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(task, done, total, epoch=None, **values):
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         train_student(_cfg(tmp_path, "resumed", epochs=2, select_on="last", ema_rate=0.6), train, None,
-                      num_classes=4, report=CallbackReporter(stop_after_first))
+                      num_classes=4, report=CallbackReporter(_stop_after_first_epoch))
     train_student(_cfg(tmp_path, "resumed", epochs=2, select_on="last", ema_rate=0.6), train, None, num_classes=4)
     assert_same_files(tmp_path / "ema", tmp_path / "resumed", ["history.csv", "model.json", "state.pt", "student.safetensors"])
